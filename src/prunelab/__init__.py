@@ -1,0 +1,7 @@
+"""prunelab: fine-tune, prune under an accuracy constraint, and measure what pruning really buys."""
+
+from prunelab import resolvers as _resolvers
+
+__version__ = "0.1.0"
+
+_resolvers.register()

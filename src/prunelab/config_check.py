@@ -1,0 +1,43 @@
+"""Eager validation of the composed config: bad values stop the run before any work, with one
+message that names the key to change."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from prunelab.errors import ConfigError
+from prunelab.pruning.masks import SCOPES
+from prunelab.pruning.search import RULES
+
+METHODS = ("magnitude", "channel", "semi_structured")
+SCHEDULES = ("oneshot", "iterative")
+
+
+def _ratio(key: str, value) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{key}={value} is out of range: a pruning ratio must be in [0, 1)")
+
+
+def check(cfg: DictConfig) -> None:
+    p, s = cfg.prune, cfg.search
+    if p.method not in METHODS:
+        raise ConfigError(f"prune.method={p.method} is unknown; use one of {', '.join(METHODS)}")
+    if p.get("scope", "global") not in SCOPES:
+        raise ConfigError(f"prune.scope={p.scope} is unknown; use one of {', '.join(SCOPES)}")
+    if p.get("schedule", "oneshot") not in SCHEDULES:
+        raise ConfigError(f"prune.schedule={p.schedule} is unknown; use one of {', '.join(SCHEDULES)}")
+    if p.ratio is not None:
+        _ratio("prune.ratio", p.ratio)
+    if s.rule not in RULES:
+        raise ConfigError(f"search.rule={s.rule} is unknown; use one of {', '.join(RULES)}")
+    if not isinstance(s.tolerance, int | float) or s.tolerance < 0:
+        raise ConfigError(f"search.tolerance={s.tolerance} must be a number >= 0 (percentage points)")
+    if not s.grid:
+        raise ConfigError("search.grid is empty; give at least one ratio, e.g. search.grid=[0.2,0.5,0.8]")
+    for r in s.grid:
+        _ratio("search.grid", r)
+    if s.refine_step is not None and not 0.0 < float(s.refine_step) < 1.0:
+        raise ConfigError(f"search.refine_step={s.refine_step} must be in (0, 1), or null for no refinement")
+    lat = cfg.latency
+    if lat.iters < 1 or lat.warmup < 0 or lat.batch_size < 1:
+        raise ConfigError("latency.iters and latency.batch_size must be >= 1 and latency.warmup >= 0")

@@ -1,0 +1,129 @@
+"""Per-batch forward latency: a pure percentile helper and a timer that tells the truth.
+
+The timer runs the model in eval and inference mode, warms up first, and waits for the device
+before reading the clock (CUDA events on GPU). By default the batch is already on the device;
+``include_transfer=True`` times the host-to-device copy too, as the notebook did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from lightning import Callback
+from torch import nn
+
+from prunelab.evaluation import autocast_for
+
+
+def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
+    """{'p50': ..., 'p90': ...} by linear interpolation (numpy's default, as the notebook used)."""
+    if len(samples) == 0:
+        raise ValueError("no latency samples")
+    arr = np.asarray(samples, dtype=np.float64)
+    return {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
+
+
+def summarize(samples_ms: Sequence[float], batch_size: int) -> dict:
+    stats = percentiles(samples_ms)
+    stats["mean"] = float(np.mean(samples_ms))
+    stats["iters"] = len(samples_ms)
+    stats["batch_size"] = batch_size
+    stats["images_per_s"] = batch_size / (stats["p50"] / 1000.0)
+    return stats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_forward(
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device | str = "cpu",
+    warmup: int = 5,
+    iters: int = 30,
+    include_transfer: bool = False,
+    precision: str | None = None,
+) -> list[float]:
+    """Milliseconds per forward pass of ``batch``, one sample per iteration after warm-up."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    host = batch.pin_memory() if include_transfer and device.type == "cuda" else batch
+    on_device = batch.to(device)
+    samples: list[float] = []
+    try:
+        with autocast_for(device, precision):
+            for i in range(warmup + iters):
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    x = host.to(device, non_blocking=True) if include_transfer else on_device
+                    model(x)
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                else:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    x = host.to(device) if include_transfer else on_device
+                    model(x)
+                    _sync(device)
+                    ms = (time.perf_counter() - t0) * 1000.0
+                if i >= warmup:
+                    samples.append(ms)
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def sample_batch(dataset, batch_size: int) -> torch.Tensor:
+    """The first ``batch_size`` images of a split (repeated if the split is smaller)."""
+    xs = [dataset[i % len(dataset)][0] for i in range(batch_size)]
+    return torch.stack(xs)
+
+
+class LatencyMonitor:
+    """Times a model's forward pass per batch and logs ``latency/<tag>/p50_ms`` and friends.
+
+    Used as a Lightning callback (``on_test_end`` times the module on the test split) or called
+    directly with ``measure``.
+    """
+
+    def __init__(self, batch_size: int = 128, warmup: int = 5, iters: int = 30,
+                 include_transfer: bool = False, precision: str | None = None):
+        if batch_size < 1 or iters < 1 or warmup < 0:
+            raise ValueError("latency.batch_size and latency.iters must be >= 1, latency.warmup >= 0")
+        self.batch_size, self.warmup, self.iters = batch_size, warmup, iters
+        self.include_transfer, self.precision = include_transfer, precision
+        self.results: dict[str, dict] = {}
+
+    def measure(self, model: nn.Module, batch: torch.Tensor, device, tag: str, loggers=()) -> dict:
+        model.to(device)
+        samples = time_forward(model, batch, device, self.warmup, self.iters, self.include_transfer, self.precision)
+        stats = summarize(samples, batch.shape[0])
+        stats["include_transfer"] = self.include_transfer
+        self.results[tag] = stats
+        for lg in loggers:
+            lg.log_metrics({f"latency/{tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)
+        return stats
+
+
+class LatencyCallback(Callback, LatencyMonitor):
+    """LatencyMonitor as a callback: times the module on the test split at ``on_test_end``."""
+
+    def __init__(self, tag: str = "model", **kwargs):
+        Callback.__init__(self)
+        LatencyMonitor.__init__(self, **kwargs)
+        self.tag = tag
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        batch = sample_batch(trainer.datamodule.test_set, self.batch_size)
+        self.measure(pl_module, batch, pl_module.device, self.tag, trainer.loggers)

@@ -1,0 +1,65 @@
+"""The LightningModule: a torchvision classifier, cross-entropy, SGD, accuracy per split."""
+
+from __future__ import annotations
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from prunelab.models.factory import build_classifier
+
+
+class ImageClassifier(LightningModule):
+    def __init__(
+        self,
+        arch: str = "vgg16",
+        weights: str | None = "IMAGENET1K_V1",
+        num_classes: int = 10,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        self.net = build_classifier(arch, weights, num_classes)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # Kept out of the module tree so the state_dict holds one copy of the weights.
+        object.__setattr__(self, "_compiled", torch.compile(self.net) if compile else None)
+        self.criterion = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self._compiled or self.net)(x)
+
+    def _step(self, batch, stage: str, metric) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        metric(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)

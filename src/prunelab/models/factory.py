@@ -1,0 +1,56 @@
+"""Build any torchvision classification model by name with its last Linear replaced by an
+N-class one, and turn failed weight downloads into one actionable message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from prunelab.errors import ConfigError, WeightsUnavailableError
+
+
+def last_linear_name(net: nn.Module) -> str:
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(net).__name__} has no Linear layer to replace with a new head")
+    return names[-1]
+
+
+def replace_module(net: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, child, new)
+
+
+def _resolve_weights(arch: str, weights: str | None):
+    if weights is None:
+        return None
+    try:
+        return tvm.get_model_weights(arch)[weights]
+    except KeyError:
+        options = ", ".join(w.name for w in tvm.get_model_weights(arch))
+        raise ConfigError(f"model.weights={weights} is not a weight set of {arch}; use one of {options} or null") from None
+
+
+def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classes: int = 10) -> nn.Module:
+    available = tvm.list_models(module=tvm)
+    if arch not in available:
+        raise ConfigError(f"model.arch={arch} is not a torchvision classification model (e.g. vgg16, resnet18)")
+    enum = _resolve_weights(arch, weights)
+    try:
+        net = tvm.get_model(arch, weights=enum)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        filename = enum.url.rsplit("/", 1)[-1]
+        raise WeightsUnavailableError(
+            f"Could not fetch the {weights} weights of {arch} ({type(exc).__name__}: {exc}). "
+            f"Put {filename} in {cache} (the torch hub cache, or set TORCH_HOME), "
+            "or set model.weights=null to start from random init."
+        ) from None
+    head = last_linear_name(net)
+    old = net.get_submodule(head)
+    replace_module(net, head, nn.Linear(old.in_features, num_classes))
+    return net

@@ -1,0 +1,167 @@
+"""``run(cfg)``: the one-way walk of a prunelab run, and nothing else.
+
+cfg -> data + model -> fine-tune (or reuse) -> dense: val, test, latency -> prune (search or
+fixed ratio) -> pruned: val, test, latency -> report (json, md, plots) -> models/*.pt
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning import Trainer
+from omegaconf import DictConfig, OmegaConf
+
+from prunelab import config_check
+from prunelab.errors import ConfigError, PrunelabError
+from prunelab.evaluation import count_correct, shard_loader
+from prunelab.finetune import finetune
+from prunelab.io import save_state_dict, write_json, write_text
+from prunelab.latency import LatencyMonitor, sample_batch
+from prunelab.pruning.callbacks import MagnitudePruning, RatioSearch
+from prunelab.pruning.masks import prunable_weights, sparsity
+from prunelab.pruning.search import Evaluation
+from prunelab.report import markdown, plots
+from prunelab.report.schema import device_info, model_section
+from prunelab.report.stats import drop_within_noise
+
+log = logging.getLogger("prunelab")
+
+
+def _build(node: DictConfig, what: str):
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, PrunelabError):
+            raise cause from None
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(f"{what}: {cause}") from None
+        raise
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    callbacks = [_build(c, "callbacks") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = [_build(c, "logger") for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    target = trainer_cfg.pop("_target_")
+    assert target.endswith("Trainer"), target
+    return Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def _count(model, dataset, batch_size, device, precision) -> tuple[int, int]:
+    loader, total = shard_loader(dataset, batch_size)
+    c = count_correct(model, loader, total, device=device, precision=precision)
+    return c.correct, c.total
+
+
+def run(cfg: DictConfig) -> dict:
+    config_check.check(cfg)
+    timing: dict[str, float | None] = {"finetune": None, "search": None, "latency": None}
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = Path(cfg.paths.output_dir)
+
+    dm = _build(cfg.data, "data")
+    dm.prepare_data()  # fails fast, before any work, when the data is missing and offline
+    module = _build(cfg.model, "model")
+    dm.setup("fit")
+    trainer = build_trainer(cfg)
+
+    ft = finetune(cfg, trainer, module, dm)
+    timing["finetune"] = ft.seconds
+    rank_zero = trainer.is_global_zero
+    device = trainer.strategy.root_device
+    net = module.net.to(device)
+    precision = str(cfg.trainer.precision)
+    if rank_zero:
+        save_state_dict(out / "models" / "dense.pt", net.state_dict())
+
+    eval_bs = dm.eval_batch_size
+    params = sum(p.numel() for p in net.parameters())
+    latency = LatencyMonitor(cfg.latency.batch_size, cfg.latency.warmup, cfg.latency.iters,
+                             cfg.latency.include_transfer, precision)
+    batch = sample_batch(dm.test_set, cfg.latency.batch_size) if cfg.stages.latency else None
+
+    dense_val = _count(net, dm.val_set, eval_bs, device, precision)
+    dense_test = _count(net, dm.test_set, eval_bs, device, precision)
+    t0 = time.perf_counter()
+    dense_lat = latency.measure(net, batch, device, "dense", trainer.loggers) if batch is not None else None
+    timing["latency"] = time.perf_counter() - t0
+    dense = model_section(dense_val, dense_test, params, sparsity(prunable_weights(net)), dense_lat)
+    for lg in trainer.loggers:
+        lg.log_metrics({"dense/val_acc": dense["val_acc"]["value"], "dense/test_acc": dense["test_acc"]["value"]}, step=0)
+
+    report: dict = {"dense": dense}
+    if cfg.stages.prune:
+        p = cfg.prune
+        t0 = time.perf_counter()
+        if p.ratio is None:
+            searcher = RatioSearch(cfg.search.tolerance, cfg.search.rule, list(cfg.search.grid), cfg.search.refine_step,
+                                   p.scope, cfg.search.exact, eval_bs, precision,
+                                   journal_path=str(Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json")
+                                   if cfg.finetune.cache else None)
+            result = searcher.run(net, dm.val_set, device, trainer, dense=Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1]),
+                                  identity={"finetune": ft.key, "method": p.method})
+            ratio = result.best_ratio
+            report["search"] = dict(result.to_dict(), scope=p.scope, images_evaluated=sum(e.seen for e in result.curve))
+            chosen = [e for e in result.curve if e.ratio == ratio]
+            pruned_val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
+        else:
+            ratio = float(p.ratio)
+            MagnitudePruning(ratio, p.scope).prune(module, trainer)
+            pruned_val = _count(net, dm.val_set, eval_bs, device, precision)
+        timing["search"] = time.perf_counter() - t0
+        pruned_test = _count(net, dm.test_set, eval_bs, device, precision)
+        t0 = time.perf_counter()
+        pruned_lat = latency.measure(net, batch, device, "pruned", trainer.loggers) if batch is not None else None
+        timing["latency"] += time.perf_counter() - t0
+        stats = sparsity(prunable_weights(net))
+        pruned = model_section(pruned_val, pruned_test, params, stats, pruned_lat)
+        pruned.update(ratio=ratio, method=p.method, scope=p.scope, layers=stats["layers"])
+        if dense_lat and pruned_lat:
+            pruned["speedup_p50"] = dense_lat["p50"] / pruned_lat["p50"]
+        report["pruned"] = pruned
+        if rank_zero:
+            save_state_dict(out / "models" / "pruned.pt", net.state_dict())
+
+    report["finetune"] = ft.to_dict()
+    report["timing_s"] = timing
+    report["device"] = device_info(device)
+    report["notes"] = _notes(report, cfg)
+    report["config"] = OmegaConf.to_container(cfg, resolve=True)
+    if rank_zero:
+        _write_outputs(report, out)
+    return report
+
+
+def _notes(report: dict, cfg: DictConfig) -> list[str]:
+    notes = []
+    p = report.get("pruned")
+    if p and drop_within_noise(report["dense"]["val_acc"], p["val_acc"]):
+        notes.append(
+            f"The validation accuracy drop ({report['dense']['val_acc']['value'] - p['val_acc']['value']:.2f} points) "
+            "is smaller than the noise of the validation set (half its 95% interval): "
+            "dense and pruned are not distinguishable on this data."
+        )
+    if p and p.get("method", "magnitude") == "magnitude" and p["ratio"] > 0:
+        notes.append("Unstructured zeros run on dense kernels: expect no speedup from them, only smaller compressed files.")
+    if report["device"]["type"] == "cpu":
+        notes.append("Latency measured on the CPU; GPU figures need a run with trainer.accelerator=gpu.")
+    return notes
+
+
+def _write_outputs(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        figs = plots.write_all(report, out)
+    except Exception as exc:  # a plot must never cost the results
+        log.warning("plots failed: %s", exc)
+        figs = {}
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", markdown.render(report, figs))
+    print("\n" + markdown.summary_table(report) + f"\n\nReport: {out / 'report.md'}\n", flush=True)

@@ -1,0 +1,1 @@
+"""Pruning: pure ranking/mask/search functions and the Lightning callbacks built on them."""

@@ -1,0 +1,154 @@
+"""Lightning glue for pruning: small callbacks, each with one job.
+
+- ``MagnitudePruning``: prune a module at fit start or fit end, keep pruned weights at zero
+  during training, log sparsity.
+- ``RatioSearch``: after fit, find the highest ratio within a tolerance of the dense validation
+  accuracy, and leave the module pruned at it.
+
+None of them reparametrises weights (no ``weight_orig``/``weight_mask``): pruned weights are
+plain zeros, so checkpoints, ``state_dict`` and timing always see a permanent, ordinary model.
+Biases are never pruned, and nothing resets weights to their initial values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import Dataset
+
+from prunelab.evaluation import count_correct, shard_loader
+from prunelab.pruning.journal import Journal
+from prunelab.pruning.magnitude import MagnitudePruner, search_ratios
+from prunelab.pruning.masks import SCOPES, prunable_weights
+from prunelab.pruning.search import RULES, Evaluation, SearchResult, search
+
+log = logging.getLogger(__name__)
+
+
+def _net(pl_module: LightningModule) -> nn.Module:
+    return getattr(pl_module, "net", pl_module)
+
+
+def log_sparsity(trainer: Trainer | None, stats: dict, prefix: str = "prune") -> None:
+    if trainer is None or not trainer.loggers:
+        return
+    metrics = {f"{prefix}/sparsity": stats["sparsity"], f"{prefix}/nonzero": float(stats["nonzero"])}
+    metrics.update({f"{prefix}/sparsity/{n}": v["sparsity"] for n, v in stats["layers"].items()})
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=trainer.global_step)
+
+
+class MagnitudePruning(Callback):
+    """Prune by magnitude at ``ratio`` (global or layerwise) at fit start or fit end.
+
+    Pruned at fit start, the weights stay exactly zero through training: they are re-zeroed
+    after every optimiser step, so neither momentum nor weight decay can revive them.
+    """
+
+    def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"prune.ratio must be in [0, 1), got {ratio}")
+        if scope not in SCOPES:
+            raise ValueError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
+        if when not in ("fit_start", "fit_end"):
+            raise ValueError(f"when must be 'fit_start' or 'fit_end', got {when!r}")
+        self.ratio, self.scope, self.when = ratio, scope, when
+        self.masks: dict[str, torch.Tensor] | None = None
+
+    def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
+        pruner = MagnitudePruner(_net(pl_module), self.scope)
+        pruner.finish(self.ratio)
+        self.masks = pruner.masks
+        stats = pruner.stats()
+        log_sparsity(trainer, stats)
+        return stats
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "fit_start":
+            self.prune(pl_module, trainer)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.masks is None:
+            return
+        weights = prunable_weights(_net(pl_module))
+        for name, keep in self.masks.items():
+            weights[name].mul_(keep)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "fit_end":
+            self.prune(pl_module, trainer)
+
+
+class RatioSearch(Callback):
+    """After fit, search the highest magnitude-pruning ratio within ``tolerance`` points of the
+    dense validation accuracy; the module is left pruned at the chosen ratio."""
+
+    def __init__(
+        self,
+        tolerance: float = 1.0,
+        rule: str = "contiguous",
+        grid: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        refine_step: float | None = 0.01,
+        scope: str = "global",
+        exact: bool = False,
+        batch_size: int = 128,
+        precision: str | None = None,
+        journal_path: str | None = None,
+    ):
+        if tolerance < 0:
+            raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
+        if rule not in RULES:
+            raise ValueError(f"search.rule must be one of {RULES}, got {rule!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
+        if not grid or any(not 0.0 <= r < 1.0 for r in grid):
+            raise ValueError(f"search.grid must hold ratios in [0, 1), got {list(grid)}")
+        self.tolerance, self.rule, self.grid = float(tolerance), rule, [float(r) for r in grid]
+        self.refine_step, self.scope, self.exact = refine_step, scope, exact
+        self.batch_size, self.precision, self.journal_path = batch_size, precision, journal_path
+        self.result: SearchResult | None = None
+        self.seconds: float | None = None
+        self.pruner: MagnitudePruner | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        self.run(_net(pl_module), dm.val_set, pl_module.device, trainer)
+
+    def run(self, model: nn.Module, val_set: Dataset, device: torch.device, trainer: Trainer | None = None,
+            dense: Evaluation | None = None, identity: dict | None = None) -> SearchResult:
+        t0 = time.perf_counter()
+        model.to(device)
+        loader, total = shard_loader(val_set, self.batch_size)
+        if dense is None:
+            c = count_correct(model, loader, total, device=device, precision=self.precision)
+            dense = Evaluation(0.0, c.correct, c.seen, c.total)
+        dense_acc = dense.acc
+        pruner = MagnitudePruner(model, self.scope)
+        pruner.prepare(search_ratios(self.grid, self.refine_step))
+        journal = Journal(self.journal_path, dict(identity or {}, dense_correct=dense.correct, scope=self.scope,
+                                                  tolerance=self.tolerance, exact=self.exact))
+
+        def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
+            m = pruner.apply(ratio)
+            c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision)
+            e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, pruner.stats()["nonzero"])
+            log.info("ratio %.2f: val acc %s%.2f%% (%d/%d images)", ratio, "<= " if c.stopped else "",
+                     e.acc, c.seen, c.total)
+            if trainer is not None:
+                for lg in trainer.loggers:
+                    lg.log_metrics({"search/ratio": ratio, "search/val_acc": e.acc}, step=int(round(ratio * 100)))
+            return e
+
+        self.result = search(evaluate, dense_acc, self.grid, self.tolerance, self.rule, self.refine_step,
+                             exact=self.exact, total=total, known=journal.entries, on_result=journal.record)
+        pruner.finish(self.result.best_ratio)
+        self.pruner = pruner
+        log_sparsity(trainer, pruner.stats())
+        self.seconds = time.perf_counter() - t0
+        return self.result

@@ -1,0 +1,35 @@
+"""A search journal: candidates already evaluated, so a killed search resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prunelab.io import write_json
+from prunelab.pruning.search import Evaluation
+
+
+class Journal:
+    def __init__(self, path: str | Path | None, identity: dict):
+        self.path = Path(path) if path else None
+        self.identity = identity
+        self.entries: dict[float, Evaluation] = {}
+        if self.path and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                data = {}
+            if data.get("identity") == identity:
+                for e in data.get("evaluations", []):
+                    extra = e.pop("extra", {})
+                    self.entries[e["ratio"]] = Evaluation(**e, extra=extra)
+
+    def record(self, e: Evaluation) -> None:
+        self.entries[e.ratio] = e
+        if self.path:
+            evals = [
+                {"ratio": v.ratio, "correct": v.correct, "seen": v.seen, "total": v.total,
+                 "stopped": v.stopped, "nonzero": v.nonzero, "extra": v.extra}
+                for v in sorted(self.entries.values(), key=lambda v: v.ratio)
+            ]
+            write_json(self.path, {"identity": self.identity, "evaluations": evals})

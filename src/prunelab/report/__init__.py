@@ -1,0 +1,1 @@
+"""Reports: the report.json schema, the markdown summary, the plots."""

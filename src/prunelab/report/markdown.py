@@ -1,0 +1,84 @@
+"""The human summary: report.md and the short table printed at the end of a run."""
+
+from __future__ import annotations
+
+
+def _acc(a: dict | None) -> str:
+    if not a:
+        return "-"
+    return f"{a['value']:.2f}% [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] (n={a['n']})"
+
+
+def _ms(lat: dict | None, key: str) -> str:
+    return f"{lat[key]:.2f}" if lat and key in lat else "-"
+
+
+def _int(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else "-"
+
+
+def summary_rows(report: dict) -> list[tuple[str, str, str]]:
+    d, p = report["dense"], report.get("pruned") or {}
+    dl, pl = d.get("latency_ms"), p.get("latency_ms")
+    rows = [
+        ("ratio", "0", f"{p['ratio']:.2f}" if p else "-"),
+        ("val acc", _acc(d.get("val_acc")), _acc(p.get("val_acc"))),
+        ("test acc", _acc(d.get("test_acc")), _acc(p.get("test_acc"))),
+        ("nonzero weights", _int(d.get("nonzero")), _int(p.get("nonzero"))),
+        ("params", _int(d.get("params")), _int(p.get("params", d.get("params")))),
+        ("p50 ms", _ms(dl, "p50"), _ms(pl, "p50")),
+        ("p90 ms", _ms(dl, "p90"), _ms(pl, "p90")),
+        ("p99 ms", _ms(dl, "p99"), _ms(pl, "p99")),
+    ]
+    if p.get("speedup_p50"):
+        rows.append(("speedup (p50)", "1.00x", f"{p['speedup_p50']:.2f}x"))
+    return rows
+
+
+def table(headers: list[str], rows: list[tuple]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    out = [fmt.format(*headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(out)
+
+
+def summary_table(report: dict) -> str:
+    return table(["", "dense", "pruned"], summary_rows(report))
+
+
+def render(report: dict, plots: dict[str, str]) -> str:
+    p = report.get("pruned") or {}
+    lines = [
+        "# prunelab report",
+        "",
+        f"Device: {report['device']['name']} · method: {p.get('method', '-')} · scope: {p.get('scope', '-')}"
+        f" · fine-tune: {'reused ' + report['finetune']['source'] if report['finetune']['reused'] else 'trained in this run'}",
+        "",
+        summary_table(report),
+        "",
+    ]
+    if report.get("notes"):
+        lines += [f"- {n}" for n in report["notes"]] + [""]
+    s = report.get("search")
+    if s:
+        lines += [
+            "## Search",
+            "",
+            f"Tolerance {s['tolerance']} points below dense val {s['dense_val_acc']:.2f}% "
+            f"(threshold {s['threshold']:.2f}%). Rule `{s['rule']}` chose **{s['best_ratio']:.2f}**; "
+            f"`contiguous` gives {s['best_ratio_contiguous']:.2f}, `highest` (the notebook's rule) gives "
+            f"{s['best_ratio_highest']:.2f}.",
+            "",
+        ]
+        rows = [
+            (f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
+             f"{c['seen']}/{c['total']}", _int(c.get("nonzero")), "pass" if c["passed"] else "fail")
+            for c in s["curve"]
+        ]
+        lines += [table(["ratio", "val acc %", "images used", "nonzero", "verdict"], rows), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    t = report.get("timing_s", {})
+    lines += ["## Time", "", ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if v is not None), ""]
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Plots beside report.md: the accuracy curve, latency dense vs pruned, per-layer sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def accuracy_curve(search: dict, path: Path) -> str:
+    curve = search["curve"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    r = [c["ratio"] for c in curve]
+    a = [c["val_acc"] for c in curve]
+    ax.plot(r, a, "o-", ms=3, label="val acc (≤ bound where stopped early)")
+    for key, style in (("recovered_val_acc", "s--"),):
+        if any(key in c for c in curve):
+            ax.plot(r, [c.get(key) for c in curve], style, ms=3, label="after recovery")
+    ax.axhspan(search["threshold"], search["dense_val_acc"], color="tab:green", alpha=0.15, label="tolerance band")
+    ax.axhline(search["dense_val_acc"], color="k", lw=0.8, label="dense")
+    ax.axvline(search["best_ratio"], color="tab:red", ls="--", label=f"chosen {search['best_ratio']:.2f}")
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def latency_bars(dense: dict, pruned: dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    keys = ["p50", "p90"]
+    x = range(len(keys))
+    ax.bar([i - 0.2 for i in x], [dense[k] for k in keys], 0.4, label="dense")
+    ax.bar([i + 0.2 for i in x], [pruned[k] for k in keys], 0.4, label="pruned")
+    ax.set_xticks(list(x), keys)
+    ax.set_ylabel(f"ms per batch of {dense.get('batch_size', '?')}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def layer_sparsity(layers: dict, path: Path) -> str:
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(names)), 3.5))
+    ax.bar(range(len(names)), [layers[n]["sparsity"] for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
+    ax.set_ylabel("fraction zero")
+    ax.set_ylim(0, 1)
+    return _save(fig, path)
+
+
+def write_all(report: dict, out: Path) -> dict[str, str]:
+    plots = {}
+    if report.get("search"):
+        plots["accuracy vs ratio"] = accuracy_curve(report["search"], out / "accuracy_vs_ratio.png")
+    p = report.get("pruned") or {}
+    if report["dense"].get("latency_ms") and p.get("latency_ms"):
+        plots["latency"] = latency_bars(report["dense"]["latency_ms"], p["latency_ms"], out / "latency.png")
+    if p.get("layers"):
+        plots["per-layer sparsity"] = layer_sparsity(p["layers"], out / "layer_sparsity.png")
+    return plots
