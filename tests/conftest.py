@@ -1,0 +1,72 @@
+"""Shared fixtures: configs composed the way the app composes them, with tmp output dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import prunelab
+
+CONF_DIR = Path(prunelab.__file__).parent / "conf"
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str]):
+    """Compose ``train.yaml`` like the app does, with every path under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+    return cfg
+
+
+# Small but learnable: resnet18 separates the synthetic classes in a few dozen CPU steps.
+FAST_LEARNER = [
+    "+experiment=smoke",
+    "model=resnet18",
+    "data.train_size=960",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=12",
+]
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``python -m prunelab.train`` in a subprocess with logs under tmp_path."""
+
+    def _run(*args: str, timeout: int = 600, cwd: Path | None = None, env: dict | None = None):
+        cmd = [sys.executable, "-m", "prunelab.train"]
+        if not any(a.startswith("paths.log_dir=") for a in args) and "--help" not in args:
+            cmd.append(f"paths.log_dir={tmp_path / 'logs'}")  # options must follow the overrides
+        cmd += list(args)
+        full_env = dict(os.environ, HYDRA_FULL_ERROR="0", **(env or {}))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or tmp_path, env=full_env)
+
+    return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,55 @@
+"""Percentiles and the forward timer."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from prunelab.latency import LatencyMonitor, percentiles, summarize, time_forward
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    xs = rng.exponential(10, size=101).tolist()
+    got = percentiles(xs)
+    for q in (50, 90, 99):
+        assert got[f"p{q}"] == pytest.approx(np.percentile(xs, q))
+    assert percentiles([1, 2, 3, 4])["p50"] == 2.5
+    with pytest.raises(ValueError):
+        percentiles([])
+
+
+def test_summarize_images_per_second():
+    s = summarize([10.0, 10.0, 10.0], batch_size=128)
+    assert s["images_per_s"] == pytest.approx(12800.0) and s["iters"] == 3
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.calls, self.modes = 0, set()
+
+    def forward(self, x):
+        self.calls += 1
+        self.modes.add((self.training, torch.is_inference_mode_enabled()))
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("include_transfer", [False, True])
+def test_time_forward_warms_up_runs_eval_inference_and_restores_mode(include_transfer):
+    m = Counting()
+    m.train()
+    samples = time_forward(m, torch.randn(8, 4), "cpu", warmup=3, iters=7, include_transfer=include_transfer)
+    assert len(samples) == 7 and m.calls == 10 and all(s > 0 for s in samples)
+    assert m.modes == {(False, True)}
+    assert m.training
+
+
+def test_monitor_records_tagged_results():
+    mon = LatencyMonitor(batch_size=4, warmup=1, iters=3)
+    stats = mon.measure(Counting(), torch.randn(4, 4), "cpu", "dense")
+    assert set(mon.results) == {"dense"} and stats["batch_size"] == 4
+    assert stats["p50"] <= stats["p90"] <= stats["p99"]
+    with pytest.raises(ValueError):
+        LatencyMonitor(iters=0)

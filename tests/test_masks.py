@@ -1,0 +1,101 @@
+"""Magnitude masks: exact counts, and the same masks as torch.nn.utils.prune on the same weights."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.prune as tprune
+from torch import nn
+
+from prunelab.pruning.magnitude import MagnitudePruner, search_ratios
+from prunelab.pruning.masks import keep_masks, magnitude_masks, prunable_weights, rank, sparsity
+
+
+def toy(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.33, 0.5, 0.77, 0.95])
+def test_global_matches_torch_global_unstructured(ratio):
+    model = toy()
+    ref = copy.deepcopy(model)
+    mods = [(m, "weight") for m in ref.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    tprune.global_unstructured(mods, pruning_method=tprune.L1Unstructured, amount=ratio)
+    masks = magnitude_masks(prunable_weights(model), ratio, "global")
+    ref_masks = [m.weight_mask.bool() for m, _ in mods]
+    for ours, theirs in zip(masks.values(), ref_masks, strict=True):
+        assert torch.equal(ours, theirs)
+    total = sum(w.numel() for w in prunable_weights(model).values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(ratio * total)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.45, 0.9])
+def test_layerwise_matches_torch_l1_unstructured_per_layer(ratio):
+    model = toy(1)
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            tprune.l1_unstructured(m, "weight", amount=ratio)
+    masks = magnitude_masks(prunable_weights(model), ratio, "layerwise")
+    ref_masks = [m.weight_mask.bool() for m in ref.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    for (name, ours), theirs in zip(masks.items(), ref_masks, strict=True):
+        assert torch.equal(ours, theirs), name
+        n = ours.numel()
+        assert int((~ours).sum()) == round(ratio * n)
+
+
+def test_global_and_layerwise_differ_when_layer_scales_differ():
+    model = toy()
+    with torch.no_grad():
+        w4 = model[4].weight
+        w4.copy_(torch.sign(w4) * (1 + w4.abs()))  # every Linear weight above every conv weight
+    w = prunable_weights(model)
+    g = magnitude_masks(w, 0.4, "global")  # 40% of all weights < the convs' 504 weights
+    lw = magnitude_masks(w, 0.4, "layerwise")
+    assert g["4"].all() and not lw["4"].all()
+
+
+def test_ties_still_prune_exact_count():
+    w = {"a": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([1.0, 2.0, 1.0, 3.0])}
+    for ratio, k in [(0.25, 2), (0.5, 4), (0.75, 6)]:
+        masks = keep_masks(w, rank(w, [ratio])[ratio])
+        assert sum(int((~m).sum()) for m in masks.values()) == k
+    masks = keep_masks(w, rank(w, [0.25])[0.25])
+    assert masks["a"].tolist() == [False, False, True, True]  # first ties in flat order go first
+
+
+def test_pruner_restores_between_candidates_and_counts_nonzero():
+    model = toy(2)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    p = MagnitudePruner(model, "global")
+    p.prepare(search_ratios([0.2, 0.9], 0.1))
+    p.apply(0.9)
+    high = p.stats()["nonzero"]
+    p.apply(0.2)  # going down must revive weights from the pristine copy
+    low = p.stats()
+    assert low["nonzero"] > high
+    total = low["params"]
+    assert low["zeros"] == round(0.2 * total)
+    p.apply(0.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    # biases are never pruned
+    p.finish(0.9)
+    assert torch.equal(model[0].bias, original["0.bias"])
+    assert not any("weight_orig" in k or "weight_mask" in k for k in model.state_dict())
+
+
+def test_sparsity_reports_layers_and_fraction():
+    model = toy()
+    p = MagnitudePruner(model, "layerwise")
+    p.finish(0.5)
+    s = sparsity(prunable_weights(model))
+    assert set(s["layers"]) == {"0", "2", "4"}
+    assert abs(s["sparsity"] - 0.5) < 0.01 and s["nonzero"] + s["zeros"] == s["params"]
+
+
+def test_search_ratios_cover_grid_and_refinement_without_float_noise():
+    rs = search_ratios([0.2, 0.3], 0.01)
+    assert 0.34 in rs and 0.2 in rs and len(rs) == 99
+    assert all(r == round(r, 6) for r in rs)
