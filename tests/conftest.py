@@ -52,11 +52,11 @@ FAST_LEARNER = [
 def run_cli(tmp_path):
     """Run ``python -m prunelab.train`` in a subprocess with logs under tmp_path."""
 
-    def _run(*args: str, timeout: int = 600, cwd: Path | None = None, env: dict | None = None):
-        cmd = [sys.executable, "-m", "prunelab.train"]
-        if not any(a.startswith("paths.log_dir=") for a in args) and "--help" not in args:
-            cmd.append(f"paths.log_dir={tmp_path / 'logs'}")  # options must follow the overrides
-        cmd += list(args)
+    def _run(*overrides: str, options: tuple = (), timeout: int = 600, cwd: Path | None = None, env: dict | None = None):
+        # argparse wants the flags (-m, --cfg job) before the overrides
+        cmd = [sys.executable, "-m", "prunelab.train", *options, *overrides]
+        if not any(a.startswith("paths.log_dir=") for a in overrides):
+            cmd.append(f"paths.log_dir={tmp_path / 'logs'}")
         full_env = dict(os.environ, HYDRA_FULL_ERROR="0", **(env or {}))
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or tmp_path, env=full_env)
 

@@ -58,9 +58,9 @@ def test_bad_values_raise_config_error_naming_the_key(tmp_path, override, key):
 
 
 def test_cli_help_and_cfg_job(run_cli):
-    r = run_cli("--help")
+    r = run_cli(options=("--help",))
     assert r.returncode == 0 and "experiment" in r.stdout and "prune" in r.stdout
-    r = run_cli("+experiment=smoke", "--cfg", "job")
+    r = run_cli("+experiment=smoke", options=("--cfg", "job"))
     assert r.returncode == 0, r.stderr
     assert "SyntheticDataModule" in r.stdout and "task_name: smoke" in r.stdout
 

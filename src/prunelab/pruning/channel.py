@@ -1,0 +1,362 @@
+"""Structured filter pruning: remove whole Conv2d output channels and everything tied to them.
+
+Ranking is ours, surgery is Torch-Pruning's. Every output filter of every prunable conv gets one
+score (the L1 or L2 norm of its weights, unnormalised) and the ``round(ratio * total)`` lowest
+scores across the whole network are removed, except that a layer never drops below
+``min_channels``. Torch-Pruning's dependency graph then deletes each chosen filter together with
+its bias, the BatchNorm entries after it, the matching input channels of the next conv and, for
+the last conv of a VGG, the 49 input features per channel of ``classifier[0]``.
+
+A conv is prunable only when its output channels are its own: if removing them would also remove
+output channels of another Conv2d/Linear (residual adds, depthwise convs) or touch the
+classification head, it is left whole. On VGG that is every conv; on ResNet-18 it is the first
+conv of each block. Removing a channel is exact, not approximate: a filter whose weights and bias
+are zero feeds ReLU a zero, so the pruned network computes what the masked dense one computes.
+
+Pruned models are saved as plain tensors (safetensors) plus a JSON of the layer shapes, and
+rebuilt from the torchvision architecture: no pickled code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision import models as tvm
+
+from prunelab.io import _atomic, write_json
+from prunelab.models.factory import last_linear_name, replace_module
+from prunelab.pruning.masks import count_to_prune, prunable_weights
+
+IMPORTANCES = ("l1", "l2")
+META_FILE = "pruned_channels.json"
+WEIGHTS_FILE = "pruned.safetensors"
+
+
+def default_example(model: nn.Module, size: int = 32) -> torch.Tensor:
+    """A one-image input for tracing: the first conv's input channels at ``size`` x ``size``."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return torch.zeros(1, first.in_channels if first else 3, size, size)
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, leaving its train/eval flags as they were."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        # Tracing needs autograd, which a caller's inference_mode/no_grad would silently disable.
+        with torch.inference_mode(False), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.clone(), verbose=False)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _coupling(graph: tp.DependencyGraph, conv: nn.Conv2d, head: nn.Module) -> str | None:
+    """Why ``conv``'s output channels cannot be removed on their own, or None when they can."""
+    if conv.groups != 1:
+        return "grouped convolution"
+    for dep, _ in graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0]):
+        target = dep.target.module
+        if target is head:
+            return "its channels feed the classification head"
+        if target is not conv and isinstance(target, nn.Conv2d | nn.Linear) and graph.is_out_channel_pruning_fn(dep.handler):
+            return "its channels are tied to another layer's outputs (residual add or depthwise conv)"
+    return None
+
+
+def prunable_convs(model: nn.Module, example_input: torch.Tensor | None = None,
+                   graph: tp.DependencyGraph | None = None) -> dict[str, nn.Conv2d]:
+    """Convs whose output channels can be removed alone, by name, in module order."""
+    if graph is None:
+        graph = build_graph(model, default_example(model) if example_input is None else example_input)
+    head = model.get_submodule(last_linear_name(model))
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and _coupling(graph, m, head) is None}
+
+
+def filter_importance(conv: nn.Conv2d, importance: str = "l1") -> torch.Tensor:
+    """One score per output filter: the L1 or L2 norm of its weights."""
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    w = conv.weight.detach().flatten(1).float()
+    return w.abs().sum(1) if importance == "l1" else w.pow(2).sum(1).sqrt()
+
+
+class ChannelRanking:
+    """All filters of all prunable convs in one ascending order, sorted once per model.
+
+    Ties are broken by layer order then channel index (a stable sort), so a plan is reproducible.
+    """
+
+    def __init__(self, scores: Mapping[str, torch.Tensor]):
+        self.sizes = {name: int(s.numel()) for name, s in scores.items()}
+        names = list(scores)
+        if not names:
+            self.order: list[tuple[str, int]] = []
+            return
+        flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
+        layer = torch.cat([torch.full((n,), i) for i, n in enumerate(self.sizes.values())])
+        channel = torch.cat([torch.arange(n) for n in self.sizes.values()])
+        idx = torch.sort(flat, stable=True).indices
+        self.order = [(names[int(layer[i])], int(channel[i])) for i in idx]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def plan(self, ratio: float, min_channels: int = 1) -> dict[str, list[int]]:
+        """Removed channel indices per conv at ``ratio``: the lowest-ranked ones the floors allow.
+
+        When the floors leave fewer than ``round(ratio * total)`` removable channels, every
+        removable one goes (the floors win over the ratio).
+        """
+        if min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1 (a conv with no channels cuts the network), got {min_channels}")
+        k = count_to_prune(self.total, ratio)
+        room = {name: max(0, n - min_channels) for name, n in self.sizes.items()}
+        removed: dict[str, list[int]] = {name: [] for name in self.sizes}
+        taken = 0
+        for name, ch in self.order:
+            if taken >= k:
+                break
+            if len(removed[name]) < room[name]:
+                removed[name].append(ch)
+                taken += 1
+        return {name: sorted(idxs) for name, idxs in removed.items()}
+
+
+def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None) -> ChannelRanking:
+    convs = prunable_convs(model, example_input)
+    return ChannelRanking({name: filter_importance(c, importance) for name, c in convs.items()})
+
+
+def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
+                 example_input: torch.Tensor | None = None) -> dict[str, list[int]]:
+    """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
+
+    ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
+    """
+    return rank_channels(model, importance, example_input).plan(ratio, min_channels)
+
+
+def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_input: torch.Tensor) -> nn.Module:
+    """A pruned deep copy of ``model`` with the planned output channels physically removed."""
+    pruned = copy.deepcopy(model)
+    graph = build_graph(pruned, example_input)
+    head = pruned.get_submodule(last_linear_name(pruned))
+    modules = dict(pruned.named_modules())
+    for name, idxs in plan.items():
+        idxs = sorted({int(i) for i in idxs})
+        if not idxs:
+            continue
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"plan names {name!r}, which is not a Conv2d of this model")
+        if idxs[0] < 0 or idxs[-1] >= conv.out_channels or len(idxs) >= conv.out_channels:
+            raise ValueError(f"plan for {name} removes {len(idxs)} of {conv.out_channels} channels "
+                             f"(indices {idxs[0]}..{idxs[-1]}): at least one must stay, all in range")
+        why = _coupling(graph, conv, head)
+        if why:
+            raise ValueError(f"cannot prune the output channels of {name} alone: {why}")
+        # Each conv's indices are in its own original numbering: earlier groups only shrank
+        # other layers' inputs, never this conv's outputs.
+        graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs).prune()
+    return pruned
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for ONE example, counted by forward hooks.
+
+    Our own counter (not ``tp.utils.count_ops_and_params``, which deep-copies the model): conv
+    MACs = output elements x in_channels/groups x kernel area, Linear = output elements x
+    in_features; pooling, activations and BatchNorm are not counted.
+    """
+    total = 0
+
+    def hook(m: nn.Module, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+        total += out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total // max(1, example_input.shape[0])
+
+
+def conv_channels(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+class ChannelPruner:
+    """Filter pruning bound to one model: rank once, build a smaller copy per candidate ratio.
+
+    Unlike the masking pruners, ``apply`` returns a NEW model (the original stays untouched and
+    is the source of every candidate); callers must use the returned module.
+    """
+
+    method = "channel"
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1):
+        if importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+        if min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+        self.model = model
+        # One image is enough to trace shapes and count MACs, and keeps both cheap.
+        self.example_input = example_input.detach()[:1]
+        self.importance = importance
+        self.min_channels = min_channels
+        self.ranking: ChannelRanking | None = None
+        self.plans: dict[float, dict[str, list[int]]] = {}
+        self.current: nn.Module | None = None
+        self.ratio: float | None = None
+        self._dense_weights = {n: w.numel() for n, w in prunable_weights(model).items()}
+        self._dense_params = sum(p.numel() for p in model.parameters())
+        self._dense_macs: int | None = None
+
+    def prepare(self, ratios: Iterable[float]) -> None:
+        if self.ranking is None:
+            self.ranking = rank_channels(self.model, self.importance, self.example_input)
+        for r in ratios:
+            r = round(float(r), 6)
+            if r not in self.plans:
+                self.plans[r] = self.ranking.plan(r, self.min_channels)
+
+    def plan(self, ratio: float) -> dict[str, list[int]]:
+        ratio = round(float(ratio), 6)
+        self.prepare([ratio])
+        return self.plans[ratio]
+
+    def apply(self, ratio: float) -> nn.Module:
+        """A new model with ``ratio`` of the prunable channels removed, built from the original."""
+        plan = self.plan(ratio)
+        self.current = None  # let the previous candidate go before building the next one
+        self.current = prune_channels(self.model, plan, self.example_input)
+        self.ratio = round(float(ratio), 6)
+        return self.current
+
+    def stats(self) -> dict:
+        """Sizes of the current candidate (the original before any ``apply``).
+
+        ``params`` counts all parameters; ``nonzero``/``sparsity``/``layers`` count Conv2d and
+        Linear weights against the dense model, as the masking pruners do, so removed weights
+        show as zeros.
+        """
+        model = self.current if self.current is not None else self.model
+        if self._dense_macs is None:
+            self._dense_macs = count_macs(self.model, self.example_input)
+        weights = prunable_weights(model)
+        layers = {}
+        for name, dense_n in self._dense_weights.items():
+            w = weights[name]
+            zeros = dense_n - int(torch.count_nonzero(w))
+            layers[name] = {"params": dense_n, "zeros": zeros, "sparsity": zeros / dense_n if dense_n else 0.0}
+        dense_total = sum(self._dense_weights.values())
+        nonzero = dense_total - sum(v["zeros"] for v in layers.values())
+        return {
+            "ratio": self.ratio or 0.0,
+            "params": sum(p.numel() for p in model.parameters()),
+            "dense_params": self._dense_params,
+            "macs": count_macs(model, self.example_input),
+            "dense_macs": self._dense_macs,
+            "nonzero": nonzero,
+            "zeros": dense_total - nonzero,
+            "sparsity": 1.0 - nonzero / dense_total if dense_total else 0.0,
+            "channels": conv_channels(model),
+            "layers": layers,
+        }
+
+    def finish(self, ratio: float) -> nn.Module:
+        """The pruned model at ``ratio``; the ranking and cached plans are dropped."""
+        model = self.apply(ratio)
+        self.ranking = None
+        self.plans = {}
+        return model
+
+
+# --- compact save / load -------------------------------------------------------------------------
+
+
+def layer_shapes(model: nn.Module) -> dict:
+    """The shapes that differ between a channel-pruned model and its torchvision original."""
+    convs, bns, linears = {}, {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            convs[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.BatchNorm2d):
+            bns[name] = m.num_features
+        elif isinstance(m, nn.Linear):
+            linears[name] = [m.in_features, m.out_features]
+    return {"convs": convs, "batchnorms": bns, "linears": linears}
+
+
+def save_channel_pruned(model: nn.Module, directory: str | Path, arch: str = "vgg16", num_classes: int = 10) -> Path:
+    """Write ``pruned.safetensors`` and ``pruned_channels.json`` under ``directory``, each atomically.
+
+    The JSON is written last, so its presence means the weights beside it are complete.
+    """
+    directory = Path(directory)
+    head = model.get_submodule(last_linear_name(model))
+    if head.out_features != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the model's head has {head.out_features} outputs")
+    shapes = layer_shapes(model)
+    first_linear = next(iter(shapes["linears"].values()), [None])[0]
+    meta = {
+        "format": 1,
+        "arch": arch,
+        "num_classes": num_classes,
+        "conv_channels": {n: s[1] for n, s in shapes["convs"].items()},
+        "first_linear_in_features": first_linear,
+        **shapes,
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"arch": arch}))
+    write_json(directory / META_FILE, meta)
+    return directory
+
+
+def _resized(old: nn.Module, shape) -> nn.Module:
+    if isinstance(old, nn.Conv2d):
+        return nn.Conv2d(shape[0], shape[1], old.kernel_size, old.stride, old.padding, old.dilation,
+                         old.groups, old.bias is not None, old.padding_mode)
+    if isinstance(old, nn.BatchNorm2d):
+        return nn.BatchNorm2d(shape, old.eps, old.momentum, old.affine, old.track_running_stats)
+    return nn.Linear(shape[0], shape[1], old.bias is not None)
+
+
+def load_channel_pruned(directory: str | Path) -> nn.Module:
+    """Rebuild a model saved by ``save_channel_pruned`` and load its weights strictly."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    missing = [p.name for p in (meta_path, weights_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} has no {' or '.join(missing)}: not a channel-pruned model directory")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    # Built on the meta device: no memory is allocated or initialised for weights that the
+    # checkpoint replaces anyway (VGG16's 138M would take seconds to initialise for nothing).
+    with torch.device("meta"):
+        net = tvm.get_model(meta["arch"], weights=None)
+        head = last_linear_name(net)
+        replace_module(net, head, nn.Linear(net.get_submodule(head).in_features, meta["num_classes"]))
+        for kind in ("convs", "batchnorms", "linears"):
+            for name, shape in meta[kind].items():
+                replace_module(net, name, _resized(net.get_submodule(name), shape))
+    net.load_state_dict(load_file(str(weights_path)), strict=True, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{weights_path} does not hold {', '.join(left)}")
+    return net.eval()

@@ -1,0 +1,187 @@
+"""Channel pruning: exact removal of the lowest-ranked filters, floors, MACs, compact save/load."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from prunelab.pruning.channel import (
+    ChannelPruner,
+    ChannelRanking,
+    channel_plan,
+    count_macs,
+    filter_importance,
+    load_channel_pruned,
+    prunable_convs,
+    prune_channels,
+    save_channel_pruned,
+)
+
+
+def tiny_vgg(batch_norm=False, seed=0):
+    """torchvision's VGG class with vgg16's module names, small enough for 32x32 CPU tests.
+
+    torchvision hard-codes Linear(512*7*7, 4096) in ``VGG.__init__``, so the classifier is
+    rebuilt to fit the 32 channels of these features (same indices 0/3/6 as vgg16).
+    """
+    torch.manual_seed(seed)
+    cfg = [8, "M", 16, "M", 16, "M", 32, "M", 32, "M"]
+    m = torchvision.models.VGG(features=torchvision.models.vgg.make_layers(cfg, batch_norm=batch_norm),
+                               num_classes=10, init_weights=True)
+    m.classifier = nn.Sequential(nn.Linear(32 * 49, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
+                                 nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10))
+    if batch_norm:  # non-trivial BN statistics, so a wrong BN slice shows in the outputs
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.data.uniform_(0.5, 1.5)
+                mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def convs(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def masked_dense(model, plan):
+    """The original with the removed filters, their biases (and BN affine) zeroed."""
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    names = list(mods)
+    with torch.no_grad():
+        for name, idxs in plan.items():
+            conv = mods[name]
+            conv.weight[idxs] = 0
+            conv.bias[idxs] = 0
+            nxt = mods[names[names.index(name) + 1]]
+            if isinstance(nxt, nn.BatchNorm2d):  # BN(0) = beta - mean*gamma/std; zero gamma and beta too
+                nxt.weight[idxs] = 0
+                nxt.bias[idxs] = 0
+    return ref
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8])
+def test_pruned_equals_masked_dense(batch_norm, ratio):
+    model = tiny_vgg(batch_norm)
+    plan = channel_plan(model, ratio)
+    pruned = prune_channels(model, plan, X[:1])
+    with torch.no_grad():
+        out = pruned(X)
+        ref = masked_dense(model, plan)(X)
+    assert out.shape == (4, 10)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert sum(len(v) for v in plan.values()) == round(ratio * sum(c.out_channels for c in convs(model).values()))
+
+
+def test_removes_exactly_the_lowest_ranked_and_keeps_original_rows():
+    model = tiny_vgg()
+    before = copy.deepcopy(model.state_dict())
+    plan = channel_plan(model, 0.4)
+    pruned = prune_channels(model, plan, X[:1])
+    scores = {n: filter_importance(c) for n, c in convs(model).items()}
+    removed = torch.cat([scores[n][idxs] for n, idxs in plan.items()])
+    # a layer at its floor (1 channel left) may keep a low filter; every other kept one outranks all removed
+    kept = torch.cat([s[[i for i in range(s.numel()) if i not in set(plan[n])]] for n, s in scores.items()
+                      if s.numel() - len(plan[n]) > 1])
+    assert removed.max() <= kept.min()
+    new = convs(pruned)
+    names = list(new)
+    for i, (name, old) in enumerate(convs(model).items()):
+        keep_out = [c for c in range(old.out_channels) if c not in set(plan[name])]
+        keep_in = list(range(old.in_channels)) if i == 0 else \
+            [c for c in range(old.in_channels) if c not in set(plan[names[i - 1]])]
+        assert torch.equal(new[name].weight, old.weight[keep_out][:, keep_in])
+        assert torch.equal(new[name].bias, old.bias[keep_out])
+    # classifier[0] loses the 49 consecutive inputs of each removed channel of the last conv
+    last = names[-1]
+    cols = [c * 49 + j for c in range(32) if c not in set(plan[last]) for j in range(49)]
+    assert torch.equal(pruned.classifier[0].weight, model.classifier[0].weight[:, cols])
+    # the original is untouched, and the head is not pruned
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(pruned.classifier[6].weight, model.classifier[6].weight)
+    assert torch.equal(pruned.classifier[3].weight, model.classifier[3].weight)
+
+
+def test_l2_ranking_and_bad_importance():
+    model = tiny_vgg()
+    conv = model.features[0]
+    assert torch.allclose(filter_importance(conv, "l2"), conv.weight.flatten(1).norm(dim=1))
+    with pytest.raises(ValueError, match="importance"):
+        channel_plan(model, 0.5, importance="taylor")
+
+
+@pytest.mark.parametrize("min_channels", [1, 3])
+def test_floor_holds_at_high_ratio(min_channels):
+    model = tiny_vgg()
+    plan = channel_plan(model, 0.99, min_channels=min_channels)
+    pruned = prune_channels(model, plan, X[:1])
+    for name, conv in convs(pruned).items():
+        assert conv.out_channels == min_channels, name
+    assert pruned(X).shape == (4, 10)
+
+
+def test_ranking_ties_and_floor_skip_to_next_lowest():
+    ranking = ChannelRanking({"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3, 0.05, 0.4])})
+    # lowest three: b1, a0, a1 -> a hits its floor of 1, so b0 is next
+    assert ranking.plan(0.6) == {"a": [0], "b": [0, 1]}
+    assert ranking.plan(0.0) == {"a": [], "b": []}
+
+
+def test_channel_pruner_interface_and_stats():
+    model = tiny_vgg()
+    pruner = ChannelPruner(model, X, importance="l1", min_channels=1)
+    pruner.prepare([0.25, 0.5])
+    dense = pruner.stats()
+    small = pruner.apply(0.5)
+    stats = pruner.stats()
+    assert small is not model and pruner.apply(0.25) is not small
+    stats25 = pruner.stats()
+    assert dense["params"] > stats25["params"] > stats["params"]
+    assert dense["macs"] == count_macs(model, X) > stats["macs"]
+    assert sum(stats["channels"].values()) == sum(dense["channels"].values()) - round(0.5 * 104)
+    assert 0 < stats["sparsity"] < 1 and stats["nonzero"] < dense["nonzero"]
+    assert set(stats["layers"]) == set(dense["layers"])
+    final = pruner.finish(0.5)
+    assert pruner.stats()["channels"] == stats["channels"]
+    assert torch.equal(final(X), small(X))
+
+
+def test_count_macs_by_hand():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    x = torch.randn(2, 3, 8, 8)
+    assert count_macs(net, x) == 4 * 8 * 8 * 3 * 9 + 256 * 5
+
+
+def test_resnet18_prunes_only_independent_convs():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    names = list(prunable_convs(model, x))
+    assert names == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    pruned = prune_channels(model, channel_plan(model, 0.3, example_input=x), x)
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="tied"):
+        prune_channels(model, {"layer1.0.conv2": [0]}, x)
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
+def test_save_load_roundtrip(tmp_path, arch):
+    model = torchvision.models.get_model(arch, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruned = prune_channels(model, channel_plan(model, 0.9, example_input=x[:1]), x[:1])
+    del model
+    save_channel_pruned(pruned, tmp_path, arch=arch, num_classes=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.safetensors", "pruned_channels.json"]
+    loaded = load_channel_pruned(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert loaded.classifier[0].in_features == pruned.classifier[0].in_features < 512 * 49
+    with pytest.raises(FileNotFoundError, match="pruned_channels.json"):
+        load_channel_pruned(tmp_path / "nowhere")
