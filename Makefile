@@ -1,0 +1,31 @@
+# prunelab developer tasks. `make install` then `make test` is what CI runs.
+PYTHON ?= python
+# Pin torch/torchvision to the CPU machines' builds unless a torch is already installed
+# (GPU boxes carry their own torch 2.11 / torchvision 0.26, which the declared ranges admit).
+CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 || echo "-c constraints.txt")
+
+.PHONY: install test test-fast smoke sweep lint bench export clean
+
+install:
+	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+smoke:
+	$(PYTHON) -m prunelab.train +experiment=smoke
+
+sweep:
+	$(PYTHON) -m prunelab.train +experiment=sweep
+
+lint:
+	$(PYTHON) -m ruff check src tests benchmarks
+
+bench:
+	$(PYTHON) -m benchmarks.compare
+
+clean:
+	rm -rf logs build dist *.egg-info .pytest_cache

@@ -1,0 +1,131 @@
+"""ONNX export and check, pool folding, sparse-packed sizes and the export CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from test_channel import tiny_vgg
+from torch import nn
+
+from prunelab.export import (
+    check_onnx,
+    compressed_bytes,
+    export_onnx,
+    file_bytes,
+    fold_pool,
+    main,
+    pack_sparse,
+    unpack_sparse,
+)
+from prunelab.io import save_state_dict, write_text
+from prunelab.pruning.channel import channel_plan, prune_channels, save_channel_pruned
+from prunelab.pruning.masks import magnitude_masks, prunable_weights
+
+X = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "prunelab.export", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_fold_pool_matches_and_shrinks(batch_norm):
+    model = tiny_vgg(batch_norm)
+    folded = fold_pool(model)
+    assert isinstance(folded.avgpool, nn.Identity) and folded.classifier[0].in_features == 32
+    assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.classifier[0].in_features == 32 * 49
+    with torch.no_grad():
+        assert torch.allclose(folded(X), model(X), atol=1e-5)
+    assert sum(p.numel() for p in folded.parameters()) == \
+        sum(p.numel() for p in model.parameters()) - 32 * 48 * 64
+
+
+def test_fold_pool_on_channel_pruned_and_refusals():
+    model = tiny_vgg()
+    pruned = prune_channels(model, channel_plan(model, 0.5), X[:1])
+    folded = fold_pool(pruned)
+    assert folded.classifier[0].in_features == pruned.features[12].out_channels
+    with torch.no_grad():
+        assert torch.allclose(folded(X), pruned(X), atol=1e-5)
+    with pytest.raises(ValueError, match="32x2x2"):
+        fold_pool(model, (64, 64))
+    with pytest.raises(ValueError, match="AdaptiveAvgPool2d"):
+        fold_pool(folded)
+
+
+def test_onnx_round_trip_with_dynamic_batch(tmp_path):
+    model = fold_pool(tiny_vgg(True))
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert path.is_file() and not list(tmp_path.glob("*.tmp"))
+    assert check_onnx(model, path, X) < 1e-4  # batch 5 through a model exported at batch 1
+    plain = tiny_vgg()
+    assert check_onnx(plain, export_onnx(plain, tmp_path / "p.onnx", batch=2), X) < 1e-4
+
+
+def test_packed_sizes_and_round_trip():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10), nn.BatchNorm1d(10))
+    weights = prunable_weights(model)
+    masks = magnitude_masks(weights, 0.9)
+    with torch.no_grad():
+        for n, w in weights.items():
+            w.mul_(masks[n])
+    sd = model.state_dict()
+    dense, packed = file_bytes(sd), compressed_bytes(sd)
+    assert packed < 0.25 * dense
+    back = unpack_sparse(pack_sparse(sd))
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    dense_sd = nn.Linear(64, 64).state_dict()
+    assert compressed_bytes(dense_sd) <= file_bytes(dense_sd) + 200  # dense tensors are not bloated
+
+
+def test_cli_rejects_an_empty_run_dir(tmp_path):
+    proc = cli(tmp_path)
+    assert proc.returncode != 0
+    assert "models/dense.pt" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_fold_pool_for_a_non_vgg(tmp_path, capsys):
+    # resnet18 keeps this fast; the arch comes from the run's Hydra config
+    write_text(tmp_path / ".hydra" / "config.yaml", "model:\n  arch: resnet18\n")
+    net = torchvision.models.resnet18(num_classes=10)
+    save_state_dict(tmp_path / "models" / "dense.pt", net.state_dict())
+    save_state_dict(tmp_path / "models" / "pruned.pt", net.state_dict())
+    assert main([str(tmp_path), "--fold-pool"]) == 1
+    err = capsys.readouterr().err
+    assert "--fold-pool refused" in err and "features" in err
+    assert not (tmp_path / "export").exists()
+
+
+def _vgg16_run(tmp_path, channel: bool):
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(num_classes=10).eval()
+    save_state_dict(tmp_path / "models" / "dense.pt", net.state_dict())
+    if channel:
+        x = torch.randn(1, 3, 32, 32)
+        save_channel_pruned(prune_channels(net, channel_plan(net, 0.5, example_input=x), x), tmp_path / "models")
+    else:
+        weights = prunable_weights(net)
+        masks = magnitude_masks(weights, 0.9)
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.mul_(masks[n])
+        save_state_dict(tmp_path / "models" / "pruned.pt", net.state_dict())
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channel", [False, True])
+def test_cli_exports_real_vgg16(tmp_path, channel):
+    run = _vgg16_run(tmp_path, channel)
+    proc = cli(run, "--fold-pool", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (run / "export").iterdir())
+    assert names == ["dense.onnx", "dense_folded.onnx", "pruned.onnx", "pruned_folded.onnx"]
+    assert proc.stdout.count("max |onnxruntime - torch|") == 4
+    assert (run / "export" / "dense_folded.onnx").stat().st_size < 0.3 * (run / "export" / "dense.onnx").stat().st_size
+    proc = cli(run, "--batch", "0")
+    assert proc.returncode != 0 and "--batch" in proc.stderr
