@@ -9,6 +9,7 @@ the counts are summed across ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,14 +72,25 @@ def count_correct(
     correct = seen = 0
     stopped = False
     sync_each_batch = world > 1 and max_errors is not None
+    # Every rank must run the same number of all_reduce calls, so all loop over the largest
+    # shard's batch count and a rank whose shard is exhausted contributes zeros.
+    steps = math.ceil(math.ceil(total / world) / loader.batch_size) if world > 1 else None
+    batches = iter(loader)
     try:
         with autocast_for(device, precision):
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if batch_transform is not None:
-                    x = batch_transform(x)
-                pred = model(x).argmax(dim=1)
-                c, s = int((pred == y).sum()), int(y.numel())
+            step = 0
+            while steps is None or step < steps:
+                step += 1
+                item = next(batches, None)
+                if item is None and steps is None:
+                    break
+                c = s = 0
+                if item is not None:
+                    x, y = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
+                    if batch_transform is not None:
+                        x = batch_transform(x)
+                    pred = model(x).argmax(dim=1)
+                    c, s = int((pred == y).sum()), int(y.numel())
                 if sync_each_batch:
                     t = torch.tensor([c, s], dtype=torch.long)
                     dist.all_reduce(t)

@@ -21,6 +21,7 @@ import argparse
 import copy
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,11 @@ def export_onnx(model: nn.Module, path: str | Path, batch: int = 1, opset: int =
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
                                 output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+    got = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if got != opset:
+        # The exporter silently keeps its own opset when down-conversion fails; say so.
+        warnings.warn(f"opset {opset} was requested but {Path(path).name} is opset {got} "
+                      f"(the dynamo exporter implements {DEFAULT_OPSET} and up)", stacklevel=2)
     # Weights inline (no .data side file): protobuf allows 2 GB, far above any VGG here.
     return _atomic(path, lambda p: program.save(str(p), external_data=False))
 

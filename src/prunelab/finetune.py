@@ -82,6 +82,14 @@ def finetune(cfg: DictConfig, trainer: Trainer, module: LightningModule, dm: Lig
     entry = Path(ft.cache_dir) / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     weights = entry / "dense.pt"
+    if trainer.global_rank > 0:
+        # A DDP worker starts inside rank zero's fit (or its launch for a reused model), while
+        # rank zero holds the lock: it must follow rank zero's decision without taking the lock.
+        if weights.is_file():
+            _load_into(module, weights)
+            return FinetuneResult(True, str(weights), time.perf_counter() - t0, key)
+        trainer.fit(module, datamodule=dm)
+        return FinetuneResult(False, "trained", time.perf_counter() - t0, key)
     lock = FileLock(str(entry) + ".lock")
     with lock:
         cached = weights.is_file()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning import Trainer
@@ -53,6 +54,23 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     return Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
+def ensure_distributed(trainer: Trainer) -> None:
+    """Start the DDP workers and process group when no fit did (a reused fine-tune), so the
+    search runs on every rank with its counts summed across them."""
+    if trainer.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    launcher = trainer.strategy.launcher
+    if launcher is not None:
+        launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
+    else:
+        trainer.strategy.setup_environment()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _count(model, dataset, batch_size, device, precision) -> tuple[int, int]:
     loader, total = shard_loader(dataset, batch_size)
     c = count_correct(model, loader, total, device=device, precision=precision)
@@ -73,6 +91,7 @@ def run(cfg: DictConfig) -> dict:
 
     ft = finetune(cfg, trainer, module, dm)
     timing["finetune"] = ft.seconds
+    ensure_distributed(trainer)
     rank_zero = trainer.is_global_zero
     device = trainer.strategy.root_device
     net = module.net.to(device)
@@ -84,13 +103,15 @@ def run(cfg: DictConfig) -> dict:
     params = sum(p.numel() for p in net.parameters())
     latency = LatencyMonitor(cfg.latency.batch_size, cfg.latency.warmup, cfg.latency.iters,
                              cfg.latency.include_transfer, precision)
-    batch = sample_batch(dm.test_set, cfg.latency.batch_size) if cfg.stages.latency else None
+    # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
+    batch = sample_batch(dm.test_set, cfg.latency.batch_size) if cfg.stages.latency and rank_zero else None
 
     dense_val = _count(net, dm.val_set, eval_bs, device, precision)
     dense_test = _count(net, dm.test_set, eval_bs, device, precision)
     t0 = time.perf_counter()
     dense_lat = latency.measure(net, batch, device, "dense", trainer.loggers) if batch is not None else None
     timing["latency"] = time.perf_counter() - t0
+    barrier()
     dense = model_section(dense_val, dense_test, params, sparsity(prunable_weights(net)), dense_lat)
     for lg in trainer.loggers:
         lg.log_metrics({"dense/val_acc": dense["val_acc"]["value"], "dense/test_acc": dense["test_acc"]["value"]}, step=0)
@@ -103,11 +124,12 @@ def run(cfg: DictConfig) -> dict:
             searcher = RatioSearch(cfg.search.tolerance, cfg.search.rule, list(cfg.search.grid), cfg.search.refine_step,
                                    p.scope, cfg.search.exact, eval_bs, precision,
                                    journal_path=str(Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json")
-                                   if cfg.finetune.cache else None)
+                                   if cfg.finetune.cache and rank_zero else None)
             result = searcher.run(net, dm.val_set, device, trainer, dense=Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1]),
                                   identity={"finetune": ft.key, "method": p.method})
             ratio = result.best_ratio
-            report["search"] = dict(result.to_dict(), scope=p.scope, images_evaluated=sum(e.seen for e in result.curve))
+            report["search"] = dict(result.to_dict(), scope=p.scope, images_evaluated=sum(e.seen for e in result.curve),
+                                    resumed_candidates=searcher.resumed)
             chosen = [e for e in result.curve if e.ratio == ratio]
             pruned_val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
         else:
@@ -119,6 +141,7 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.perf_counter()
         pruned_lat = latency.measure(net, batch, device, "pruned", trainer.loggers) if batch is not None else None
         timing["latency"] += time.perf_counter() - t0
+        barrier()
         stats = sparsity(prunable_weights(net))
         pruned = model_section(pruned_val, pruned_test, params, stats, pruned_lat)
         pruned.update(ratio=ratio, method=p.method, scope=p.scope, layers=stats["layers"])

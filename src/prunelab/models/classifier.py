@@ -1,4 +1,8 @@
-"""The LightningModule: a torchvision classifier, cross-entropy, SGD, accuracy per split."""
+"""The LightningModule: a torchvision classifier, cross-entropy, SGD, accuracy per split.
+
+``channels_last`` and ``compile`` change how the network runs, never what it stores:
+``module.net.state_dict()`` keeps plain torchvision keys either way.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ class ImageClassifier(LightningModule):
         self.save_hyperparameters()
         self.net = build_classifier(arch, weights, num_classes)
         if channels_last:
+            # NHWC weights: oneDNN (CPU, bf16 on AMX) and cuDNN tensor cores run their fastest kernels in it
             self.net = self.net.to(memory_format=torch.channels_last)
-        # Kept out of the module tree so the state_dict holds one copy of the weights.
+        # Kept out of the module tree so the state_dict holds one copy of the weights under plain
+        # torchvision keys (a registered OptimizedModule would add "_orig_mod." copies). It wraps
+        # self.net itself, so moves to a device and in-place weight edits (pruning) apply to both.
         object.__setattr__(self, "_compiled", torch.compile(self.net) if compile else None)
         self.criterion = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -39,7 +46,10 @@ class ImageClassifier(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.net)(x)
+        # `is None`, not `or`: truth-testing an OptimizedModule calls len() on the wrapped net,
+        # which raises for VGG/ResNet.
+        net = self.net if self._compiled is None else self._compiled
+        return net(x)
 
     def _step(self, batch, stage: str, metric) -> torch.Tensor:
         x, y = batch

@@ -115,6 +115,7 @@ class RatioSearch(Callback):
         self.result: SearchResult | None = None
         self.seconds: float | None = None
         self.pruner: MagnitudePruner | None = None
+        self.resumed = 0
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
@@ -138,13 +139,15 @@ class RatioSearch(Callback):
             m = pruner.apply(ratio)
             c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision)
             e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, pruner.stats()["nonzero"])
-            log.info("ratio %.2f: val acc %s%.2f%% (%d/%d images)", ratio, "<= " if c.stopped else "",
-                     e.acc, c.seen, c.total)
+            if trainer is None or trainer.is_global_zero:
+                log.info("ratio %.2f: val acc %s%.2f%% (%d/%d images)", ratio, "<= " if c.stopped else "",
+                         e.acc, c.seen, c.total)
             if trainer is not None:
                 for lg in trainer.loggers:
                     lg.log_metrics({"search/ratio": ratio, "search/val_acc": e.acc}, step=int(round(ratio * 100)))
             return e
 
+        self.resumed = len(journal.entries)
         self.result = search(evaluate, dense_acc, self.grid, self.tolerance, self.rule, self.refine_step,
                              exact=self.exact, total=total, known=journal.entries, on_result=journal.record)
         pruner.finish(self.result.best_ratio)

@@ -150,7 +150,11 @@ class SemiStructuredPruner:
 
 def _sparse_class_for(dtype: torch.dtype):
     """The tensor subclass ``to_sparse_semi_structured`` will build, and whether we must force CUTLASS."""
-    from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+    from torch.sparse import (
+        SparseSemiStructuredTensor,
+        SparseSemiStructuredTensorCUSPARSELT,
+        SparseSemiStructuredTensorCUTLASS,
+    )
 
     cusparselt = getattr(torch.backends, "cusparselt", None)
     has_cusparselt = bool(cusparselt and cusparselt.is_available())
