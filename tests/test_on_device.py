@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import nn
 
@@ -20,6 +21,16 @@ from prunelab.pipeline import build_trainer
 MEAN = torch.tensor(CIFAR10_MEAN)
 STD = torch.tensor(CIFAR10_STD)
 PAD_VALUE = (0 - MEAN) / STD  # a zero-padded pixel after normalisation
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These workloads are tiny, and on the shared 2-core machines two OpenMP threads competing with
+    # other jobs made a 1-second fit take 10-30 s; one thread keeps the module at a few seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +213,15 @@ def test_ddp_ranks_take_disjoint_equal_shards_that_change_per_epoch():
 
 
 # -- Lightning, precision, memory format -----------------------------------------------------------
+class _FirstBatches(Callback):
+    def __init__(self):
+        self.labels = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.labels.append(batch[1].clone())
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_lightning_fit_on_device_from_the_fast_experiment(tmp_path, precision):
     cfg = compose_cfg(tmp_path, ["+experiment=[smoke,fast]", "model=resnet18", f"trainer.precision={precision}",
@@ -211,6 +231,8 @@ def test_lightning_fit_on_device_from_the_fast_experiment(tmp_path, precision):
     assert cfg.data.on_device and cfg.model.channels_last and cfg.trainer.precision == precision
     dm, module = instantiate(cfg.data), instantiate(cfg.model)
     trainer = build_trainer(cfg)
+    seen = _FirstBatches()
+    trainer.callbacks.append(seen)
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
     trainer.fit(module, datamodule=dm)
     assert isinstance(trainer.train_dataloader, DeviceLoader)
@@ -218,6 +240,27 @@ def test_lightning_fit_on_device_from_the_fast_experiment(tmp_path, precision):
     after = module.net.state_dict()
     assert list(after) == list(before) and not any(k.startswith(("_orig_mod", "net.")) for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in after)
+    # Each epoch's order is the plan for the trainer's epoch: seed + 0, then seed + 1.
+    for epoch, labels in enumerate(seen.labels):
+        replay = dm.device_loader("train", device="cpu", rank=0, world_size=1)
+        replay.set_epoch(epoch)
+        assert torch.equal(next(iter(replay))[1], labels)
+    assert len(seen.labels) == 2 and not torch.equal(*seen.labels)
+
+
+def test_compiled_module_trains_and_keeps_plain_keys(monkeypatch):
+    # Dynamo's "eager" backend exercises the compile wiring without minutes of inductor codegen.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+    torch._dynamo.reset()
+    m = ImageClassifier("resnet18", None, compile=True, channels_last=True)
+    assert m._compiled is not None
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss = m.criterion(m(x), y)  # truth-testing the compiled wrapper used to raise here
+    loss.backward()
+    assert m.net.fc.weight.grad is not None
+    assert list(m.net.state_dict()) == list(build_classifier("resnet18", None, 10).state_dict())
+    assert all(k.startswith("net.") for k in m.state_dict())
 
 
 def test_fast_experiment_sets_the_fast_paths(tmp_path):
@@ -239,34 +282,45 @@ def test_channels_last_model_gives_the_same_outputs():
         assert torch.allclose(nhwc(x), dense(x), atol=1e-4, rtol=1e-4)
 
 
-def _agreement(net: nn.Module, x: torch.Tensor) -> float:
+def _bf16_vs_fp32(net: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Share of argmax predictions unchanged by bf16 autocast, and the largest logit change
+    relative to the spread of the fp32 logits."""
     net.eval()
     with torch.no_grad():
-        fp32 = net(x).argmax(1)
+        fp32 = net(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = net(x).argmax(1)
-    return (fp32 == bf16).float().mean().item()
+            bf16 = net(x).float()
+    agree = (fp32.argmax(1) == bf16.argmax(1)).float().mean().item()
+    return agree, ((fp32 - bf16).abs().max() / fp32.std()).item()
 
 
 def test_bf16_autocast_keeps_predictions_of_a_trained_net(dm):
+    # Trained to ~90% on the synthetic classes: margins (median top-2 gap ~3) dwarf bf16's logit
+    # error (~0.25), so agreement is robust. An undertrained net (30%, gaps ~0.15) measured 67-70
+    # of 70: near-ties may flip, which is why this asserts on a trained one.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(32, 10))
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     loader = dm.device_loader("train")
-    for _ in range(3):
+    for _ in range(8):
         for x, y in loader:
             opt.zero_grad()
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
-    x = torch.cat([b[0] for b in dm.test_dataloader()])
-    assert _agreement(net, x) >= 0.97
+    x, y = (torch.cat(t) for t in zip(*dm.test_dataloader(), strict=True))
+    with torch.no_grad():
+        assert (net.eval()(x).argmax(1) == y).float().mean() > 0.7
+    agree, rel_err = _bf16_vs_fp32(net, x)
+    assert agree >= 0.97 and rel_err < 0.05
 
 
-@pytest.mark.slow
 def test_bf16_autocast_keeps_vgg16_predictions(dm):
+    # Random-init VGG16 predicts one class for every input (measured: 128/128 agree, logit error
+    # ~3% of the logits' spread), so this guards the numerics, not a margin; see the trained net above.
     torch.manual_seed(0)
     net = build_classifier("vgg16", None, 10)
-    x = torch.cat([b[0] for b in dm.device_loader("val")])[:128]
-    assert _agreement(net, x) >= 0.9
+    x = torch.cat([b[0] for b in dm.device_loader("val")])
+    agree, rel_err = _bf16_vs_fp32(net, x)
+    assert agree >= 0.9 and rel_err < 0.1

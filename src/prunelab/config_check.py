@@ -28,6 +28,19 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"prune.schedule={p.schedule} is unknown; use one of {', '.join(SCHEDULES)}")
     if p.ratio is not None:
         _ratio("prune.ratio", p.ratio)
+    if int(p.get("steps", 1)) < 1:
+        raise ConfigError(f"prune.steps={p.steps} must be >= 1")
+    if int(p.get("recover_epochs", 0)) < 0:
+        raise ConfigError(f"prune.recover_epochs={p.recover_epochs} must be >= 0")
+    if p.get("importance", "l1") not in ("l1", "l2"):
+        raise ConfigError(f"prune.importance={p.importance} is unknown; use l1 or l2")
+    if p.get("normalize", "mean") not in ("mean", "none"):
+        raise ConfigError(f"prune.normalize={p.normalize} is unknown; use mean or none")
+    if int(p.get("min_channels", 1)) < 1:
+        raise ConfigError(f"prune.min_channels={p.min_channels} must be >= 1")
+    devices = cfg.trainer.get("devices", 1)
+    if p.get("schedule") == "iterative" and (cfg.trainer.get("strategy") == "ddp" or (isinstance(devices, int) and devices > 1)):
+        raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
     if s.rule not in RULES:
         raise ConfigError(f"search.rule={s.rule} is unknown; use one of {', '.join(RULES)}")
     if not isinstance(s.tolerance, int | float) or s.tolerance < 0:

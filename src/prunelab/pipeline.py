@@ -18,14 +18,14 @@ from lightning import Trainer
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import config_check
+from prunelab.deploy import onnx_latency, save_pruned, time_as_deployed
 from prunelab.errors import ConfigError, PrunelabError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, write_json, write_text
 from prunelab.latency import LatencyMonitor, sample_batch
-from prunelab.pruning.callbacks import MagnitudePruning, RatioSearch
+from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
-from prunelab.pruning.search import Evaluation
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import drop_within_noise
@@ -117,40 +117,46 @@ def run(cfg: DictConfig) -> dict:
         lg.log_metrics({"dense/val_acc": dense["val_acc"]["value"], "dense/test_acc": dense["test_acc"]["value"]}, step=0)
 
     report: dict = {"dense": dense}
+    if cfg.stages.latency and rank_zero and cfg.latency.onnx:
+        dense["latency_ms_onnx"] = onnx_latency(net, batch, out / "export" / "dense.onnx", cfg.latency)
+    files = {"dense_bytes": (out / "models" / "dense.pt").stat().st_size} if rank_zero else {}
     if cfg.stages.prune:
         p = cfg.prune
+        journal = Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json"
+        outcome = run_prune_stage(cfg, net, dm, device, precision, trainer, dense_val,
+                                  journal if cfg.finetune.cache and rank_zero else None,
+                                  {"finetune": ft.key, "method": p.method})
+        timing["search"] = outcome.seconds
+        pruned_net = outcome.net.to(device)
+        pruned_test = _count(pruned_net, dm.test_set, eval_bs, device, precision)
         t0 = time.perf_counter()
-        if p.ratio is None:
-            searcher = RatioSearch(cfg.search.tolerance, cfg.search.rule, list(cfg.search.grid), cfg.search.refine_step,
-                                   p.scope, cfg.search.exact, eval_bs, precision,
-                                   journal_path=str(Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json")
-                                   if cfg.finetune.cache and rank_zero else None)
-            result = searcher.run(net, dm.val_set, device, trainer, dense=Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1]),
-                                  identity={"finetune": ft.key, "method": p.method})
-            ratio = result.best_ratio
-            report["search"] = dict(result.to_dict(), scope=p.scope, images_evaluated=sum(e.seen for e in result.curve),
-                                    resumed_candidates=searcher.resumed)
-            chosen = [e for e in result.curve if e.ratio == ratio]
-            pruned_val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
-        else:
-            ratio = float(p.ratio)
-            MagnitudePruning(ratio, p.scope).prune(module, trainer)
-            pruned_val = _count(net, dm.val_set, eval_bs, device, precision)
-        timing["search"] = time.perf_counter() - t0
-        pruned_test = _count(net, dm.test_set, eval_bs, device, precision)
-        t0 = time.perf_counter()
-        pruned_lat = latency.measure(net, batch, device, "pruned", trainer.loggers) if batch is not None else None
+        pruned_lat, kernel_note = (None, None)
+        if batch is not None:
+            pruned_lat, kernel_note = time_as_deployed(p.method, pruned_net, batch, device, latency, trainer.loggers)
         timing["latency"] += time.perf_counter() - t0
         barrier()
-        stats = sparsity(prunable_weights(net))
-        pruned = model_section(pruned_val, pruned_test, params, stats, pruned_lat)
-        pruned.update(ratio=ratio, method=p.method, scope=p.scope, layers=stats["layers"])
+        stats = outcome.stats
+        pruned = model_section(outcome.val, pruned_test, sum(q.numel() for q in pruned_net.parameters()),
+                               sparsity(prunable_weights(pruned_net)) if p.method != "channel" else stats, pruned_lat)
+        pruned.update(ratio=outcome.ratio, method=p.method, scope=p.scope, schedule=p.schedule,
+                      layers=stats["layers"], sparsity=stats["sparsity"], nonzero=stats["nonzero"])
+        for key in ("macs", "dense_macs", "channels", "two_four_layers"):
+            if key in stats:
+                pruned[key] = stats[key]
+        if kernel_note:
+            pruned["kernels"] = kernel_note
         if dense_lat and pruned_lat:
             pruned["speedup_p50"] = dense_lat["p50"] / pruned_lat["p50"]
+        if outcome.search is not None:
+            report["search"] = outcome.search
+        if outcome.schedule:
+            report["schedule"] = outcome.schedule
         report["pruned"] = pruned
         if rank_zero:
-            save_state_dict(out / "models" / "pruned.pt", net.state_dict())
-
+            if cfg.stages.latency and cfg.latency.onnx:
+                pruned["latency_ms_onnx"] = onnx_latency(pruned_net, batch, out / "export" / "pruned.onnx", cfg.latency)
+            files.update(save_pruned(p.method, pruned_net, out / "models", cfg.model.arch, cfg.model.num_classes))
+    report["files"] = files
     report["finetune"] = ft.to_dict()
     report["timing_s"] = timing
     report["device"] = device_info(device)
@@ -164,7 +170,10 @@ def run(cfg: DictConfig) -> dict:
 def _notes(report: dict, cfg: DictConfig) -> list[str]:
     notes = []
     p = report.get("pruned")
-    if p and drop_within_noise(report["dense"]["val_acc"], p["val_acc"]):
+    drop = report["dense"]["val_acc"]["value"] - p["val_acc"]["value"] if p else 0.0
+    if p and drop <= 0:
+        notes.append(f"The pruned model scores {-drop:.2f} points at or above the dense model on validation.")
+    elif p and drop_within_noise(report["dense"]["val_acc"], p["val_acc"]):
         notes.append(
             f"The validation accuracy drop ({report['dense']['val_acc']['value'] - p['val_acc']['value']:.2f} points) "
             "is smaller than the noise of the validation set (half its 95% interval): "
@@ -172,6 +181,8 @@ def _notes(report: dict, cfg: DictConfig) -> list[str]:
         )
     if p and p.get("method", "magnitude") == "magnitude" and p["ratio"] > 0:
         notes.append("Unstructured zeros run on dense kernels: expect no speedup from them, only smaller compressed files.")
+    if p and p.get("kernels"):
+        notes.append(p["kernels"])
     if report["device"]["type"] == "cpu":
         notes.append("Latency measured on the CPU; GPU figures need a run with trainer.accelerator=gpu.")
     return notes

@@ -25,12 +25,14 @@ class ImageClassifier(LightningModule):
         weight_decay: float = 5e-4,
         channels_last: bool = False,
         compile: bool = False,
+        net: nn.Module | None = None,
     ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        self.save_hyperparameters()
-        self.net = build_classifier(arch, weights, num_classes)
+        # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net if net is not None else build_classifier(arch, weights, num_classes)
         if channels_last:
             # NHWC weights: oneDNN (CPU, bf16 on AMX) and cuDNN tensor cores run their fastest kernels in it
             self.net = self.net.to(memory_format=torch.channels_last)

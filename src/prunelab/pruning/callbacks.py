@@ -25,6 +25,7 @@ from prunelab.evaluation import count_correct, shard_loader
 from prunelab.pruning.journal import Journal
 from prunelab.pruning.magnitude import MagnitudePruner, search_ratios
 from prunelab.pruning.masks import SCOPES, prunable_weights
+from prunelab.pruning.registry import METHODS, candidate_extra, make_pruner
 from prunelab.pruning.search import RULES, Evaluation, SearchResult, search
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 def _net(pl_module: LightningModule) -> nn.Module:
     return getattr(pl_module, "net", pl_module)
+
+
+def _is_rank_zero(trainer: Trainer | None) -> bool:
+    return trainer is None or trainer.is_global_zero
 
 
 def log_sparsity(trainer: Trainer | None, stats: dict, prefix: str = "prune") -> None:
@@ -43,14 +48,35 @@ def log_sparsity(trainer: Trainer | None, stats: dict, prefix: str = "prune") ->
         lg.log_metrics(metrics, step=trainer.global_step)
 
 
-class MagnitudePruning(Callback):
+class MaskKeeper(Callback):
+    """Keep pruned weights exactly zero while a pruned network trains.
+
+    Re-applies the keep-masks after every optimiser step, so neither momentum nor weight decay
+    can revive a pruned weight. ``masks`` maps module names (as in ``prunable_weights``) to
+    boolean keep-masks.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None):
+        self.masks = masks
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.masks:
+            return
+        weights = prunable_weights(_net(pl_module))
+        for name, keep in self.masks.items():
+            w = weights[name]
+            w.mul_(keep.to(w.device))
+
+
+class MagnitudePruning(MaskKeeper):
     """Prune by magnitude at ``ratio`` (global or layerwise) at fit start or fit end.
 
-    Pruned at fit start, the weights stay exactly zero through training: they are re-zeroed
-    after every optimiser step, so neither momentum nor weight decay can revive them.
+    Pruned at fit start, the weights stay exactly zero through training (see ``MaskKeeper``).
     """
 
     def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+        super().__init__(None)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"prune.ratio must be in [0, 1), got {ratio}")
         if scope not in SCOPES:
@@ -58,7 +84,6 @@ class MagnitudePruning(Callback):
         if when not in ("fit_start", "fit_end"):
             raise ValueError(f"when must be 'fit_start' or 'fit_end', got {when!r}")
         self.ratio, self.scope, self.when = ratio, scope, when
-        self.masks: dict[str, torch.Tensor] | None = None
 
     def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
         pruner = MagnitudePruner(_net(pl_module), self.scope)
@@ -72,22 +97,15 @@ class MagnitudePruning(Callback):
         if self.when == "fit_start":
             self.prune(pl_module, trainer)
 
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.masks is None:
-            return
-        weights = prunable_weights(_net(pl_module))
-        for name, keep in self.masks.items():
-            weights[name].mul_(keep)
-
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.when == "fit_end":
             self.prune(pl_module, trainer)
 
 
 class RatioSearch(Callback):
-    """After fit, search the highest magnitude-pruning ratio within ``tolerance`` points of the
-    dense validation accuracy; the module is left pruned at the chosen ratio."""
+    """After fit, search the highest pruning ratio within ``tolerance`` points of the dense
+    validation accuracy. Magnitude and 2:4 leave the module pruned in place; a channel-pruned
+    network is a new module, available as ``self.model`` (and swapped into ``pl_module.net``)."""
 
     def __init__(
         self,
@@ -100,6 +118,8 @@ class RatioSearch(Callback):
         batch_size: int = 128,
         precision: str | None = None,
         journal_path: str | None = None,
+        method: str = "magnitude",
+        pruner_options: dict | None = None,
     ):
         if tolerance < 0:
             raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
@@ -112,6 +132,10 @@ class RatioSearch(Callback):
         self.tolerance, self.rule, self.grid = float(tolerance), rule, [float(r) for r in grid]
         self.refine_step, self.scope, self.exact = refine_step, scope, exact
         self.batch_size, self.precision, self.journal_path = batch_size, precision, journal_path
+        if method not in METHODS:
+            raise ValueError(f"prune.method must be one of {METHODS}, got {method!r}")
+        self.method, self.pruner_options = method, dict(pruner_options or {})
+        self.model: nn.Module | None = None
         self.result: SearchResult | None = None
         self.seconds: float | None = None
         self.pruner: MagnitudePruner | None = None
@@ -120,6 +144,8 @@ class RatioSearch(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
         self.run(_net(pl_module), dm.val_set, pl_module.device, trainer)
+        if hasattr(pl_module, "net"):
+            pl_module.net = self.model
 
     def run(self, model: nn.Module, val_set: Dataset, device: torch.device, trainer: Trainer | None = None,
             dense: Evaluation | None = None, identity: dict | None = None) -> SearchResult:
@@ -130,15 +156,18 @@ class RatioSearch(Callback):
             c = count_correct(model, loader, total, device=device, precision=self.precision)
             dense = Evaluation(0.0, c.correct, c.seen, c.total)
         dense_acc = dense.acc
-        pruner = MagnitudePruner(model, self.scope)
+        pruner = make_pruner(self.method, model, self.scope, **self.pruner_options)
         pruner.prepare(search_ratios(self.grid, self.refine_step))
-        journal = Journal(self.journal_path, dict(identity or {}, dense_correct=dense.correct, scope=self.scope,
-                                                  tolerance=self.tolerance, exact=self.exact))
+        journal = Journal(self.journal_path if _is_rank_zero(trainer) else None,
+                          dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
+                               tolerance=self.tolerance, exact=self.exact, options=self.pruner_options))
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
-            m = pruner.apply(ratio)
+            m = pruner.apply(ratio).to(device)
             c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision)
-            e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, pruner.stats()["nonzero"])
+            stats = pruner.stats()
+            e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, stats["nonzero"],
+                           extra=candidate_extra(self.method, stats))
             if trainer is None or trainer.is_global_zero:
                 log.info("ratio %.2f: val acc %s%.2f%% (%d/%d images)", ratio, "<= " if c.stopped else "",
                          e.acc, c.seen, c.total)
@@ -150,7 +179,7 @@ class RatioSearch(Callback):
         self.resumed = len(journal.entries)
         self.result = search(evaluate, dense_acc, self.grid, self.tolerance, self.rule, self.refine_step,
                              exact=self.exact, total=total, known=journal.entries, on_result=journal.record)
-        pruner.finish(self.result.best_ratio)
+        self.model = pruner.finish(self.result.best_ratio).to(device)
         self.pruner = pruner
         log_sparsity(trainer, pruner.stats())
         self.seconds = time.perf_counter() - t0

@@ -131,18 +131,33 @@ class ChannelRanking:
         return {name: sorted(idxs) for name, idxs in removed.items()}
 
 
-def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None) -> ChannelRanking:
+NORMALIZATIONS = ("mean", "none")
+
+
+def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
+                  normalize: str = "none") -> ChannelRanking:
+    """Rank every prunable filter; ``normalize="mean"`` divides each layer's norms by their mean.
+
+    Raw norms grow with a filter's fan-in (27 weights in VGG's first conv, 4,608 in its last), so
+    a global ranking of raw norms empties the early layers first; dividing by the layer mean
+    compares filters by how weak they are within their own layer.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"prune.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     convs = prunable_convs(model, example_input)
-    return ChannelRanking({name: filter_importance(c, importance) for name, c in convs.items()})
+    scores = {name: filter_importance(c, importance) for name, c in convs.items()}
+    if normalize == "mean":
+        scores = {name: s / s.mean().clamp_min(1e-12) for name, s in scores.items()}
+    return ChannelRanking(scores)
 
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
-                 example_input: torch.Tensor | None = None) -> dict[str, list[int]]:
+                 example_input: torch.Tensor | None = None, normalize: str = "none") -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
     """
-    return rank_channels(model, importance, example_input).plan(ratio, min_channels)
+    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels)
 
 
 def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_input: torch.Tensor) -> nn.Module:
@@ -210,7 +225,8 @@ class ChannelPruner:
 
     method = "channel"
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
+                 normalize: str = "mean"):
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if min_channels < 1:
@@ -219,6 +235,7 @@ class ChannelPruner:
         # One image is enough to trace shapes and count MACs, and keeps both cheap.
         self.example_input = example_input.detach()[:1]
         self.importance = importance
+        self.normalize = normalize
         self.min_channels = min_channels
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
@@ -230,7 +247,7 @@ class ChannelPruner:
 
     def prepare(self, ratios: Iterable[float]) -> None:
         if self.ranking is None:
-            self.ranking = rank_channels(self.model, self.importance, self.example_input)
+            self.ranking = rank_channels(self.model, self.importance, self.example_input, self.normalize)
         for r in ratios:
             r = round(float(r), 6)
             if r not in self.plans:
@@ -279,6 +296,10 @@ class ChannelPruner:
             "channels": conv_channels(model),
             "layers": layers,
         }
+
+    def keep_masks(self) -> None:
+        """Channel-pruned networks need no masks: removed weights no longer exist."""
+        return None
 
     def finish(self, ratio: float) -> nn.Module:
         """The pruned model at ``ratio``; the ranking and cached plans are dropped."""

@@ -57,6 +57,9 @@ class MagnitudePruner:
         self._state.apply(self.masks)
         return self.model
 
+    def keep_masks(self) -> dict[str, torch.Tensor] | None:
+        return self.masks
+
     def stats(self) -> dict:
         return sparsity(self._state.weights if self._state else {})
 

@@ -139,6 +139,10 @@ class SemiStructuredPruner:
                    loss={name: loss for name, loss in self._order if name in set(self.layers)})
         return out
 
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks of the current candidate's 2:4 layers (for recovery: they must stay 2:4)."""
+        return {name: self._masks[name] for name in self.layers}
+
     def finish(self, ratio: float) -> nn.Module:
         """Leave the model 2:4-masked at ``ratio`` and drop the pristine copy and masks."""
         model = self.apply(ratio)

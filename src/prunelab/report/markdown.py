@@ -71,12 +71,34 @@ def render(report: dict, plots: dict[str, str]) -> str:
             f"{s['best_ratio_highest']:.2f}.",
             "",
         ]
-        rows = [
-            (f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
-             f"{c['seen']}/{c['total']}", _int(c.get("nonzero")), "pass" if c["passed"] else "fail")
-            for c in s["curve"]
-        ]
-        lines += [table(["ratio", "val acc %", "images used", "nonzero", "verdict"], rows), ""]
+        recovered = any("recovered_val_acc" in c for c in s["curve"])
+        headers = ["ratio", "val acc %"] + (["after recovery %"] if recovered else []) + ["images used", "nonzero"]
+        channel = any("macs" in c for c in s["curve"])
+        headers += (["params", "MACs"] if channel else []) + ["verdict"]
+        rows = []
+        for c in s["curve"]:
+            row = [f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}"]
+            row += [f"{c['recovered_val_acc']:.2f}"] if recovered else []
+            row += [f"{c['seen']}/{c['total']}", _int(c.get("nonzero"))]
+            row += [_int(c.get("params")), _int(c.get("macs"))] if channel else []
+            rows.append(tuple(row + ["pass" if c["passed"] else "fail"]))
+        lines += [table(headers, rows), ""]
+    sched = report.get("schedule")
+    if sched:
+        lines += ["## Iterative schedule", "", table(["ratio", "after pruning %", "after recovery %"],
+                  [(f"{c['ratio']:.2f}", f"{c['val_acc']:.2f}", f"{c['recovered_val_acc']:.2f}") for c in sched]), ""]
+    files = report.get("files") or {}
+    d_onnx, p_onnx = report["dense"].get("latency_ms_onnx"), p.get("latency_ms_onnx")
+    if files or d_onnx:
+        lines += ["## Size and deployment", ""]
+        rows = [("bytes on disk", _int(files.get("dense_bytes")), _int(files.get("pruned_bytes")))]
+        if "pruned_compressed_bytes" in files:
+            rows.append(("bytes, sparse weights stored compactly", "-", _int(files["pruned_compressed_bytes"])))
+        if "macs" in p:
+            rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
+        if d_onnx:
+            rows.append(("ONNX Runtime CPU p50 ms", _ms(d_onnx, "p50"), _ms(p_onnx, "p50")))
+        lines += [table(["", "dense", "pruned"], rows), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     t = report.get("timing_s", {})

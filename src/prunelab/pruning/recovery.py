@@ -1,0 +1,108 @@
+"""Pruning schedules with recovery: prune in steps and fine-tune between them.
+
+``iterative`` prunes towards a target in ``steps`` increments, fine-tuning ``recover_epochs``
+after each, with the pruned weights held at zero (``MaskKeeper``) or, for channel pruning, the
+smaller network trained as it is. ``iterative_search`` walks a ratio grid upwards from the dense
+model, each step starting from the previous step's recovered weights, until a recovered model
+falls out of the tolerance. Both take the training and evaluation as callables, so the schedule
+logic does not depend on Lightning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from prunelab.pruning.channel import conv_channels
+from prunelab.pruning.registry import candidate_extra, make_pruner
+from prunelab.pruning.search import Evaluation, verdict
+
+log = logging.getLogger(__name__)
+
+Recover = Callable[[nn.Module, dict | None], nn.Module]
+Evaluate = Callable[[nn.Module], Evaluation]
+
+
+@dataclass
+class Step:
+    ratio: float
+    before: Evaluation  # right after pruning this step
+    after: Evaluation  # after recovery
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self, threshold: float | None = None) -> dict:
+        d = self.after.to_dict()
+        d.update(ratio=self.ratio, val_acc=self.before.acc, acc_is_bound=False,
+                 recovered_val_acc=self.after.acc, correct=self.after.correct, seen=self.before.seen)
+        d.update(self.extra)
+        if threshold is not None:
+            d["passed"] = verdict(self.after, threshold)
+            d["passed_before_recovery"] = verdict(self.before, threshold)
+        return d
+
+
+def _step_ratio(method: str, net: nn.Module, target: float, original_channels: int | None) -> float:
+    """The ratio to ask of a pruner on the current ``net`` so the total reaches ``target``.
+
+    Magnitude and 2:4 rank the current weights, whose zeros come first, so the target applies
+    directly. Channel pruning works on the surviving channels: remove what is still missing.
+    """
+    if method != "channel":
+        return target
+    remaining = sum(conv_channels(net).values())
+    missing = round(target * original_channels) - (original_channels - remaining)
+    return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
+
+
+def prune_step(method: str, net: nn.Module, target: float, original_channels: int | None, options: dict):
+    if method != "channel":  # masking pruners work in place: keep the caller's network intact
+        net = copy.deepcopy(net)
+    pruner = make_pruner(method, net, **options)
+    pruned = pruner.finish(_step_ratio(method, net, target, original_channels))
+    return pruned, pruner.keep_masks(), pruner.stats()
+
+
+def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Recover, evaluate: Evaluate,
+              options: dict, stop: Callable[[Step], bool] | None = None) -> tuple[nn.Module, list[Step]]:
+    """Prune to each target in turn, recovering after each; stop early when ``stop(step)``.
+
+    Returns the network of the last step that did not stop the walk, and every step taken.
+    """
+    original_channels = sum(conv_channels(net).values()) if method == "channel" else None
+    steps: list[Step] = []
+    kept = net
+    for target in targets:
+        target = round(float(target), 6)
+        pruned, masks, stats = prune_step(method, kept, target, original_channels, options)
+        before = evaluate(pruned)
+        recovered = recover(pruned, masks)
+        after = evaluate(recovered)
+        after.nonzero = before.nonzero = stats["nonzero"]
+        step = Step(target, before, after, candidate_extra(method, stats))
+        steps.append(step)
+        log.info("ratio %.2f: val acc %.2f%% after pruning, %.2f%% after recovery", target, before.acc, after.acc)
+        if stop is not None and stop(step):
+            break
+        kept = recovered
+    return kept, steps
+
+
+def schedule(target: float, steps: int) -> list[float]:
+    """``steps`` equal increments up to ``target``."""
+    if steps < 1:
+        raise ValueError(f"prune.steps must be >= 1, got {steps}")
+    return [round(target * (i + 1) / steps, 6) for i in range(steps)]
+
+
+def iterative_search(net: nn.Module, method: str, grid: Iterable[float], threshold: float, recover: Recover,
+                     evaluate: Evaluate, options: dict) -> tuple[nn.Module, float, list[Step]]:
+    """Walk the grid upwards with recovery; the answer is the highest ratio whose recovered
+    accuracy passes, reached without any failure below it."""
+    kept, steps = iterative(net, method, sorted(grid), recover, evaluate, options,
+                            stop=lambda s: not verdict(s.after, threshold))
+    passed = [s.ratio for s in steps if verdict(s.after, threshold)]
+    return kept, (passed[-1] if passed else 0.0), steps
