@@ -1,0 +1,181 @@
+"""Does pruning pay? Structured channel pruning vs dense on this machine, one process.
+
+Measures, on one fine-tuned VGG16 (default: the shared CIFAR-10 subset, random init, a few epochs):
+  1. p50 latency at batch 128 of dense, channel-pruned at 0.5, and both with the 7x7 pool folded
+     into classifier[0] (rounds interleaved so load drifts hit every model alike);
+  2. a channel search (one-shot) within the tolerance: ratio, speedup, params, MACs;
+  3. the highest ratio within the tolerance one-shot vs iterative (with recovery), for magnitude
+     and channel pruning, on the same weights and the same grid;
+  4. ONNX export of dense and channel-pruned models checked against PyTorch (max abs diff).
+Writes benchmarks/results/<date>-pruning-pays-<device>.json and .md.
+
+    python -m benchmarks.pruning_pays [--epochs 4] [--data-root ../shared/data/cifar10-subset]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import prunelab
+from prunelab.export import check_onnx, export_onnx, fold_pool
+from prunelab.io import load_state_dict, write_json, write_text
+from prunelab.models.factory import build_classifier
+from prunelab.pipeline import run
+from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
+from prunelab.report.markdown import table
+
+CONF = Path(prunelab.__file__).parent / "conf"
+HERE = Path(__file__).resolve().parent
+
+
+def compose_run(overrides: list[str], workdir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        tag = f"run-{len(list(workdir.glob('run-*')))}"
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(workdir)
+            cfg.paths.log_dir = str(workdir / "logs")
+            cfg.paths.output_dir = str(workdir / tag)
+            cfg.hydra.runtime.output_dir = str(workdir / tag)
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+    return run(cfg)
+
+
+def interleaved_p50(models: dict, x: torch.Tensor, rounds: int, warmup: int = 2) -> dict:
+    samples = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.eval()
+            for _ in range(warmup):
+                m(x)
+        for _ in range(rounds):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                samples[k].append((time.perf_counter() - t0) * 1000)
+    return {k: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "n": len(v)}
+            for k, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10-subset"))
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--arch", default="vgg16")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--grid", default="[0.3,0.5,0.7,0.8,0.9]")
+    ap.add_argument("--recover-batches", default="0.5", help="fraction (or count) of a training epoch per recovery")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prunelab-pays-"))
+    base = [f"data.root={args.data_root}", "data.download=false", "model.weights=null", f"model.arch={args.arch}",
+            f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "stages.latency=false",
+            f"paths.cache_dir={work / 'cache'}"]
+    t_start = time.perf_counter()
+    print("fine-tuning (or reusing) the dense model ...", flush=True)
+    dense_report = compose_run(base + ["stages.prune=false"], work)
+    dense_pt = Path(dense_report["config"]["paths"]["output_dir"]) / "models" / "dense.pt"
+    common = base + [f"finetune.weights_path={dense_pt}", f"search.grid={args.grid}", "search.refine_step=null"]
+    results: dict = {"dense_val_acc": dense_report["dense"]["val_acc"], "dense_test_acc": dense_report["dense"]["test_acc"]}
+
+    # 1. latency: dense, channel 0.5, folded variants, same process, interleaved
+    net = build_classifier(args.arch, None, 10)
+    net.load_state_dict(load_state_dict(dense_pt))
+    net.eval()
+    example = default_example(net)
+    pruner = ChannelPruner(net, example)
+    ch = pruner.finish(0.5).eval()
+    models = {"dense": net, "channel_0.5": ch}
+    try:
+        models["dense_folded"] = fold_pool(net)
+        models["channel_0.5_folded"] = fold_pool(ch)
+    except ValueError as exc:
+        print("fold refused:", exc)
+    x = torch.randn(128, 3, 32, 32)
+    lat = interleaved_p50(models, x, args.rounds)
+    d50 = lat["dense"]["p50"]
+    results["latency_batch128"] = {k: dict(v, speedup_p50=d50 / v["p50"]) for k, v in lat.items()}
+    results["channel_0.5"] = {"params": sum(p.numel() for p in ch.parameters()),
+                              "dense_params": sum(p.numel() for p in net.parameters()),
+                              "macs": count_macs(ch, example), "dense_macs": count_macs(net, example)}
+    if "channel_0.5_folded" in models:
+        results["channel_0.5"]["folded_params"] = sum(p.numel() for p in models["channel_0.5_folded"].parameters())
+
+    # 4. ONNX round trip of dense and channel-pruned (before the long searches)
+    onnx_dir = work / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    xo = torch.randn(8, 3, 32, 32)
+    results["onnx_max_abs_diff"] = {}
+    for name in ("dense", "channel_0.5", "channel_0.5_folded"):
+        if name in models:
+            path = export_onnx(models[name], onnx_dir / f"{name}.onnx", batch=8)
+            results["onnx_max_abs_diff"][name] = check_onnx(models[name], path, xo)
+    del models, ch, net
+
+    # 2 + 3. searches: one-shot and iterative, magnitude and channel, same weights and grid
+    searches = {}
+    for method in ("channel", "magnitude"):
+        for sched in ("oneshot", "iterative"):
+            print(f"search: {method} {sched} ...", flush=True)
+            extra = [f"prune.method={method}", f"prune.schedule={sched}", "finetune.cache=false"]
+            if sched == "iterative":
+                extra += ["prune.recover_epochs=1", f"trainer.limit_train_batches={args.recover_batches}"]
+            t0 = time.perf_counter()
+            rep = compose_run(common + extra + (["stages.latency=true", "latency.iters=10", "latency.warmup=2"]
+                                               if (method, sched) == ("channel", "oneshot") else []), work)
+            s = rep["search"]
+            searches[f"{method}_{sched}"] = {
+                "best_ratio": s["best_ratio"], "threshold": s["threshold"], "seconds": time.perf_counter() - t0,
+                "curve": [{k: c.get(k) for k in ("ratio", "val_acc", "recovered_val_acc", "passed", "params", "macs")}
+                          for c in s["curve"]],
+                "pruned_val_acc": rep["pruned"]["val_acc"]["value"], "pruned_test_acc": rep["pruned"]["test_acc"]["value"],
+                "params": rep["pruned"].get("params"), "macs": rep["pruned"].get("macs"),
+                "speedup_p50": rep["pruned"].get("speedup_p50"),
+            }
+    results["searches"] = searches
+
+    device = f"{platform.machine()}-cpu-{torch.get_num_threads()}threads"
+    date = dt.date.today().isoformat()
+    out = {"device": device, "date": date, "torch": torch.__version__, "load_avg": os.getloadavg(),
+           "setup": {"arch": args.arch, "epochs": args.epochs, "data_root": args.data_root, "grid": args.grid,
+                     "recover_batches": args.recover_batches},
+           "wall_s": time.perf_counter() - t_start, "results": results}
+    stem = Path(args.out) / f"{date}-pruning-pays-{device}"
+    write_json(stem.with_suffix(".json"), out)
+    lat = results["latency_batch128"]
+    md = [f"# Does pruning pay? {date}, {device} (torch {torch.__version__})", "",
+          f"{args.arch}, random init, {args.epochs} epochs on {Path(args.data_root).name}; "
+          f"dense val acc {results['dense_val_acc']['value']:.2f}% (n={results['dense_val_acc']['n']}).", "",
+          "## Latency, batch 128, p50 (same process, interleaved)", "",
+          table(["model", "p50 ms", "speedup"], [(k, f"{v['p50']:.1f}", f"{v['speedup_p50']:.2f}x") for k, v in lat.items()]),
+          "", "## Highest ratio within tolerance: one-shot vs iterative (recovery)", "",
+          table(["method", "schedule", "best ratio", "val acc %", "params", "MACs", "speedup"],
+                [(k.split("_")[0], k.split("_")[1], f"{v['best_ratio']:.2f}", f"{v['pruned_val_acc']:.2f}",
+                  f"{v['params']:,}" if v["params"] else "-", f"{v['macs']:,}" if v["macs"] else "-",
+                  f"{v['speedup_p50']:.2f}x" if v["speedup_p50"] else "-") for k, v in searches.items()]),
+          "", "## ONNX vs PyTorch, max abs difference", "",
+          table(["model", "max abs diff"], [(k, f"{v:.2e}") for k, v in results["onnx_max_abs_diff"].items()]), ""]
+    write_text(stem.with_suffix(".md"), "\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""benchmarks/: the notebook-procedure helpers (fast) and one quick end-to-end comparison (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from prunelab.pruning.masks import magnitude_masks, prunable_weights
+from prunelab.pruning.search import pick
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a top-level package of the checkout, not installed
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import compare  # noqa: E402
+from benchmarks import notebook_procedure as nb  # noqa: E402
+
+
+# -- refinement grid and rules -------------------------------------------------------------------
+def test_refinement_grid_is_strictly_between_in_notebook_arithmetic():
+    grid = nb.refinement_grid(0.4, 0.5, 0.01)
+    assert len(grid) == 9
+    assert grid == [0.4 + 0.01 * i for i in range(1, 10)]  # unrounded, as the notebook wrote its grid
+    assert all(0.4 < r < 0.5 for r in grid)
+    assert nb.refinement_grid(0.25, 0.35, 0.01)[8] == 0.25 + 0.01 * 9  # 0.33999999999999997
+    assert nb.refinement_grid(0.0, 0.2, 0.01)[0] == 0.01 and len(nb.refinement_grid(0.0, 0.2, 0.01)) == 19
+    assert nb.refinement_grid(0.3, 0.6, 0.1) == pytest.approx([0.4, 0.5])
+    with pytest.raises(ValueError):
+        nb.refinement_grid(0.1, 0.2, 0.0)
+
+
+def test_refinement_span_per_rule():
+    monotone = [(0.2, True), (0.3, True), (0.4, True), (0.5, False), (0.6, False)]
+    assert nb.refinement_span(monotone, "contiguous") == (0.4, 0.5)
+    assert nb.refinement_span(monotone, "highest") == (0.4, 0.5)
+    noisy = [(0.2, True), (0.3, False), (0.4, True), (0.5, False)]
+    assert nb.refinement_span(noisy, "contiguous") == (0.2, 0.3)
+    assert nb.refinement_span(noisy, "highest") == (0.4, 0.5)
+    assert nb.refinement_span([(0.2, False), (0.3, False)], "contiguous") == (0.0, 0.2)
+    assert nb.refinement_span([(0.2, True), (0.3, True)], "contiguous") is None
+
+
+@given(st.lists(st.tuples(st.integers(1, 99), st.booleans()), max_size=20, unique_by=lambda t: t[0]),
+       st.sampled_from(nb.RULES))
+def test_answer_agrees_with_prunelab_pick(pairs, rule):
+    curve = [(r / 100, ok) for r, ok in pairs]
+    assert nb.answer(curve, rule) == pick(curve, rule)
+
+
+def test_passes_is_inclusive():
+    assert nb.passes(88.21, 89.21, 1.0) and not nb.passes(88.2, 89.21, 1.0)
+
+
+def test_p50_p90_is_numpy_percentile():
+    assert nb.p50_p90([1.0, 2.0, 3.0, 4.0]) == (2.5, 3.7)
+
+
+# -- pruning: the notebook's l1_unstructured matches prunelab's layerwise masks -----------------------
+def test_notebook_pruning_matches_prunelab_layerwise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    keep = magnitude_masks(prunable_weights(model), 0.37, scope="layerwise")
+    nb.prune_layerwise(model, 0.37)
+    for name, w in prunable_weights(model).items():
+        assert not hasattr(model.get_submodule(name), "weight_orig")  # reparametrisation removed
+        assert torch.equal(w != 0, keep[name])
+        assert int((w == 0).sum()) == round(0.37 * w.numel())
+
+
+def test_build_model_replaces_the_head():
+    m = nb.build_model("resnet18", num_classes=10)
+    assert m.fc.out_features == 10
+
+
+# -- report helpers ------------------------------------------------------------------------------
+def test_ratios_are_prunelab_over_notebook():
+    r = compare.ratios({"a": 4.0, "b": 0.0, "c": None}, {"a": 1.0, "b": 2.0, "c": 3.0}, keys=("a", "b", "c"))
+    assert r == {"a": 0.25, "b": None, "c": None}
+
+
+def test_device_slug_cpu():
+    assert compare.device_slug(torch.device("cpu"), 2) == "cpu-2threads"
+
+
+# -- end to end --------------------------------------------------------------------------------------
+TOP = {"device", "date", "notebook", "prunelab", "ratio", "same_answer", "setup"}
+SETUP = {"data", "weights", "epochs", "batch_size", "threads", "torch", "loadavg_start"}
+
+
+@pytest.mark.slow
+def test_quick_comparison_writes_schema(tmp_path):
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--quick", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(out.iterdir())
+    assert [f.suffix for f in files] == [".json", ".md"], files
+    assert files[0].stem == files[1].stem
+    report = json.loads(files[0].read_text())
+    assert TOP <= set(report)
+    assert SETUP <= set(report["setup"])
+    assert files[0].stem == f"{report['date']}-{report['device']}"
+    assert isinstance(report["same_answer"], bool)
+    for key in compare.METRICS:
+        nb_v, pl_v = report["notebook"][key], report["prunelab"][key]
+        assert nb_v > 0 and pl_v > 0, key
+        assert report["ratio"][key] == pytest.approx(pl_v / nb_v), key
+    assert report["same_answer"] == (report["notebook"]["best_ratio_contiguous"] == report["prunelab"]["best_ratio"])
+    # every search image is counted: the notebook evaluates the whole split for each candidate + dense
+    val = report["setup"]["val_images"]
+    assert report["notebook"]["search_images"] == val * (report["notebook"]["candidates"] + 1)
+    assert report["prunelab"]["search_images"] <= val * (report["prunelab"]["candidates"] + 1)
+    assert "| search wall time (s) |" in files[1].read_text()

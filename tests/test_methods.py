@@ -1,0 +1,107 @@
+"""Every pruning method through the same pipeline: channel, 2:4, iterative recovery, exports."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST_LEARNER, compose_cfg
+from prunelab import config_check
+from prunelab.errors import ConfigError
+from prunelab.io import load_state_dict
+from prunelab.models.factory import build_classifier
+from prunelab.pipeline import run
+from prunelab.pruning.channel import load_channel_pruned
+from prunelab.pruning.masks import prunable_weights
+from prunelab.pruning.semi_structured import is_two_four
+from prunelab.report.schema import validate
+
+QUICK = FAST_LEARNER + ["latency.iters=3", "latency.warmup=1"]
+
+
+def test_channel_fixed_ratio_is_smaller_faster_and_reloads(tmp_path):
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.method=channel", "prune.ratio=0.5"])
+    report = run(cfg)
+    p = report["pruned"]
+    assert validate(json.loads((Path(cfg.paths.output_dir) / "report.json").read_text())) == []
+    assert p["params"] < report["dense"]["params"] and p["macs"] < p["dense_macs"]
+    assert p["speedup_p50"] > 0 and p["method"] == "channel"
+    models = Path(cfg.paths.output_dir) / "models"
+    net = load_channel_pruned(models)
+    assert sum(q.numel() for q in net.parameters()) == p["params"]
+    assert report["files"]["pruned_format"] == "channels+safetensors"
+    assert report["files"]["pruned_bytes"] < report["files"]["dense_bytes"]
+
+
+def test_channel_search_reports_params_and_macs_per_candidate(tmp_path):
+    report = run(compose_cfg(tmp_path, QUICK + ["prune.method=channel", "search.grid=[0.3,0.6]",
+                                               "search.refine_step=null", "stages.latency=false"]))
+    curve = report["search"]["curve"]
+    assert [c["ratio"] for c in curve] == [0.3, 0.6]
+    assert all("params" in c and "macs" in c for c in curve)
+    assert curve[0]["macs"] > curve[1]["macs"] and curve[0]["params"] > curve[1]["params"]
+
+
+def test_semi_structured_is_two_four_and_says_no_sparse_kernel_on_cpu(tmp_path):
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.method=semi_structured", "prune.ratio=0.5"])
+    report = run(cfg)
+    p = report["pruned"]
+    assert p["two_four_layers"]
+    state = load_state_dict(Path(cfg.paths.output_dir) / "models" / "pruned.pt")
+    for name in p["two_four_layers"]:
+        assert is_two_four(state[f"{name}.weight"]), name
+    if not torch.cuda.is_available():
+        assert "No sparse kernel used" in p["kernels"]
+        assert any("No sparse kernel" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("method", ["magnitude", "channel"])
+def test_iterative_schedule_recovers_and_keeps_zeros(tmp_path, method):
+    cfg = compose_cfg(tmp_path, QUICK + [f"prune.method={method}", "prune.ratio=0.8", "prune.schedule=iterative",
+                                         "prune.steps=2", "prune.recover_epochs=1", "stages.latency=false"])
+    report = run(cfg)
+    steps = report["schedule"]
+    assert [s["ratio"] for s in steps] == [0.4, 0.8]
+    assert all("recovered_val_acc" in s for s in steps)
+    if method == "magnitude":
+        state = load_state_dict(Path(cfg.paths.output_dir) / "models" / "pruned.pt")
+        net = build_classifier("resnet18", None, 10)
+        names = [f"{n}.weight" for n in prunable_weights(net)]
+        zeros = sum(int((state[k] == 0).sum()) for k in names) / sum(state[k].numel() for k in names)
+        assert zeros >= 0.8 - 1e-6  # recovery epochs revived no pruned weight
+        assert zeros == pytest.approx(report["pruned"]["sparsity"])
+    else:
+        assert report["pruned"]["params"] < report["dense"]["params"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prune.schedule=sometimes", "prune.schedule"),
+    ("prune.steps=0", "prune.steps"),
+    ("prune.importance=l3", "prune.importance"),
+    ("prune.min_channels=0", "prune.min_channels"),
+])
+def test_bad_method_options(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_check.check(compose_cfg(tmp_path, ["+experiment=smoke", override]))
+
+
+def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
+    from prunelab.data import SyntheticDataModule
+    from prunelab.prune_stage import _recover_fn
+    from prunelab.pruning.magnitude import MagnitudePruner
+
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=1", "trainer.limit_train_batches=3",
+                                         "model.weight_decay=0.05"])
+    dm = SyntheticDataModule(train_size=200, test_size=20, batch_size=16, num_workers=0)
+    dm.setup()
+    net = build_classifier("resnet18", None, 10)
+    pruner = MagnitudePruner(net, "global")
+    pruner.finish(0.7)
+    masks = pruner.keep_masks()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    recovered = _recover_fn(cfg, dm, torch.device("cpu"))(net, masks)
+    after = recovered.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    for name, w in prunable_weights(recovered).items():
+        assert torch.all(w[~masks[name]] == 0), name  # momentum and weight decay revived nothing
