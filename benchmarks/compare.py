@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = "../shared/data/cifar10-subset"
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-DEFAULT_CACHE = REPO / "benchmarks" / ".cache"
+DEFAULT_CACHE = REPO / "benchmarks" / ".cache" / "finetune"
 GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 QUICK_GRID = (0.3, 0.6, 0.9)
 
