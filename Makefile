@@ -4,16 +4,18 @@ PYTHON ?= python
 # (GPU boxes carry their own torch 2.11 / torchvision 0.26, which the declared ranges admit).
 CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 || echo "-c constraints.txt")
 
-.PHONY: install test test-fast smoke sweep lint bench export clean
+.PHONY: install test test-all smoke sweep lint bench clean
 
 install:
 	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
 
+# The suite CI runs (about 10 minutes on 2 cores); test-all adds the slow end-to-end runs
+# (VGG16 smoke, DDP on two processes, joblib/submitit launchers, ONNX export of VGG16).
 test:
-	$(PYTHON) -m pytest -q
-
-test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all:
+	$(PYTHON) -m pytest -q
 
 smoke:
 	$(PYTHON) -m prunelab.train +experiment=smoke

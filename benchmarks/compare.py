@@ -107,12 +107,26 @@ def _rss_peak() -> int:
 
 
 # -- running one measurement in a fresh process ---------------------------------------------------
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its reaped children (loader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _child_entry(conn, target: str, spec: dict) -> None:
     try:
+        # A spawned child inherits "spawn" as its default start method, so its DataLoader workers
+        # would re-import this module at every loader iteration. Give it the platform's default
+        # (fork on Linux, as the notebook's kernel had) so loaders behave as they do in a script.
+        if sys.platform.startswith("linux"):
+            mp.set_start_method("fork", force=True)
         torch.set_num_threads(spec["threads"])
+        load = os.getloadavg()[0]
         module, name = target.split(":")
         result = getattr(importlib.import_module(module), name)(spec)
         result["process_peak_rss"] = _rss_peak()
+        result["process_cpu_s"] = cpu_seconds()
+        result["loadavg_1min"] = [load, os.getloadavg()[0]]
         conn.send({"ok": True, "result": result})
     except BaseException:
         conn.send({"ok": False, "error": traceback.format_exc()})
@@ -236,7 +250,7 @@ def _timers() -> dict:
     import prunelab.pruning.callbacks as cb
     from prunelab.pruning.magnitude import MagnitudePruner
 
-    timer: dict[str, float] = {"evaluate": 0.0, "rank_and_copy": 0.0, "mask": 0.0, "stats": 0.0}
+    timer: dict = {"evaluate": 0.0, "rank_and_copy": 0.0, "mask": 0.0, "stats": 0.0, "evaluate_calls_s": []}
 
     def wrap(fn, key):
         def timed(*a, **k):
@@ -245,6 +259,8 @@ def _timers() -> dict:
                 return fn(*a, **k)
             finally:
                 timer[key] += time.perf_counter() - t0
+                if key == "evaluate":
+                    timer["evaluate_calls_s"].append(time.perf_counter() - t0)
         return timed
 
     cb.count_correct = wrap(cb.count_correct, "evaluate")
@@ -265,7 +281,7 @@ def child_prunelab_search(spec: dict) -> dict:
     baseline = _rss_now()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     module = _classifier(cfg, spec["weights"])
     net = module.net.to(device)
     timer["build_and_load"] = time.perf_counter() - t0
@@ -275,12 +291,13 @@ def child_prunelab_search(spec: dict) -> dict:
     result = searcher.run(net, dm.val_set, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     peak = _rss_peak()
     d = result.to_dict()
     curve = [{k: c[k] for k in ("ratio", "val_acc", "acc_is_bound", "seen", "passed")} for c in d["curve"]]
     return {
         "search_wall_s": wall,
+        "search_cpu_s": cpu,
         "search_images": len(dm.val_set) + sum(c["seen"] for c in curve),
         "search_peak_rss": peak,
         "search_rss_baseline": baseline,
@@ -293,7 +310,8 @@ def child_prunelab_search(spec: dict) -> dict:
         "best_ratio_highest": d["best_ratio_highest"],
         "candidates": len(curve),
         "curve": curve,
-        "breakdown_s": timer,
+        "breakdown_s": {k: v for k, v in timer.items() if k != "evaluate_calls_s"},
+        "evaluate_calls_s": timer["evaluate_calls_s"],
         "val_images": len(dm.val_set),
     }
 
@@ -307,14 +325,14 @@ def child_notebook_search(spec: dict) -> dict:
     baseline = _rss_now()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     out = nb.search(spec["arch"], spec["weights"], dm.val_set, device, spec["grid"], spec["step"],
                     spec["tolerance"], spec["rule"], num_workers=spec["num_workers"])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     peak = _rss_peak()
-    out.update(search_wall_s=wall, search_images=out.pop("images"), search_peak_rss=peak,
+    out.update(search_wall_s=wall, search_cpu_s=cpu, search_images=out.pop("images"), search_peak_rss=peak,
                search_rss_baseline=baseline, search_peak_rss_above_baseline=peak - baseline,
                search_peak_device_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     return out
@@ -400,7 +418,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--out", default=None, help=f"results folder (default {DEFAULT_OUT.relative_to(REPO)})")
     p.add_argument("--cache-dir", default=None,
-                   help="fine-tune cache (default benchmarks/.cache; --quick: none, trains every time)")
+                   help="fine-tune cache (default benchmarks/.cache/finetune; --quick: none, trains every time)")
     p.add_argument("--tolerance", type=float, default=1.0)
     p.add_argument("--rule", choices=("contiguous", "highest"), default="contiguous",
                    help="the notebook procedure's refinement span and answer rule (prunelab: contiguous)")
@@ -452,6 +470,7 @@ def _section(search: dict, latency: dict, ft: dict, ft_fast: dict, model_bytes: 
     keep.update(
         search_peak_rss_x_model=search["search_peak_rss"] / model_bytes,
         search_peak_rss_above_baseline_x_model=search["search_peak_rss_above_baseline"] / model_bytes,
+        search_eval_ms_per_image=1000.0 * search["breakdown_s"]["evaluate"] / search["search_images"],
         finetune_images_per_s=ft["images_per_s"],
         finetune_images_per_s_fast=ft_fast["images_per_s"],
         latency_p50=latency["p50_ms"],
@@ -500,7 +519,12 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {g['target']} | {g['measured']:.3f}{extra} | {'yes' if g['met'] else 'no'} |")
     lines += ["", "Search time by phase (s): notebook "
               + ", ".join(f"{k} {v:.1f}" for k, v in nb["breakdown_s"].items())
-              + "; prunelab " + ", ".join(f"{k} {v:.1f}" for k, v in pl["breakdown_s"].items()) + ".",
+              + "; prunelab " + ", ".join(f"{k} {v:.1f}" for k, v in pl["breakdown_s"].items()) + ". "
+              f"Evaluation cost per image: notebook {nb['search_eval_ms_per_image']:.2f} ms, "
+              f"prunelab {pl['search_eval_ms_per_image']:.2f} ms.",
+              "", f"CPU cores in use during the searches (CPU time / wall time; about {s['threads']} when the "
+              f"machine is otherwise idle): notebook {s['search_cores_used']['notebook']:.2f}, "
+              f"prunelab {s['search_cores_used']['prunelab']:.2f}.",
               "", f"Total benchmark wall time: {s['total_wall_s']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -517,11 +541,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(spec["threads"])
         print(f"benchmark: {spec['arch']} on {spec['data']}, device {device}, {spec['threads']} threads", flush=True)
 
+        train = None
         if args.weights:
             weights = {"path": str(Path(args.weights).resolve()), "source": "--weights", "epochs": None,
                        "description": f"given: {args.weights}"}
         else:
-            t = run_child("benchmarks.compare:child_train", spec)
+            t = train = run_child("benchmarks.compare:child_train", spec)
             how = "reused from the fine-tune cache" if t["reused"] else f"trained in {t['seconds']:.0f} s"
             weights = {"path": t["weights"], "source": "cache" if t["reused"] else "trained",
                        "epochs": spec["epochs"], "train_overrides": t["overrides"], "cache_key": t["key"],
@@ -541,6 +566,11 @@ def main(argv=None) -> dict:
             runs["pl_ft_fast"].append(run_child("benchmarks.compare:child_prunelab_finetune", dict(spec, fast=True)))
         nb_lat, pl_lat, nb_ft, pl_ft, pl_ft_fast = (best(runs[k]) for k in runs)
 
+    children = dict(notebook_search=nb_search, prunelab_search=pl_search, notebook_latency=nb_lat,
+                    prunelab_latency=pl_lat, notebook_finetune=nb_ft, prunelab_finetune=pl_ft,
+                    prunelab_finetune_fast=pl_ft_fast)
+    if train is not None:
+        children["train"] = train
     model_bytes = pl_search["model_bytes"]
     notebook = _section(nb_search, nb_lat, nb_ft, nb_ft, model_bytes)
     notebook["finetune_fast"] = "the notebook has one training loop: its plain loop is the baseline for both"
@@ -583,11 +613,13 @@ def main(argv=None) -> dict:
             "loadavg_start": list(load_start),
             "loadavg_end": list(os.getloadavg()),
             "total_wall_s": time.perf_counter() - t_start,
-            "children_wall_s": {k: v["child_wall_s"] for k, v in
-                                dict(notebook_search=nb_search, prunelab_search=pl_search,
-                                     notebook_latency=nb_lat, prunelab_latency=pl_lat,
-                                     notebook_finetune=nb_ft, prunelab_finetune=pl_ft,
-                                     prunelab_finetune_fast=pl_ft_fast).items()},
+            # Contention check: a compute-bound child on an otherwise idle machine uses about
+            # `threads` cores (cpu_s / wall_s); much less means other work shared the CPU.
+            "children": {k: {"wall_s": v["child_wall_s"], "cpu_s": v["process_cpu_s"],
+                             "cores_used": v["process_cpu_s"] / v["child_wall_s"],
+                             "loadavg_1min": v["loadavg_1min"]} for k, v in children.items()},
+            "search_cores_used": {"notebook": nb_search["search_cpu_s"] / nb_search["search_wall_s"],
+                                  "prunelab": pl_search["search_cpu_s"] / pl_search["search_wall_s"]},
             "notes": [
                 "search_wall_s runs from building the model to the chosen ratio (data already loaded), "
                 "each procedure in its own fresh process.",
@@ -595,6 +627,13 @@ def main(argv=None) -> dict:
                 "search_peak_rss_above_baseline subtracts the process's RSS just before the search; "
                 "DataLoader worker processes are not included.",
                 "finetune_images_per_s_fast of the notebook is its one plain loop.",
+                "The notebook procedure builds its model with weights=None (it used ImageNet weights, "
+                "overwritten by its load_state_dict) and refines strictly between the last passing and the "
+                "first failing coarse ratio (both already evaluated); l1_unstructured and prunelab may break "
+                "exact magnitude ties differently (same counts).",
+                "DataLoader workers start as on the platform by default (fork on Linux) in every process.",
+                "prunelab's search gets the dense accuracy by evaluating the dense model itself, as the "
+                "notebook does; search_images counts that pass for both.",
             ],
         },
     }

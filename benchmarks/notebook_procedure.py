@@ -181,11 +181,14 @@ def search(
     loader = val_loader(val_set, batch_size, num_workers)
     images = 0
 
+    eval_calls: list[float] = []
+
     def timed_eval(model: nn.Module) -> float:
         nonlocal images
         t0 = time.perf_counter()
         acc, n = evaluate(model, loader, device)
-        timer["evaluate"] = timer.get("evaluate", 0.0) + time.perf_counter() - t0
+        eval_calls.append(time.perf_counter() - t0)
+        timer["evaluate"] = timer.get("evaluate", 0.0) + eval_calls[-1]
         images += n
         return acc
 
@@ -229,6 +232,7 @@ def search(
         "curve": [{"ratio": round(r, 6), "val_acc": a, "passed": passes(a, dense_acc, tolerance)}
                   for r, a in sorted(curve.items())],
         "breakdown_s": timer,
+        "evaluate_calls_s": eval_calls,
     }
 
 
