@@ -1,0 +1,188 @@
+"""In-memory image data sets and the split/loader logic shared by every data module.
+
+Images are held as one uint8 array (N, 32, 32, 3), like CIFAR-10's pickles, so the real and
+the generated data go through the same transforms and the same split. With ``on_device=True``
+the loaders are ``DeviceLoader``s: the arrays stay resident on the trainer's device and batches
+are augmented there (see ``prunelab.data.on_device``); the PIL Datasets remain for everything
+else (evaluation, latency samples).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
+
+from prunelab.data.on_device import DeviceLoader
+from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, train_transform
+
+
+class ArrayDataset(Dataset):
+    """uint8 HWC images + int labels, transformed as torchvision's CIFAR10 does (via PIL)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/val indices; for n=50000, fraction 0.2 this is exactly the notebook's random_split."""
+    n_val = int(round(n * val_fraction))
+    train, val = random_split(range(n), [n - n_val, n_val], generator=torch.Generator().manual_seed(seed))
+    return list(train.indices), list(val.indices)
+
+
+class ArrayDataModule(LightningDataModule):
+    """Split a training array into train/val with a fixed seed; the test array is the test split.
+
+    Subclasses implement ``_load_arrays`` (and may override ``prepare_data``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_fraction: float = 0.2,
+        seed: int = 42,
+        pin_memory: bool = True,
+        augment: bool = True,
+        on_device: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.augment = augment
+        # num_workers and pin_memory do not apply to on-device loaders: there is nothing to load.
+        self.on_device = on_device
+        self._arrays: tuple[np.ndarray, ...] | None = None
+        self._resident: tuple[torch.device, tuple[torch.Tensor, ...]] | None = None
+        self.train_set = self.val_set = self.test_set = None
+        self.num_classes = 10
+
+    # -- to implement -------------------------------------------------------------------
+    def _load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x_train, y_train, x_test, y_test = self._load_arrays()
+        train_idx, val_idx = split_indices(len(x_train), self.val_fraction, self.seed)
+        self.train_indices, self.val_indices = train_idx, val_idx
+        self._arrays = (x_train, y_train, x_test, y_test)  # references, for the on-device loaders
+        fit_tf = train_transform() if self.augment else eval_transform()
+        self.train_set = Subset(ArrayDataset(x_train, y_train, fit_tf), train_idx)
+        self.val_set = Subset(ArrayDataset(x_train, y_train, eval_transform()), val_idx)
+        self.test_set = ArrayDataset(x_test, y_test, eval_transform())
+
+    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # -- on-device loaders ------------------------------------------------------------------
+    def _placement(self) -> tuple[torch.device, int, int]:
+        """Device, rank and world size: the attached trainer's, else the CPU as one process."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.device("cpu"), 0, 1
+        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+
+    def resident_arrays(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """(x_train, y_train, x_test, y_test) on ``device``, copied there once and reused.
+
+        Train and val index the same resident training array, so the device holds each image
+        once (CIFAR-10: about 180 MB of uint8 in all). Only the latest device is kept.
+        """
+        device = torch.device(device)
+        if self._arrays is None:
+            self.setup()
+        if self._resident is None or self._resident[0] != device:
+            tensors = tuple(torch.from_numpy(a).to(device) for a in self._arrays)
+            self._resident = (device, tensors)
+        return self._resident[1]
+
+    def device_loader(self, split: str, device: torch.device | str | None = None,
+                      rank: int | None = None, world_size: int | None = None) -> DeviceLoader:
+        """A ``DeviceLoader`` of ``split`` ('train', 'val' or 'test').
+
+        Placement defaults to the attached trainer's (root device, global rank, world size).
+        Under DDP each rank gets a disjoint share; the training share changes every epoch.
+        """
+        dev, r, w = self._placement()
+        dev = torch.device(device) if device is not None else dev
+        r = r if rank is None else rank
+        w = w if world_size is None else world_size
+        x_train, y_train, x_test, y_test = self.resident_arrays(dev)
+        trainer = getattr(self, "trainer", None)
+        common = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, rank=r, world_size=w)
+        if split == "train":
+            return DeviceLoader(
+                x_train, y_train, self.train_indices, self.batch_size, shuffle=True, augment=self.augment,
+                seed=self.seed, dataset=self.train_set,
+                # the trainer's epoch, so a resumed fit draws the plan the interrupted one would have
+                epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None, **common,
+            )
+        if split == "val":
+            return DeviceLoader(x_train, y_train, self.val_indices, self.eval_batch_size,
+                                dataset=self.val_set, **common)
+        if split == "test":
+            return DeviceLoader(x_test, y_test, None, self.eval_batch_size, dataset=self.test_set, **common)
+        raise ValueError(f"unknown split {split!r}; use 'train', 'val' or 'test'")
+
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        if self.on_device:
+            return self.device_loader("train")
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | DeviceLoader:
+        if self.on_device:
+            return self.device_loader("val")
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | DeviceLoader:
+        if self.on_device:
+            return self.device_loader("test")
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def describe(self) -> dict:
+        return {
+            "train": len(self.train_set),
+            "val": len(self.val_set),
+            "test": len(self.test_set),
+            "seed": self.seed,
+            "on_device": self.on_device,
+        }
