@@ -33,6 +33,8 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models as tvm
 
+from prunelab.pruning.search import pick
+
 COARSE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RULES = ("contiguous", "highest")
 
@@ -51,13 +53,7 @@ def answer(curve: Iterable[tuple[float, bool]], rule: str) -> float:
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    best = 0.0
-    for ratio, ok in sorted(curve):
-        if ok:
-            best = ratio
-        elif rule == "contiguous":
-            break
-    return best
+    return pick(curve, rule)  # the rules themselves are prunelab's; only the procedure differs
 
 
 def refinement_span(coarse: Iterable[tuple[float, bool]], rule: str) -> tuple[float, float] | None:
