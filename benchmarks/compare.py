@@ -526,6 +526,10 @@ def render_markdown(report: dict) -> str:
               f"machine is otherwise idle): notebook {s['search_cores_used']['notebook']:.2f}, "
               f"prunelab {s['search_cores_used']['prunelab']:.2f}.",
               "", f"Total benchmark wall time: {s['total_wall_s']:.0f} s.", ""]
+    busy = [k for k, v in s["contended"].items() if v]
+    if busy:
+        lines.insert(-1, f"**Other work shared the CPU** (1-minute load average above {s['threads'] + 1}) during: "
+                         f"{', '.join(busy)}; those timings are inflated.\n")
     return "\n".join(lines)
 
 
@@ -599,6 +603,7 @@ def main(argv=None) -> dict:
             else f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "prunelab": str(Path(importlib.import_module("prunelab").__file__).parent),
             "grid": spec["grid"],
             "refine_step": spec["step"],
             "tolerance": spec["tolerance"],
@@ -618,6 +623,9 @@ def main(argv=None) -> dict:
             "children": {k: {"wall_s": v["child_wall_s"], "cpu_s": v["process_cpu_s"],
                              "cores_used": v["process_cpu_s"] / v["child_wall_s"],
                              "loadavg_1min": v["loadavg_1min"]} for k, v in children.items()},
+            # The 1-minute load average counts this benchmark's own `threads` busy threads; more than
+            # one runnable thread beyond them at a process's start or end means it shared the CPU.
+            "contended": {k: max(v["loadavg_1min"]) > spec["threads"] + 1.0 for k, v in children.items()},
             "search_cores_used": {"notebook": nb_search["search_cpu_s"] / nb_search["search_wall_s"],
                                   "prunelab": pl_search["search_cpu_s"] / pl_search["search_wall_s"]},
             "notes": [
