@@ -14,7 +14,6 @@ from torch import nn
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.models import ImageClassifier
 from prunelab.pruning.callbacks import MaskKeeper, RatioSearch
-from prunelab.pruning.magnitude import search_ratios
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.recovery import iterative, iterative_search, schedule
 from prunelab.pruning.registry import make_pruner
@@ -130,4 +129,4 @@ def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
             "sparsity": 1 - nonzero / total, "channels": conv_channels(pruned), "layers": layers}
 
 
-__all__ = ["PruneOutcome", "run_prune_stage", "search_ratios"]
+__all__ = ["PruneOutcome", "run_prune_stage"]
