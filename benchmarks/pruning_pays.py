@@ -2,7 +2,8 @@
 
 Measures, on one fine-tuned VGG16 (default: the shared CIFAR-10 subset, random init, a few epochs):
   1. p50 latency at batch 128 of dense, channel-pruned at 0.5, and both with the 7x7 pool folded
-     into classifier[0] (rounds interleaved so load drifts hit every model alike);
+     into classifier[0] (rounds interleaved so load drifts hit every model alike); then the same
+     ratio through the pipeline (`prune.method=channel prune.ratio=0.5`, its latency callback);
   2. a channel search (one-shot) within the tolerance: ratio, speedup, params, MACs;
   3. the highest ratio within the tolerance one-shot vs iterative (with recovery), for magnitude
      and channel pruning, on the same weights and the same grid;
@@ -56,6 +57,16 @@ def compose_run(overrides: list[str], workdir: Path):
     return run(cfg)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def interleaved_p50(models: dict, x: torch.Tensor, rounds: int, warmup: int = 2) -> dict:
     samples = {k: [] for k in models}
     with torch.inference_mode():
@@ -75,11 +86,14 @@ def interleaved_p50(models: dict, x: torch.Tensor, rounds: int, warmup: int = 2)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "cifar10-subset"))
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--arch", default="vgg16")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--grid", default="[0.3,0.5,0.7,0.8,0.9]")
-    ap.add_argument("--recover-batches", default="0.5", help="fraction (or count) of a training epoch per recovery")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--grid", default="[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9]")
+    ap.add_argument("--tolerance", type=float, default=1.0)
+    ap.add_argument("--recover-batches", default="1.0", help="fraction (or count) of a training epoch per recovery")
+    ap.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                    help="train and recover with +experiment=fast (bf16-mixed, channels-last, on-device batches)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -87,8 +101,9 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prunelab-pays-"))
     base = [f"data.root={args.data_root}", "data.download=false", "model.weights=null", f"model.arch={args.arch}",
             f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "stages.latency=false",
-            f"paths.cache_dir={work / 'cache'}"]
-    t_start = time.perf_counter()
+            f"paths.cache_dir={work / 'cache'}", f"search.tolerance={args.tolerance}"] + (["+experiment=fast"] if args.fast else [])
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    load_start = os.getloadavg()
     print("fine-tuning (or reusing) the dense model ...", flush=True)
     dense_report = compose_run(base + ["stages.prune=false"], work)
     dense_pt = Path(dense_report["config"]["paths"]["output_dir"]) / "models" / "dense.pt"
@@ -100,8 +115,9 @@ def main(argv=None) -> int:
     net.load_state_dict(load_state_dict(dense_pt))
     net.eval()
     example = default_example(net)
-    pruner = ChannelPruner(net, example)
+    pruner = ChannelPruner(net, example, round_to=8)  # prune.round_to's default
     ch = pruner.finish(0.5).eval()
+    ch_stats = pruner.stats()
     models = {"dense": net, "channel_0.5": ch}
     try:
         models["dense_folded"] = fold_pool(net)
@@ -112,7 +128,8 @@ def main(argv=None) -> int:
     lat = interleaved_p50(models, x, args.rounds)
     d50 = lat["dense"]["p50"]
     results["latency_batch128"] = {k: dict(v, speedup_p50=d50 / v["p50"]) for k, v in lat.items()}
-    results["channel_0.5"] = {"params": sum(p.numel() for p in ch.parameters()),
+    results["channel_0.5"] = {"channels": ch_stats["channels"], "channels_removed": ch_stats["channels_removed"],
+                              "params": sum(p.numel() for p in ch.parameters()),
                               "dense_params": sum(p.numel() for p in net.parameters()),
                               "macs": count_macs(ch, example), "dense_macs": count_macs(net, example)}
     if "channel_0.5_folded" in models:
@@ -128,6 +145,16 @@ def main(argv=None) -> int:
             path = export_onnx(models[name], onnx_dir / f"{name}.onnx", batch=8)
             results["onnx_max_abs_diff"][name] = check_onnx(models[name], path, xo)
     del models, ch, net
+
+    # 1b. the same ratio through the pipeline: its own latency callback, dense and pruned in one run
+    print("pipeline: channel 0.5 with latency ...", flush=True)
+    rep = compose_run(common + ["prune.method=channel", "prune.ratio=0.5", "stages.latency=true",
+                                "latency.batch_size=128", "finetune.cache=false"], work)
+    results["pipeline_channel_0.5"] = {
+        "dense_p50_ms": rep["dense"]["latency_ms"]["p50"], "pruned_p50_ms": rep["pruned"]["latency_ms"]["p50"],
+        "speedup_p50": rep["pruned"].get("speedup_p50"), "params": rep["pruned"].get("params"),
+        "macs": rep["pruned"].get("macs"), "val_acc": rep["pruned"]["val_acc"]["value"],
+        "precision": rep["config"]["trainer"]["precision"]}
 
     # 2 + 3. searches: one-shot and iterative, magnitude and channel, same weights and grid
     searches = {}
@@ -153,19 +180,35 @@ def main(argv=None) -> int:
 
     device = f"{platform.machine()}-cpu-{torch.get_num_threads()}threads"
     date = dt.date.today().isoformat()
-    out = {"device": device, "date": date, "torch": torch.__version__, "load_avg": os.getloadavg(),
+    wall = time.perf_counter() - t_start
+    out = {"device": device, "cpu": _cpu_name(), "date": date, "torch": torch.__version__,
+           "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+           # CPU time of this process over its wall time: about the thread count on an idle
+           # machine; much less means other work shared the cores and the timings are inflated.
+           "cores_used": (time.process_time() - cpu_start) / wall,
            "setup": {"arch": args.arch, "epochs": args.epochs, "data_root": args.data_root, "grid": args.grid,
-                     "recover_batches": args.recover_batches},
-           "wall_s": time.perf_counter() - t_start, "results": results}
+                     "tolerance": args.tolerance, "recover_batches": args.recover_batches, "fast": args.fast},
+           "wall_s": wall, "results": results}
     stem = Path(args.out) / f"{date}-pruning-pays-{device}"
     write_json(stem.with_suffix(".json"), out)
     lat = results["latency_batch128"]
-    md = [f"# Does pruning pay? {date}, {device} (torch {torch.__version__})", "",
-          f"{args.arch}, random init, {args.epochs} epochs on {Path(args.data_root).name}; "
-          f"dense val acc {results['dense_val_acc']['value']:.2f}% (n={results['dense_val_acc']['n']}).", "",
-          "## Latency, batch 128, p50 (same process, interleaved)", "",
+    pipe = results["pipeline_channel_0.5"]
+    ch05 = results["channel_0.5"]
+    md = [f"# Does pruning pay? {date}, {device}, {out['cpu']} (torch {torch.__version__})", "",
+          f"{args.arch}, random init, {args.epochs} epochs on {Path(args.data_root).name}"
+          f"{' (+experiment=fast)' if args.fast else ''}; dense val acc {results['dense_val_acc']['value']:.2f}% "
+          f"(n={results['dense_val_acc']['n']}); tolerance {args.tolerance} points; grid {args.grid}; "
+          f"recovery {args.recover_batches} epoch per step. Wall {wall:.0f} s, cores used {out['cores_used']:.2f}, "
+          f"load {load_start[0]:.1f} -> {out['load_avg_end'][0]:.1f}.", "",
+          "## Latency, batch 128, p50 (same process, interleaved, fp32)", "",
+          f"Channel 0.5 (`prune.round_to=8`): {ch05['channels_removed']:.3f} of the conv channels removed, widths "
+          f"{list(ch05['channels'].values())}, {ch05['params']:,} params, {ch05['macs']:,} MACs per image "
+          f"(dense {ch05['dense_params']:,} / {ch05['dense_macs']:,}).", "",
           table(["model", "p50 ms", "speedup"], [(k, f"{v['p50']:.1f}", f"{v['speedup_p50']:.2f}x") for k, v in lat.items()]),
-          "", "## Highest ratio within tolerance: one-shot vs iterative (recovery)", "",
+          "", f"Through the pipeline (`prune.method=channel prune.ratio=0.5`, latency callback, precision "
+          f"{pipe['precision']}): dense p50 {pipe['dense_p50_ms']:.1f} ms, pruned {pipe['pruned_p50_ms']:.1f} ms, "
+          f"speedup {pipe['speedup_p50']:.2f}x.", "",
+          "## Highest ratio within tolerance: one-shot vs iterative (recovery)", "",
           table(["method", "schedule", "best ratio", "val acc %", "params", "MACs", "speedup"],
                 [(k.split("_")[0], k.split("_")[1], f"{v['best_ratio']:.2f}", f"{v['pruned_val_acc']:.2f}",
                   f"{v['params']:,}" if v["params"] else "-", f"{v['macs']:,}" if v["macs"] else "-",

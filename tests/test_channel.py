@@ -135,6 +135,40 @@ def test_ranking_ties_and_floor_skip_to_next_lowest():
     assert ranking.plan(0.0) == {"a": [], "b": []}
 
 
+def test_round_to_keeps_multiples_and_drops_each_layers_lowest():
+    g = torch.Generator().manual_seed(3)
+    scores = {"a": torch.rand(64, generator=g), "b": torch.rand(40, generator=g), "c": torch.rand(6, generator=g)}
+    ranking = ChannelRanking(scores)
+    exact = ranking.plan(0.37)
+    rounded = ranking.plan(0.37, round_to=8)
+    for name, s in scores.items():
+        n = s.numel()
+        kept = n - len(rounded[name])
+        if n > 8:
+            assert kept % 8 == 0 and kept >= 8, (name, kept)
+            # the nearest multiple of 8 to what the global ranking left this layer
+            assert abs(kept - (n - len(exact[name]))) <= 4, name
+        else:  # a layer no wider than round_to is left as the global ranking had it
+            assert rounded[name] == exact[name]
+        # whatever goes is the layer's own lowest-scored channels
+        assert rounded[name] == sorted(torch.argsort(s, stable=True)[: len(rounded[name])].tolist()), name
+
+
+def test_round_to_respects_floor_and_reports_removed_share():
+    model = tiny_vgg()  # conv widths 8, 16, 16, 32, 32
+    pruner = ChannelPruner(model, X, min_channels=1, round_to=8)
+    pruned = pruner.finish(0.9)
+    widths = [c.out_channels for c in convs(pruned).values()]
+    exact = [c.out_channels for c in convs(prune_channels(model, channel_plan(model, 0.9, normalize="mean"), X[:1])).values()]
+    # the 8-wide layer keeps what the global ranking gave it; the wider ones stop at one multiple of 8
+    assert widths == [exact[0], 8, 8, 8, 8] and exact[1:] != widths[1:]
+    stats = pruner.stats()
+    assert stats["channels_removed"] == pytest.approx((104 - sum(widths)) / 104)
+    assert pruned(X).shape == (4, 10)
+    with pytest.raises(ValueError, match="round_to"):
+        ChannelPruner(model, X, round_to=0)
+
+
 def test_channel_pruner_interface_and_stats():
     model = tiny_vgg()
     pruner = ChannelPruner(model, X, importance="l1", min_channels=1)

@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
                                sparsity(prunable_weights(pruned_net)) if p.method != "channel" else stats, pruned_lat)
         pruned.update(ratio=outcome.ratio, method=p.method, scope=p.scope, schedule=p.schedule,
                       layers=stats["layers"], sparsity=stats["sparsity"], nonzero=stats["nonzero"])
-        for key in ("macs", "dense_macs", "channels", "two_four_layers"):
+        for key in ("macs", "dense_macs", "channels", "channels_removed", "two_four_layers"):
             if key in stats:
                 pruned[key] = stats[key]
         if kernel_note:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from lightning import LightningDataModule, Trainer
 from omegaconf import DictConfig
 from torch import nn
@@ -33,7 +34,8 @@ class PruneOutcome:
 
 def pruner_options(cfg: DictConfig) -> dict:
     p = cfg.prune
-    return {"scope": p.scope, "importance": p.importance, "normalize": p.normalize, "min_channels": p.min_channels}
+    return {"scope": p.scope, "importance": p.importance, "normalize": p.normalize, "min_channels": p.min_channels,
+            "round_to": p.get("round_to", 1)}
 
 
 def _recover_fn(cfg: DictConfig, dm: LightningDataModule, device):
@@ -114,19 +116,22 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
-    from prunelab.pruning.channel import conv_channels, count_macs, default_example
+    from prunelab.pruning.channel import conv_channels, count_macs, default_example, prunable_convs, removed_fraction
 
     example = default_example(dense).to(next(dense.parameters()).device)
     dense_w = {n: w.numel() for n, w in prunable_weights(dense).items()}
     layers = {}
     for name, w in prunable_weights(pruned).items():
-        zeros = dense_w[name] - int((w != 0).sum())
+        zeros = dense_w[name] - int(torch.count_nonzero(w))
         layers[name] = {"params": dense_w[name], "zeros": zeros, "sparsity": zeros / dense_w[name]}
     total = sum(dense_w.values())
     nonzero = total - sum(v["zeros"] for v in layers.values())
     return {"params": sum(q.numel() for q in pruned.parameters()), "macs": count_macs(pruned, example),
             "dense_macs": count_macs(dense, example), "nonzero": nonzero, "zeros": total - nonzero,
-            "sparsity": 1 - nonzero / total, "channels": conv_channels(pruned), "layers": layers}
+            "sparsity": 1 - nonzero / total, "channels": conv_channels(pruned),
+            "channels_removed": removed_fraction(conv_channels(pruned), {n: c.out_channels for n, c in
+                                                                         prunable_convs(dense, example).items()}),
+            "layers": layers}
 
 
 __all__ = ["PruneOutcome", "run_prune_stage"]

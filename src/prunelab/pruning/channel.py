@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -110,25 +111,46 @@ class ChannelRanking:
     def total(self) -> int:
         return sum(self.sizes.values())
 
-    def plan(self, ratio: float, min_channels: int = 1) -> dict[str, list[int]]:
+    def plan(self, ratio: float, min_channels: int = 1, round_to: int = 1) -> dict[str, list[int]]:
         """Removed channel indices per conv at ``ratio``: the lowest-ranked ones the floors allow.
 
         When the floors leave fewer than ``round(ratio * total)`` removable channels, every
-        removable one goes (the floors win over the ratio).
+        removable one goes (the floors win over the ratio). With ``round_to > 1`` each layer
+        then keeps the multiple of ``round_to`` nearest to what the global ranking left it
+        (never fewer than ``round_to`` nor ``min_channels``), dropping its own lowest-ranked
+        channels: widths such as 64 or 256 run at full SIMD width, 61 or 203 do not. The total
+        removed then differs from the ratio by at most ``round_to / 2`` per layer;
+        :func:`removed_fraction` gives the exact figure.
         """
         if min_channels < 1:
             raise ValueError(f"min_channels must be >= 1 (a conv with no channels cuts the network), got {min_channels}")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
         k = count_to_prune(self.total, ratio)
         room = {name: max(0, n - min_channels) for name, n in self.sizes.items()}
         removed: dict[str, list[int]] = {name: [] for name in self.sizes}
+        by_layer: dict[str, list[int]] = {name: [] for name in self.sizes}
         taken = 0
         for name, ch in self.order:
-            if taken >= k:
-                break
-            if len(removed[name]) < room[name]:
+            by_layer[name].append(ch)  # each layer's channels, lowest-ranked first
+            if taken < k and len(removed[name]) < room[name]:
                 removed[name].append(ch)
                 taken += 1
+        if round_to > 1:
+            for name, n in self.sizes.items():
+                if n <= round_to:
+                    continue
+                floor = -(-min_channels // round_to) * round_to
+                kept = round_to * math.floor((n - len(removed[name])) / round_to + 0.5)
+                kept = min(n, max(kept, floor, round_to))
+                removed[name] = by_layer[name][: n - kept]
         return {name: sorted(idxs) for name, idxs in removed.items()}
+
+
+def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -> float:
+    """Fraction of the original prunable channels that are gone (convs absent from ``original`` ignored)."""
+    total = sum(original.values())
+    return sum(original[n] - channels[n] for n in original) / total if total else 0.0
 
 
 NORMALIZATIONS = ("mean", "none")
@@ -152,12 +174,13 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
 
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
-                 example_input: torch.Tensor | None = None, normalize: str = "none") -> dict[str, list[int]]:
+                 example_input: torch.Tensor | None = None, normalize: str = "none",
+                 round_to: int = 1) -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
     """
-    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels)
+    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels, round_to)
 
 
 def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_input: torch.Tensor) -> nn.Module:
@@ -226,17 +249,20 @@ class ChannelPruner:
     method = "channel"
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
-                 normalize: str = "mean"):
+                 normalize: str = "mean", round_to: int = 1):
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if min_channels < 1:
             raise ValueError(f"min_channels must be >= 1, got {min_channels}")
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
         self.model = model
         # One image is enough to trace shapes and count MACs, and keeps both cheap.
         self.example_input = example_input.detach()[:1]
         self.importance = importance
         self.normalize = normalize
         self.min_channels = min_channels
+        self.round_to = round_to
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None
@@ -244,14 +270,16 @@ class ChannelPruner:
         self._dense_weights = {n: w.numel() for n, w in prunable_weights(model).items()}
         self._dense_params = sum(p.numel() for p in model.parameters())
         self._dense_macs: int | None = None
+        self._prunable: dict[str, int] = {}
 
     def prepare(self, ratios: Iterable[float]) -> None:
         if self.ranking is None:
             self.ranking = rank_channels(self.model, self.importance, self.example_input, self.normalize)
+            self._prunable = dict(self.ranking.sizes)
         for r in ratios:
             r = round(float(r), 6)
             if r not in self.plans:
-                self.plans[r] = self.ranking.plan(r, self.min_channels)
+                self.plans[r] = self.ranking.plan(r, self.min_channels, self.round_to)
 
     def plan(self, ratio: float) -> dict[str, list[int]]:
         ratio = round(float(ratio), 6)
@@ -294,6 +322,9 @@ class ChannelPruner:
             "zeros": dense_total - nonzero,
             "sparsity": 1.0 - nonzero / dense_total if dense_total else 0.0,
             "channels": conv_channels(model),
+            # With round_to > 1 the removed share differs slightly from the requested ratio.
+            "channels_removed": removed_fraction(conv_channels(model), self._prunable),
+            "round_to": self.round_to,
             "layers": layers,
         }
 

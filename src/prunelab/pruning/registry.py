@@ -15,7 +15,8 @@ METHODS = ("magnitude", "channel", "semi_structured")
 
 
 def make_pruner(method: str, model: nn.Module, scope: str = "global", importance: str = "l1",
-                normalize: str = "mean", min_channels: int = 1, example_input: torch.Tensor | None = None):
+                normalize: str = "mean", min_channels: int = 1, round_to: int = 1,
+                example_input: torch.Tensor | None = None):
     if method == "magnitude":
         from prunelab.pruning.magnitude import MagnitudePruner
 
@@ -26,7 +27,7 @@ def make_pruner(method: str, model: nn.Module, scope: str = "global", importance
         example = example_input if example_input is not None else default_example(model)
         device = next(model.parameters()).device
         return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
-                             normalize=normalize)
+                             normalize=normalize, round_to=round_to)
     if method == "semi_structured":
         from prunelab.pruning.semi_structured import SemiStructuredPruner
 
@@ -36,5 +37,5 @@ def make_pruner(method: str, model: nn.Module, scope: str = "global", importance
 
 def candidate_extra(method: str, stats: dict) -> dict:
     """Per-candidate figures the report shows beside accuracy (params and MACs for channel)."""
-    keys = {"channel": ("params", "macs", "channels"), "semi_structured": ("two_four_layers",)}.get(method, ())
+    keys = {"channel": ("params", "macs", "channels", "channels_removed"), "semi_structured": ("two_four_layers",)}.get(method, ())
     return {k: stats[k] for k in keys if k in stats}
