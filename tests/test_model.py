@@ -49,3 +49,34 @@ def test_module_step_and_optimizer_settings():
     g = opt.param_groups[0]
     assert isinstance(opt, torch.optim.SGD) and (g["lr"], g["momentum"], g["weight_decay"]) == (0.05, 0.8, 1e-3)
     assert not any(k.startswith("_compiled") for k in m.state_dict())
+
+
+def _sgd_steps(fused: bool, channels_last: bool = False, steps: int = 3) -> list[torch.Tensor]:
+    from prunelab.models.classifier import make_sgd
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = make_sgd(list(net.parameters()), lr=0.1, momentum=0.9, weight_decay=5e-3, fused=fused)
+    assert bool(opt.defaults.get("fused")) == fused
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):  # several steps, so the momentum buffers take part
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_sgd_step_equals_unfused(channels_last):
+    fused, plain = _sgd_steps(True, channels_last), _sgd_steps(False, channels_last)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_optimizer_is_a_model_option():
+    assert ImageClassifier("resnet18", None).configure_optimizers().defaults["fused"] is True
+    off = ImageClassifier("resnet18", None, fused_optimizer=False).configure_optimizers()
+    assert not off.defaults.get("fused") and off.defaults["foreach"]
