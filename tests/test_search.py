@@ -68,7 +68,8 @@ def smooth(r):  # dense 90%, falls past 0.45
 
 
 def test_search_smooth_curve_finds_edge_with_refinement():
-    res = search(curve_evaluator(smooth), 90.0, [0.2, 0.3, 0.4, 0.5, 0.6], tolerance=1.0, total=TOTAL)
+    res = search(curve_evaluator(smooth), 90.0, [0.2, 0.3, 0.4, 0.5, 0.6], tolerance=1.0, total=TOTAL,
+                 full_curve=True)
     # 0.46: 89.4 pass; 0.47: 88.8 fail
     assert res.best_ratio == 0.46 == res.best_ratio_highest == res.best_ratio_contiguous
 
@@ -79,11 +80,56 @@ def test_search_noisy_curve_rules_disagree_and_notebook_rule_overshoots():
     def acc(r):
         return noisy.get(r, 90.0 if r < 0.3 else (88.0 if r < 0.4 else 70.0))
 
-    res = search(curve_evaluator(acc), 90.0, sorted(noisy), tolerance=1.0, total=TOTAL)
+    res = search(curve_evaluator(acc), 90.0, sorted(noisy), tolerance=1.0, total=TOTAL, full_curve=True)
     assert res.best_ratio == res.best_ratio_contiguous
     assert res.best_ratio_contiguous < 0.3 <= res.best_ratio_highest
     assert res.best_ratio_highest == 0.4
     assert not res.passed(0.3)
+
+
+def test_short_curve_stops_each_phase_at_its_first_failure():
+    calls = []
+    res = search(curve_evaluator(smooth, calls=calls), 90.0, [0.2, 0.3, 0.4, 0.5, 0.6], total=TOTAL)
+    # grid: 0.5 fails, 0.6 is never evaluated; refinement 0.41..0.49 stops at 0.47
+    assert calls == [0.2, 0.3, 0.4, 0.5, 0.41, 0.42, 0.43, 0.44, 0.45, 0.46, 0.47]
+    assert res.best_ratio == res.best_ratio_contiguous == 0.46
+    assert res.best_ratio_highest is None and res.to_dict()["best_ratio_highest"] is None
+    assert res.to_dict()["full_curve"] is False
+    # the notebook's rule needs the whole curve: it never stops early
+    highest = search(curve_evaluator(smooth), 90.0, [0.2, 0.3, 0.4, 0.5, 0.6], total=TOTAL, rule="highest")
+    assert highest.full_curve and highest.best_ratio_highest == 0.46 and 0.6 in [e.ratio for e in highest.curve]
+
+
+GRID_STEPS = [round(0.05 * i, 6) for i in range(1, 20)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    grid=st.lists(st.sampled_from(GRID_STEPS), min_size=1, max_size=10, unique=True),
+    fails=st.sets(st.integers(1, 99)),
+    refine_step=st.sampled_from([None, 0.01, 0.02, 0.05, 0.1]),
+    known_seed=st.integers(0, 3),
+)
+def test_property_short_curve_gives_the_full_curves_contiguous_answer(grid, fails, refine_step, known_seed):
+    """For any pass/fail curve, stopping each phase at its first failure changes nothing."""
+
+    def evaluate(ratio, budget):
+        ok = round(ratio * 100) not in fails
+        return Evaluation(ratio, TOTAL if ok else 0, TOTAL, TOTAL)
+
+    full = search(evaluate, 100.0, grid, tolerance=1.0, refine_step=refine_step, full_curve=True)
+    full_curve = [(e.ratio, full.passed(e.ratio)) for e in full.curve]
+    # some candidates already journalled by an earlier (full) run are reused as they are
+    known = {e.ratio: e for i, e in enumerate(full.curve) if (i + known_seed) % 4 == 0}
+    calls = []
+    short = search(lambda r, b: calls.append(r) or evaluate(r, b), 100.0, grid, tolerance=1.0,
+                   refine_step=refine_step, known=known)
+    assert short.best_ratio == short.best_ratio_contiguous == pick(full_curve, "contiguous") == full.best_ratio
+    assert short.best_ratio_highest is None
+    evaluated = [e.ratio for e in short.curve]
+    assert set(evaluated) <= {r for r, _ in full_curve} and not set(calls) & set(known)
+    # past the answer only failures were evaluated: at most one per phase
+    assert sum(r > short.best_ratio for r in evaluated) <= 2
 
 
 def test_fixed_known_results_are_reused_not_reevaluated():
@@ -146,3 +192,14 @@ def test_required_correct_is_the_minimum_passing_count(total, threshold):
         assert passes(c, total, threshold)
     if c > 0:
         assert not passes(c - 1, total, threshold)
+
+
+def test_report_renders_a_short_curve_without_the_highest_answer():
+    from prunelab.report.markdown import render
+
+    res = search(curve_evaluator(smooth), 90.0, [0.2, 0.4, 0.6], total=TOTAL)
+    s = dict(res.to_dict(), scope="global", schedule="oneshot")
+    report = {"dense": {}, "pruned": {"ratio": s["best_ratio"]}, "finetune": {"reused": False, "source": None},
+              "device": {"name": "cpu"}, "search": s, "timing_s": {}}
+    text = render(report, {})
+    assert s["best_ratio_highest"] is None and "`highest` (the notebook's rule) is not known" in text

@@ -49,6 +49,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("search.grid is empty; give at least one ratio, e.g. search.grid=[0.2,0.5,0.8]")
     for r in s.grid:
         _ratio("search.grid", r)
+    if not isinstance(s.get("full_curve", False), bool):
+        raise ConfigError(f"search.full_curve={s.full_curve} must be true or false")
     if s.refine_step is not None and not 0.0 < float(s.refine_step) < 1.0:
         raise ConfigError(f"search.refine_step={s.refine_step} must be in (0, 1), or null for no refinement")
     lat = cfg.latency

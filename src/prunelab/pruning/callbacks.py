@@ -3,7 +3,8 @@
 - ``MagnitudePruning``: prune a module at fit start or fit end, keep pruned weights at zero
   during training, log sparsity.
 - ``RatioSearch``: after fit, find the highest ratio within a tolerance of the dense validation
-  accuracy, and leave the module pruned at it.
+  accuracy, and leave the module pruned at it. With ``full_curve=False`` (the config's default)
+  and the contiguous rule it stops each phase at its first failing ratio (same answer).
 
 None of them reparametrises weights (no ``weight_orig``/``weight_mask``): pruned weights are
 plain zeros, so checkpoints, ``state_dict`` and timing always see a permanent, ordinary model.
@@ -88,7 +89,7 @@ class MagnitudePruning(MaskKeeper):
     def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
         pruner = MagnitudePruner(_net(pl_module), self.scope)
         pruner.finish(self.ratio)
-        self.masks = pruner.masks
+        self.masks = pruner.keep_masks()
         stats = pruner.stats()
         log_sparsity(trainer, stats)
         return stats
@@ -120,6 +121,7 @@ class RatioSearch(Callback):
         journal_path: str | None = None,
         method: str = "magnitude",
         pruner_options: dict | None = None,
+        full_curve: bool = False,
     ):
         if tolerance < 0:
             raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
@@ -135,6 +137,7 @@ class RatioSearch(Callback):
         if method not in METHODS:
             raise ValueError(f"prune.method must be one of {METHODS}, got {method!r}")
         self.method, self.pruner_options = method, dict(pruner_options or {})
+        self.full_curve = bool(full_curve)
         self.model: nn.Module | None = None
         self.result: SearchResult | None = None
         self.seconds: float | None = None
@@ -178,7 +181,8 @@ class RatioSearch(Callback):
 
         self.resumed = len(journal.entries)
         self.result = search(evaluate, dense_acc, self.grid, self.tolerance, self.rule, self.refine_step,
-                             exact=self.exact, total=total, known=journal.entries, on_result=journal.record)
+                             exact=self.exact, total=total, known=journal.entries, on_result=journal.record,
+                             full_curve=self.full_curve)
         self.model = pruner.finish(self.result.best_ratio).to(device)
         self.pruner = pruner
         log_sparsity(trainer, pruner.stats())

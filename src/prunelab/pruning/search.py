@@ -8,6 +8,11 @@ and the first failing coarse ratio. Two rules read the resulting curve:
 - ``highest``: the notebook's rule, the highest passing ratio even past a failure; on a noisy
   curve it picks a ratio that a re-evaluation can fail.
 
+Under ``contiguous`` nothing above the first failing ratio of a phase can change the answer, so
+unless ``full_curve`` is set each phase (the coarse grid ascending, then the refinement
+ascending) stops at its first failure: same answer, fewer candidates, and ``highest`` is then
+unknown (``best_ratio_highest`` is None). ``highest`` always evaluates the full curve.
+
 ``evaluate(ratio, max_errors)`` may stop once a candidate has made more than ``max_errors``
 mistakes: such a candidate cannot pass any more, so its verdict is the same as with a full pass
 and its accuracy is reported as an upper bound.
@@ -114,9 +119,10 @@ class SearchResult:
     tolerance: float
     rule: str
     best_ratio: float
-    best_ratio_highest: float
+    best_ratio_highest: float | None  # None when the curve stopped at the first failure
     best_ratio_contiguous: float
     curve: list[Evaluation]
+    full_curve: bool = True
 
     def passed(self, ratio: float) -> bool:
         return any(e.ratio == ratio and verdict(e, self.threshold) for e in self.curve)
@@ -130,6 +136,7 @@ class SearchResult:
             "best_ratio": self.best_ratio,
             "best_ratio_highest": self.best_ratio_highest,
             "best_ratio_contiguous": self.best_ratio_contiguous,
+            "full_curve": self.full_curve,
             "curve": [dict(e.to_dict(), passed=verdict(e, self.threshold)) for e in self.curve],
         }
 
@@ -145,11 +152,14 @@ def search(
     total: int | None = None,
     known: Mapping[float, Evaluation] | None = None,
     on_result: Callable[[Evaluation], None] | None = None,
+    full_curve: bool = False,
 ) -> SearchResult:
-    """Coarse grid, then refinement; returns both rules' answers and the whole curve.
+    """Coarse grid, then refinement; returns the answer(s) and every evaluated candidate.
 
     ``known`` holds candidates evaluated before (a resumed search's journal): they are reused,
-    not re-evaluated. ``on_result`` sees each new evaluation (to journal it).
+    not re-evaluated. ``on_result`` sees each new evaluation (to journal it). ``full_curve``
+    (implied by ``rule="highest"``) evaluates every ratio of both phases, so both rules'
+    answers are known; otherwise each phase stops at its first failure.
     """
     if rule not in RULES:
         raise ValueError(f"search.rule must be one of {RULES}, got {rule!r}")
@@ -157,24 +167,25 @@ def search(
         raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
     threshold = dense_acc - tolerance
     budget = None if exact or total is None else max_errors(total, threshold)
+    full_curve = bool(full_curve) or rule == "highest"
     results: dict[float, Evaluation] = {}
     known = dict(known or {})
 
     def run(ratios: Iterable[float]) -> None:
-        for r in ratios:
-            r = round(float(r), 6)
-            if r in results:
-                continue
-            if r in known:
-                results[r] = known[r]
-                continue
-            e = evaluate(r, budget)
-            results[r] = e
-            if on_result is not None:
-                on_result(e)
+        for r in sorted(round(float(r), 6) for r in ratios):
+            if r not in results:
+                e = known.get(r)
+                if e is None:
+                    e = evaluate(r, budget)
+                    if on_result is not None:
+                        on_result(e)
+                results[r] = e
+            if not full_curve and not verdict(results[r], threshold):
+                break  # above a failure nothing changes the contiguous answer
 
-    run(sorted(grid))
+    run(grid)
     if refine_step:
+        # On a phase stopped at its first failure both rules' spans coincide: the contiguous one.
         coarse = {r: verdict(results[r], threshold) for r in results}
         run(refinement(coarse, refine_step))
     verdicts = [(r, verdict(e, threshold)) for r, e in results.items()]
@@ -185,7 +196,8 @@ def search(
         tolerance=tolerance,
         rule=rule,
         best_ratio=best[rule],
-        best_ratio_highest=best["highest"],
+        best_ratio_highest=best["highest"] if full_curve else None,
         best_ratio_contiguous=best["contiguous"],
         curve=[results[r] for r in sorted(results)],
+        full_curve=full_curve,
     )

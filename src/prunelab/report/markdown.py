@@ -62,13 +62,15 @@ def render(report: dict, plots: dict[str, str]) -> str:
         lines += [f"- {n}" for n in report["notes"]] + [""]
     s = report.get("search")
     if s:
+        highest = s.get("best_ratio_highest")
+        highest = (f"gives {highest:.2f}" if highest is not None else
+                   "is not known (each phase stopped at its first failure; `search.full_curve=true` evaluates it)")
         lines += [
             "## Search",
             "",
             f"Tolerance {s['tolerance']} points below dense val {s['dense_val_acc']:.2f}% "
             f"(threshold {s['threshold']:.2f}%). Rule `{s['rule']}` chose **{s['best_ratio']:.2f}**; "
-            f"`contiguous` gives {s['best_ratio_contiguous']:.2f}, `highest` (the notebook's rule) gives "
-            f"{s['best_ratio_highest']:.2f}.",
+            f"`contiguous` gives {s['best_ratio_contiguous']:.2f}, `highest` (the notebook's rule) {highest}.",
             "",
         ]
         recovered = any("recovered_val_acc" in c for c in s["curve"])

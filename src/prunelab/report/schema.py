@@ -15,6 +15,7 @@ REQUIRED = {
     "finetune": ["reused", "source"],
     "timing_s": ["finetune", "search", "latency"],
 }
+# best_ratio_highest is present but null when the search stopped at the first failure (full_curve=false).
 SEARCH_REQUIRED = ["tolerance", "scope", "rule", "best_ratio", "best_ratio_highest", "curve"]
 CURVE_REQUIRED = ["ratio", "val_acc", "nonzero"]
 ACC_REQUIRED = ["value", "n", "ci95"]
