@@ -99,3 +99,93 @@ def test_search_ratios_cover_grid_and_refinement_without_float_noise():
     rs = search_ratios([0.2, 0.3], 0.01)
     assert 0.34 in rs and 0.2 in rs and len(rs) == 99
     assert all(r == round(r, 6) for r in rs)
+
+
+def tied_toy(seed=0, zeros=True):
+    """Integer-valued weights: most magnitudes tie, some are exactly zero."""
+    model = toy(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in prunable_weights(model).values():
+            w.copy_(torch.randint(-3 if zeros else 1, 4, w.shape, generator=g).float())
+            if not zeros:
+                w.mul_(torch.where(torch.rand(w.shape, generator=g) < 0.5, -1.0, 1.0))
+    return model
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("zeros", [True, False])
+def test_pruner_with_ties_and_zeros_counts_exactly_and_matches_masks(scope, zeros, monkeypatch):
+    import prunelab.pruning.masks as masks_mod
+
+    model = tied_toy(3, zeros)
+    pristine = {k: v.clone() for k, v in prunable_weights(model).items()}
+    ratios = [0.05, 0.2, 0.33, 0.5, 0.71, 0.9]
+    p = MagnitudePruner(model, scope)
+    p.prepare(ratios)
+    for chunk in (1 << 23, 7):  # one piece per layer, and many small pieces across the ties
+        monkeypatch.setattr(masks_mod, "CHUNK", chunk)
+        for r in ratios:
+            p.apply(r)
+            live = prunable_weights(model)
+            stats = p.stats()
+            assert stats == sparsity(live), (r, chunk)  # counts from the cuts == a counting pass
+            ref = magnitude_masks(pristine, r, scope)
+            groups = [list(ref)] if scope == "global" else [[n] for n in ref]
+            for names in groups:
+                n = sum(pristine[k].numel() for k in names)
+                assert sum(int(torch.count_nonzero(~ref[k])) for k in names) == round(r * n)
+            got = p.keep_masks()
+            for name, w in live.items():
+                assert torch.equal(got[name], ref[name]), (r, chunk, name)
+                assert torch.equal(w, torch.where(ref[name], pristine[name], 0.0)), (r, chunk, name)
+    # after finish the masks come from the pruned weights alone, and are the same
+    expected = magnitude_masks(pristine, 0.5, scope)
+    p.finish(0.5)
+    assert not p._state.original
+    for name, m in p.keep_masks().items():
+        assert torch.equal(m, expected[name]), name
+
+
+def test_first_ties_in_flat_order_go_first_across_pieces(monkeypatch):
+    import prunelab.pruning.masks as masks_mod
+
+    monkeypatch.setattr(masks_mod, "CHUNK", 3)
+    w = {"a": torch.tensor([2.0, 1.0, -1.0, 5.0, 1.0, 1.0, -1.0, 3.0])}
+    m = keep_masks(w, rank(w, [0.5], "layerwise")[0.5])["a"]  # prune 4 of the five 1s: all but the last
+    assert m.tolist() == [True, False, False, True, False, False, True, True]
+    # applying a cut resolves ties from whichever end is nearer: same result both ways
+    for ratio, pruned in [(0.125, [1]), (0.375, [1, 2, 4]), (0.5, [1, 2, 4, 5])]:
+        p = MagnitudePruner(nn.Linear(8, 1, bias=False), "layerwise")
+        with torch.no_grad():
+            p.model.weight.copy_(w["a"])
+        p.apply(ratio)
+        zeroed = [i for i, x in enumerate(p.model.weight.view(-1).tolist()) if x == 0]
+        assert zeroed == pruned, ratio
+
+
+def test_channels_last_weights_mask_like_contiguous():
+    model, ref = toy(4), toy(4)
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    for scope in ("global", "layerwise"):
+        a, b = MagnitudePruner(model, scope), MagnitudePruner(ref, scope)
+        a.apply(0.6)
+        b.apply(0.6)
+        for (name, x), y in zip(prunable_weights(model).items(), prunable_weights(ref).values(), strict=True):
+            assert torch.equal(x, y), name
+        assert a.stats() == b.stats()
+        a.apply(0.0)
+        b.apply(0.0)
+
+
+def test_split_global_cut_per_layer_sums_to_the_group_count():
+    from prunelab.pruning.masks import layer_cuts, split
+
+    model = tied_toy(5)
+    w = prunable_weights(model)
+    for r in (0.1, 0.4, 0.8):
+        group = rank(w, [r], "global")[r]
+        per_layer = layer_cuts(w, [r], "global")[0][r]
+        assert per_layer == split(w, group)
+        assert sum(c.count for c in per_layer.values()) == group.count
