@@ -86,6 +86,25 @@ def test_ratios_are_prunelab_over_notebook():
     assert r == {"a": 0.25, "b": None, "c": None}
 
 
+def test_memory_goal_is_the_peak_above_the_pre_model_baseline_in_models():
+    mb = 100
+    pl = {"model_bytes": mb, "search_peak_rss": 900, "search_peak_rss_above_baseline": 220}
+    ratio = {"search_wall_s": 0.09, "finetune_images_per_s": 1.2, "finetune_images_per_s_fast": 1.6}
+    g = compare.goals({}, pl, ratio, True)["search_peak_rss_lt_2.5x_model"]
+    assert g["measured"] == 2.2 and g["met"] and g["measured_absolute"] == 9.0 and "baseline" in g["definition"]
+    assert not compare.goals({}, dict(pl, search_peak_rss_above_baseline=260), ratio, True)[
+        "search_peak_rss_lt_2.5x_model"]["met"]
+
+
+def test_peak_window_sees_an_allocation_after_the_baseline():
+    baseline, reset = compare.start_peak_window()
+    x = torch.ones(25_000_000)  # 100 MB, touched
+    del x
+    m = compare.peak_since(baseline, reset)
+    assert m["search_peak_rss"] >= m["search_rss_baseline"] + m["search_peak_rss_above_baseline"] - 2**20
+    assert m["search_peak_rss_above_baseline"] >= 90e6
+
+
 def test_device_slug_cpu():
     assert compare.device_slug(torch.device("cpu"), 2) == "cpu-2threads"
 
