@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.latency import LatencyMonitor, percentiles, summarize, time_forward
+from prunelab.latency import LatencyMonitor, percentiles, summarize, time_forward, time_interleaved
 
 
 def test_percentiles_match_numpy():
@@ -53,3 +53,34 @@ def test_monitor_records_tagged_results():
     assert stats["p50"] <= stats["p90"] <= stats["p99"]
     with pytest.raises(ValueError):
         LatencyMonitor(iters=0)
+
+
+class Logged(Counting):
+    """Counts its calls and writes each one, tagged, to a shared log (to see the turn order)."""
+
+    def __init__(self, tag, log):
+        super().__init__()
+        self.tag, self.log = tag, log
+
+    def forward(self, x):
+        self.log.append(self.tag)
+        return super().forward(x)
+
+
+def test_interleaved_timing_takes_turns_after_warmup_and_restores_modes():
+    log = []
+    a, b = Logged("a", log), Logged("b", log)
+    b.train()
+    samples = time_interleaved({"a": a.eval(), "b": b}, torch.randn(8, 4), "cpu", warmup=2, iters=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
+    # every model warms up first, then the timed calls alternate one by one
+    assert log == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert a.modes == b.modes == {(False, True)}
+    assert not a.training and b.training
+
+
+def test_monitor_interleaved_reports_each_tag_with_its_partner():
+    mon = LatencyMonitor(batch_size=4, warmup=0, iters=2)
+    out = mon.measure_interleaved({"dense": Counting(), "pruned": Counting()}, torch.randn(4, 4), "cpu")
+    assert set(out) == set(mon.results) == {"dense", "pruned"}
+    assert out["dense"]["interleaved_with"] == ["pruned"] and out["pruned"]["iters"] == 2

@@ -35,7 +35,7 @@ def test_channel_fixed_ratio_is_smaller_faster_and_reloads(tmp_path):
 
 
 def test_channel_search_reports_params_and_macs_per_candidate(tmp_path):
-    report = run(compose_cfg(tmp_path, QUICK + ["prune.method=channel", "search.grid=[0.3,0.6]",
+    report = run(compose_cfg(tmp_path, QUICK + ["prune.method=channel", "search.grid=[0.3,0.6]", "search.full_curve=true",
                                                "search.refine_step=null", "stages.latency=false"]))
     curve = report["search"]["curve"]
     assert [c["ratio"] for c in curve] == [0.3, 0.6]
@@ -80,6 +80,8 @@ def test_iterative_schedule_recovers_and_keeps_zeros(tmp_path, method):
     ("prune.steps=0", "prune.steps"),
     ("prune.importance=l3", "prune.importance"),
     ("prune.min_channels=0", "prune.min_channels"),
+    ("prune.round_to=0", "prune.round_to"),
+    ("prune.round_to=2.5", "prune.round_to"),
 ])
 def test_bad_method_options(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

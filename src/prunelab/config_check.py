@@ -38,6 +38,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"prune.normalize={p.normalize} is unknown; use mean or none")
     if int(p.get("min_channels", 1)) < 1:
         raise ConfigError(f"prune.min_channels={p.min_channels} must be >= 1")
+    if not isinstance(p.get("round_to", 1), int) or isinstance(p.get("round_to", 1), bool) or p.get("round_to", 1) < 1:
+        raise ConfigError(f"prune.round_to={p.round_to} must be an integer >= 1 (1: no rounding)")
     devices = cfg.trainer.get("devices", 1)
     if p.get("schedule") == "iterative" and (cfg.trainer.get("strategy") == "ddp" or (isinstance(devices, int) and devices > 1)):
         raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")

@@ -28,21 +28,33 @@ log = logging.getLogger(__name__)
 
 
 def time_as_deployed(method: str, net: nn.Module, batch: torch.Tensor, device, monitor: LatencyMonitor,
-                     loggers=()) -> tuple[dict, str | None]:
+                     loggers=(), dense: nn.Module | None = None) -> tuple[dict, str | None, dict | None]:
+    """The pruned model's latency, the kernel note, and, when ``dense`` is given, the dense
+    model's latency timed in turns with the pruned one (so the speedup is not a load drift)."""
     if method == "semi_structured":
-        from prunelab.pruning.semi_structured import to_sparse_kernels
+        stats, note = _time_two_four(net, batch, device, monitor, loggers)
+        return stats, note, None
+    if dense is not None and dense is not net:
+        both = monitor.measure_interleaved({"dense": dense, "pruned": net}, batch, device, loggers)
+        return both["pruned"], None, both["dense"]
+    return monitor.measure(net, batch, device, "pruned", loggers), None, None
 
-        if device.type == "cuda":
-            sparse, used, reason = to_sparse_kernels(copy.deepcopy(net))
-            if used:
-                dtype = next(p.dtype for p in sparse.parameters())
-                stats = monitor.measure(sparse, batch.to(dtype), device, "pruned", loggers)
-                stats["dtype"] = str(dtype)
-                return stats, f"2:4 layers timed with PyTorch semi-structured sparse kernels ({dtype})."
-        else:
-            reason = "no CUDA device of compute capability >= 8.0: 2:4 weights ran masked-dense"
-        return monitor.measure(net, batch, device, "pruned", loggers), f"No sparse kernel used: {reason}."
-    return monitor.measure(net, batch, device, "pruned", loggers), None
+
+def _time_two_four(net: nn.Module, batch: torch.Tensor, device, monitor: LatencyMonitor,
+                   loggers=()) -> tuple[dict, str | None]:
+    """2:4 weights on the sparse kernels where they exist (CUDA sm80+), masked-dense elsewhere."""
+    from prunelab.pruning.semi_structured import to_sparse_kernels
+
+    if device.type == "cuda":
+        sparse, used, reason = to_sparse_kernels(copy.deepcopy(net))
+        if used:
+            dtype = next(p.dtype for p in sparse.parameters())
+            stats = monitor.measure(sparse, batch.to(dtype), device, "pruned", loggers)
+            stats["dtype"] = str(dtype)
+            return stats, f"2:4 layers timed with PyTorch semi-structured sparse kernels ({dtype})."
+    else:
+        reason = "no CUDA device of compute capability >= 8.0: 2:4 weights ran masked-dense"
+    return monitor.measure(net, batch, device, "pruned", loggers), f"No sparse kernel used: {reason}."
 
 
 def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:

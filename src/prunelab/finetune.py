@@ -48,7 +48,8 @@ def training_key(cfg: DictConfig) -> str:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     payload = {
         "data": data,
-        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "compile"},
+        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                  if k not in ("compile", "fused_optimizer")},
         "trainer": {k: trainer.get(k) for k in _TRAINING_KEYS},
         "seed": cfg.seed,
     }

@@ -8,7 +8,7 @@ before reading the clock (CUDA events on GPU). By default the batch is already o
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _one_forward(model: nn.Module, host: torch.Tensor, on_device: torch.Tensor, device: torch.device,
+                 include_transfer: bool) -> float:
+    """Milliseconds of one forward pass, read only once the device has finished it."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x = host.to(device, non_blocking=True) if include_transfer else on_device
+        model(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    _sync(device)
+    t0 = time.perf_counter()
+    x = host.to(device) if include_transfer else on_device
+    model(x)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1000.0
+
+
 @torch.inference_mode()
+def time_interleaved(
+    models: Mapping[str, nn.Module],
+    batch: torch.Tensor,
+    device: torch.device | str = "cpu",
+    warmup: int = 5,
+    iters: int = 30,
+    include_transfer: bool = False,
+    precision: str | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds per forward pass for each model, the models taking turns every iteration.
+
+    Taking turns makes a drift in machine load (another job, clock changes) hit every model
+    alike, so ratios between them stay honest where back-to-back runs would not.
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
+    device = torch.device(device)
+    modes = {k: m.training for k, m in models.items()}
+    host = batch.pin_memory() if include_transfer and device.type == "cuda" else batch
+    on_device = batch.to(device)
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        for m in models.values():
+            m.eval()
+        with autocast_for(device, precision):
+            for m in models.values():
+                for _ in range(warmup):
+                    _one_forward(m, host, on_device, device, include_transfer)
+            for _ in range(iters):
+                for k, m in models.items():
+                    samples[k].append(_one_forward(m, host, on_device, device, include_transfer))
+    finally:
+        for k, m in models.items():
+            m.train(modes[k])
+    return samples
+
+
 def time_forward(
     model: nn.Module,
     batch: torch.Tensor,
@@ -51,37 +107,7 @@ def time_forward(
     precision: str | None = None,
 ) -> list[float]:
     """Milliseconds per forward pass of ``batch``, one sample per iteration after warm-up."""
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    host = batch.pin_memory() if include_transfer and device.type == "cuda" else batch
-    on_device = batch.to(device)
-    samples: list[float] = []
-    try:
-        with autocast_for(device, precision):
-            for i in range(warmup + iters):
-                if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    x = host.to(device, non_blocking=True) if include_transfer else on_device
-                    model(x)
-                    end.record()
-                    end.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    x = host.to(device) if include_transfer else on_device
-                    model(x)
-                    _sync(device)
-                    ms = (time.perf_counter() - t0) * 1000.0
-                if i >= warmup:
-                    samples.append(ms)
-    finally:
-        model.train(was_training)
-    return samples
+    return time_interleaved({"model": model}, batch, device, warmup, iters, include_transfer, precision)["model"]
 
 
 def sample_batch(dataset, batch_size: int) -> torch.Tensor:
@@ -106,14 +132,24 @@ class LatencyMonitor:
         self.results: dict[str, dict] = {}
 
     def measure(self, model: nn.Module, batch: torch.Tensor, device, tag: str, loggers=()) -> dict:
-        model.to(device)
-        samples = time_forward(model, batch, device, self.warmup, self.iters, self.include_transfer, self.precision)
-        stats = summarize(samples, batch.shape[0])
-        stats["include_transfer"] = self.include_transfer
-        self.results[tag] = stats
-        for lg in loggers:
-            lg.log_metrics({f"latency/{tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)
-        return stats
+        return self.measure_interleaved({tag: model}, batch, device, loggers)[tag]
+
+    def measure_interleaved(self, models: Mapping[str, nn.Module], batch: torch.Tensor, device,
+                            loggers=()) -> dict[str, dict]:
+        """Time several models taking turns (see :func:`time_interleaved`); stats per tag."""
+        for m in models.values():
+            m.to(device)
+        samples = time_interleaved(models, batch, device, self.warmup, self.iters, self.include_transfer,
+                                   self.precision)
+        out = {}
+        for tag, ms in samples.items():
+            stats = summarize(ms, batch.shape[0])
+            stats["include_transfer"] = self.include_transfer
+            stats["interleaved_with"] = sorted(t for t in samples if t != tag)
+            self.results[tag] = out[tag] = stats
+            for lg in loggers:
+                lg.log_metrics({f"latency/{tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)
+        return out
 
 
 class LatencyCallback(Callback, LatencyMonitor):

@@ -97,7 +97,8 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     if p.ratio is None:
         searcher = RatioSearch(s.tolerance, s.rule, list(s.grid), s.refine_step, p.scope, s.exact,
                                dm.eval_batch_size, precision, journal_path=str(journal_path) if journal_path else None,
-                               method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"})
+                               method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
+                               full_curve=bool(s.get("full_curve", False)))
         dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
         result = searcher.run(net, dm.val_set, device, trainer, dense=dense, identity=identity)
         ratio = result.best_ratio
@@ -116,7 +117,13 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
-    from prunelab.pruning.channel import conv_channels, count_macs, default_example, prunable_convs, removed_fraction
+    from prunelab.pruning.channel import (
+        conv_channels,
+        count_macs,
+        default_example,
+        prunable_convs,
+        removed_fraction,
+    )
 
     example = default_example(dense).to(next(dense.parameters()).device)
     dense_w = {n: w.numel() for n, w in prunable_weights(dense).items()}

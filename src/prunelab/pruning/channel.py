@@ -1,9 +1,10 @@
 """Structured filter pruning: remove whole Conv2d output channels and everything tied to them.
 
 Ranking is ours, surgery is Torch-Pruning's. Every output filter of every prunable conv gets one
-score (the L1 or L2 norm of its weights, unnormalised) and the ``round(ratio * total)`` lowest
-scores across the whole network are removed, except that a layer never drops below
-``min_channels``. Torch-Pruning's dependency graph then deletes each chosen filter together with
+score (the L1 or L2 norm of its weights, optionally divided by its layer's mean) and the
+``round(ratio * total)`` lowest scores across the whole network are removed, except that a layer
+never drops below ``min_channels``; with ``round_to > 1`` each layer's width is then rounded to
+a multiple of it (fast kernel widths). Torch-Pruning's dependency graph then deletes each chosen filter together with
 its bias, the BatchNorm entries after it, the matching input channels of the next conv and, for
 the last conv of a VGG, the 49 input features per channel of ``classifier[0]``.
 
