@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from prunelab.pruning.channel import conv_channels
+from prunelab.pruning.channel import conv_channels, prunable_convs, removed_fraction
 from prunelab.pruning.registry import candidate_extra, make_pruner
 from prunelab.pruning.search import Evaluation, verdict
 
@@ -45,25 +45,34 @@ class Step:
         return d
 
 
-def _step_ratio(method: str, net: nn.Module, target: float, original_channels: int | None) -> float:
+def _step_ratio(method: str, net: nn.Module, target: float, original: dict[str, int] | None) -> float:
     """The ratio to ask of a pruner on the current ``net`` so the total reaches ``target``.
 
     Magnitude and 2:4 rank the current weights, whose zeros come first, so the target applies
-    directly. Channel pruning works on the surviving channels: remove what is still missing.
+    directly. Channel pruning works on the surviving channels of the originally prunable convs:
+    remove what is still missing.
     """
     if method != "channel":
         return target
-    remaining = sum(conv_channels(net).values())
-    missing = round(target * original_channels) - (original_channels - remaining)
+    original_total = sum(original.values())
+    current = conv_channels(net)
+    remaining = sum(current[n] for n in original)
+    missing = round(target * original_total) - (original_total - remaining)
     return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
 
 
-def prune_step(method: str, net: nn.Module, target: float, original_channels: int | None, options: dict):
+def prune_step(method: str, net: nn.Module, target: float, original: dict[str, int] | None, options: dict):
+    """Prune ``net`` (a copy for the masking methods) towards ``target``; returns the pruned
+    network, the masks to keep during recovery, and its stats, channel shares counted against
+    ``original`` (the prunable convs' widths before the first step)."""
     if method != "channel":  # masking pruners work in place: keep the caller's network intact
         net = copy.deepcopy(net)
     pruner = make_pruner(method, net, **options)
-    pruned = pruner.finish(_step_ratio(method, net, target, original_channels))
-    return pruned, pruner.keep_masks(), pruner.stats()
+    pruned = pruner.finish(_step_ratio(method, net, target, original))
+    stats = pruner.stats()
+    if method == "channel":
+        stats["channels_removed"] = removed_fraction(conv_channels(pruned), original)
+    return pruned, pruner.keep_masks(), stats
 
 
 def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Recover, evaluate: Evaluate,
@@ -72,12 +81,12 @@ def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Re
 
     Returns the network of the last step that did not stop the walk, and every step taken.
     """
-    original_channels = sum(conv_channels(net).values()) if method == "channel" else None
+    original = {n: c.out_channels for n, c in prunable_convs(net).items()} if method == "channel" else None
     steps: list[Step] = []
     kept = net
     for target in targets:
         target = round(float(target), 6)
-        pruned, masks, stats = prune_step(method, kept, target, original_channels, options)
+        pruned, masks, stats = prune_step(method, kept, target, original, options)
         before = evaluate(pruned)
         recovered = recover(pruned, masks)
         after = evaluate(recovered)

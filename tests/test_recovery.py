@@ -1,0 +1,41 @@
+"""The iterative schedule's bookkeeping, with recovery and evaluation as stand-ins (no training)."""
+
+from test_channel import X, convs, tiny_vgg
+
+from prunelab.pruning.recovery import iterative, iterative_search
+from prunelab.pruning.search import Evaluation
+
+
+def no_recovery(net, masks):
+    return net
+
+
+def fixed_accuracy(correct):
+    return lambda net: Evaluation(0.0, correct, 100, 100)
+
+
+def test_channel_steps_count_removed_channels_against_the_original():
+    model = tiny_vgg()  # 104 prunable channels
+    opts = {"round_to": 1, "normalize": "mean"}
+    net, steps = iterative(model, "channel", [0.25, 0.5], no_recovery, fixed_accuracy(50), opts)
+    shares = [s.extra["channels_removed"] for s in steps]
+    assert shares == [round(0.25 * 104) / 104, round(0.5 * 104) / 104]
+    assert sum(c.out_channels for c in convs(net).values()) == 104 - round(0.5 * 104)
+    assert sum(c.out_channels for c in convs(model).values()) == 104  # the original is untouched
+    assert net(X).shape == (4, 10)
+
+
+def test_iterative_search_stops_at_the_first_recovered_failure():
+    model = tiny_vgg()
+    # each step is evaluated right after pruning, then after recovery: 0.2 and 0.4 recover above
+    # the threshold, 0.6 does not, so 0.8 is never tried
+    seq = iter([10, 60, 10, 58, 10, 20, 10, 70])
+    kept, best, steps = iterative_search(model, "magnitude", [0.6, 0.2, 0.8, 0.4], threshold=55.0,
+                                         recover=no_recovery, options={"scope": "global"},
+                                         evaluate=lambda n: Evaluation(0.0, next(seq), 100, 100))
+    assert [s.ratio for s in steps] == [0.2, 0.4, 0.6]  # walked upwards, stopped at the failure
+    assert best == 0.4
+    zeros = sum(int((p == 0).sum()) for n, p in kept.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    total = sum(p.numel() for n, p in kept.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert abs(zeros / total - 0.4) < 0.01  # the network handed back is the last passing step's
+    assert [s.after.correct for s in steps] == [60, 58, 20]
