@@ -334,7 +334,8 @@ def child_prunelab_search(spec: dict) -> dict:
     # answer (the notebook's side evaluates its whole curve; same_answer compares contiguous answers).
     searcher = RatioSearch(tolerance=spec["tolerance"], rule="contiguous", grid=spec["grid"],
                            refine_step=spec["step"], scope="layerwise", exact=False,
-                           batch_size=dm.eval_batch_size, precision=str(cfg.trainer.precision), full_curve=False)
+                           batch_size=dm.eval_batch_size, precision=str(cfg.trainer.precision), full_curve=False,
+                           fold_pool=True)  # VGG at 32x32: candidates evaluated with the pool folded (exact)
     result = searcher.run(net, dm.val_set, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

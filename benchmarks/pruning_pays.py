@@ -115,6 +115,9 @@ def main(argv=None) -> int:
                          "removal hurts from the first few percent and the steps that matter are small")
     ap.add_argument("--tolerance", type=float, default=1.0)
     ap.add_argument("--round-to", type=int, default=16, help="prune.round_to for every channel-pruned model")
+    ap.add_argument("--batch", type=int, default=128, help="latency batch size")
+    ap.add_argument("--quick", action="store_true",
+                    help="synthetic data, resnet18, one epoch, tiny grids and batches: checks the script end to end")
     ap.add_argument("--recover-batches", default="1.0", help="fraction (or count) of a training epoch per recovery")
     ap.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                     help="train and recover with +experiment=fast (bf16-mixed, channels-last, on-device batches)")
@@ -122,8 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 
+    if args.quick:
+        args.arch, args.epochs, args.rounds, args.batch, args.fast = "resnet18", 1, 2, 16, False
+        args.grid, args.channel_grid, args.recover_batches = "[0.3,0.6]", "[0.1,0.2]", "2"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prunelab-pays-"))
-    base = [f"data.root={args.data_root}", "data.download=false", "model.weights=null", f"model.arch={args.arch}",
+    data = (["data=synthetic", "data.train_size=256", "data.test_size=64", "trainer.limit_train_batches=2"]
+            if args.quick else [f"data.root={args.data_root}", "data.download=false"])
+    base = data + ["model.weights=null", f"model.arch={args.arch}",
             f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "stages.latency=false",
             f"paths.cache_dir={work / 'cache'}", f"search.tolerance={args.tolerance}", f"prune.round_to={args.round_to}"] + (["+experiment=fast"] if args.fast else [])
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -148,10 +156,10 @@ def main(argv=None) -> int:
         models["channel_0.5_folded"] = fold_pool(ch)
     except ValueError as exc:
         print("fold refused:", exc)
-    x = torch.randn(128, 3, 32, 32)
+    x = torch.randn(args.batch, 3, 32, 32)
     lat = interleaved_p50(models, x, args.rounds)
     d50 = lat["dense"]["p50"]
-    results["latency_batch128"] = {k: dict(v, speedup_p50=d50 / v["p50"]) for k, v in lat.items()}
+    results["latency"] = {k: dict(v, batch=args.batch, speedup_p50=d50 / v["p50"]) for k, v in lat.items()}
     results["channel_0.5"] = {"channels": ch_stats["channels"], "channels_removed": ch_stats["channels_removed"],
                               "params": sum(p.numel() for p in ch.parameters()),
                               "dense_params": sum(p.numel() for p in net.parameters()),
@@ -172,7 +180,7 @@ def main(argv=None) -> int:
             sessions[name] = path
     # The exported files as a deployment runs them: onnxruntime on the CPU, batch 128, interleaved.
     ort_lat = interleaved_ort_p50(sessions, x.numpy(), max(5, args.rounds // 2))
-    results["onnxruntime_latency_batch128"] = {k: dict(v, speedup_p50=ort_lat["dense"]["p50"] / v["p50"])
+    results["onnxruntime_latency"] = {k: dict(v, batch=args.batch, speedup_p50=ort_lat["dense"]["p50"] / v["p50"])
                                                for k, v in ort_lat.items()}
     del models, ch, net
 
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
     for name, flags in runtimes.items():
         print(f"pipeline: channel 0.5 with latency, {name} runtime ...", flush=True)
         rep = compose_run(common + flags + ["prune.method=channel", "prune.ratio=0.5", "stages.latency=true",
-                                            "latency.batch_size=128", "finetune.cache=false"], work)
+                                            f"latency.batch_size={args.batch}", "finetune.cache=false"], work)
         results["pipeline_channel_0.5"][name] = {
             "dense_p50_ms": rep["dense"]["latency_ms"]["p50"], "pruned_p50_ms": rep["pruned"]["latency_ms"]["p50"],
             "speedup_p50": rep["pruned"].get("speedup_p50"), "params": rep["pruned"].get("params"),
@@ -225,27 +233,28 @@ def main(argv=None) -> int:
            "cores_used": (time.process_time() - cpu_start) / wall,
            "setup": {"arch": args.arch, "epochs": args.epochs, "data_root": args.data_root, "grid": args.grid,
                      "channel_grid": args.channel_grid,
-                     "tolerance": args.tolerance, "round_to": args.round_to, "recover_batches": args.recover_batches, "fast": args.fast},
+                     "tolerance": args.tolerance, "round_to": args.round_to, "recover_batches": args.recover_batches, "fast": args.fast,
+                     "batch": args.batch, "quick": args.quick},
            "wall_s": wall, "results": results}
     stem = Path(args.out) / f"{date}-pruning-pays-{device}"
     write_json(stem.with_suffix(".json"), out)
-    lat = results["latency_batch128"]
+    lat = results["latency"]
     pipe = results["pipeline_channel_0.5"]
     ch05 = results["channel_0.5"]
     md = [f"# Does pruning pay? {date}, {device}, {out['cpu']} (torch {torch.__version__})", "",
-          f"{args.arch}, random init, {args.epochs} epochs on {Path(args.data_root).name}"
+          f"{args.arch}, random init, {args.epochs} epochs on {'synthetic data' if args.quick else Path(args.data_root).name}"
           f"{' (+experiment=fast)' if args.fast else ''}; dense val acc {results['dense_val_acc']['value']:.2f}% "
           f"(n={results['dense_val_acc']['n']}); tolerance {args.tolerance} points; grid {args.grid} "
           f"(channel: {args.channel_grid}); "
           f"recovery {args.recover_batches} epoch per step. Wall {wall:.0f} s, cores used {out['cores_used']:.2f}, "
           f"load {load_start[0]:.1f} -> {out['load_avg_end'][0]:.1f}.", "",
-          "## Latency, batch 128, p50 (same process, interleaved, fp32)", "",
+          f"## Latency, batch {args.batch}, p50 (same process, interleaved, fp32)", "",
           f"Channel 0.5 (`prune.round_to={args.round_to}`): {ch05['channels_removed']:.3f} of the conv channels removed, widths "
           f"{list(ch05['channels'].values())}, {ch05['params']:,} params, {ch05['macs']:,} MACs per image "
           f"(dense {ch05['dense_params']:,} / {ch05['dense_macs']:,}).", "",
           table(["model", "p50 ms", "speedup"], [(k, f"{v['p50']:.1f}", f"{v['speedup_p50']:.2f}x") for k, v in lat.items()]),
           "", "Through the pipeline (`prune.method=channel prune.ratio=0.5`, its latency stage timing dense and "
-          "pruned in turns, batch 128):", "",
+          f"pruned in turns, batch {args.batch}):", "",
           table(["runtime", "precision", "channels_last", "dense p50 ms", "pruned p50 ms", "speedup"],
                 [(k, v["precision"], str(v["channels_last"]).lower(), f"{v['dense_p50_ms']:.1f}",
                   f"{v['pruned_p50_ms']:.1f}", f"{v['speedup_p50']:.2f}x") for k, v in pipe.items()]), "",
@@ -254,9 +263,9 @@ def main(argv=None) -> int:
                 [(k.split("_")[0], k.split("_")[1], f"{v['best_ratio']:.2f}", f"{v['pruned_val_acc']:.2f}",
                   f"{v['params']:,}" if v["params"] else "-", f"{v['macs']:,}" if v["macs"] else "-",
                   f"{v['speedup_p50']:.2f}x" if v["speedup_p50"] else "-") for k, v in searches.items()]),
-          "", "## Exported ONNX under onnxruntime (CPU), batch 128, p50 (interleaved)", "",
+          "", f"## Exported ONNX under onnxruntime (CPU), batch {args.batch}, p50 (interleaved)", "",
           table(["model", "p50 ms", "speedup"], [(k, f"{v['p50']:.1f}", f"{v['speedup_p50']:.2f}x")
-                                                 for k, v in results["onnxruntime_latency_batch128"].items()]),
+                                                 for k, v in results["onnxruntime_latency"].items()]),
           "", "## ONNX vs PyTorch, max abs difference", "",
           table(["model", "max abs diff"], [(k, f"{v:.2e}") for k, v in results["onnx_max_abs_diff"].items()]), ""]
     write_text(stem.with_suffix(".md"), "\n".join(md))

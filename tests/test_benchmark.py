@@ -138,3 +138,17 @@ def test_quick_comparison_writes_schema(tmp_path):
     assert report["notebook"]["search_images"] == val * (report["notebook"]["candidates"] + 1)
     assert report["prunelab"]["search_images"] <= val * (report["prunelab"]["candidates"] + 1)
     assert "| search wall time (s) |" in files[1].read_text()
+
+
+@pytest.mark.slow
+def test_pruning_pays_quick_runs_end_to_end(tmp_path):
+    from benchmarks import pruning_pays
+
+    assert pruning_pays.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    (js,) = (tmp_path / "out").glob("*-pruning-pays-*.json")
+    res = json.loads(js.read_text())["results"]
+    assert set(res["searches"]) == {"channel_oneshot", "channel_iterative", "magnitude_oneshot", "magnitude_iterative"}
+    assert res["latency"]["dense"]["speedup_p50"] == 1.0 and res["latency"]["channel_0.5"]["batch"] == 16
+    assert all(v < 1e-4 for v in res["onnx_max_abs_diff"].values())
+    assert res["channel_0.5"]["macs"] < res["channel_0.5"]["dense_macs"]
+    assert {"default", "fast"} == set(res["pipeline_channel_0.5"])

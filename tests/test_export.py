@@ -15,6 +15,7 @@ from prunelab.export import (
     export_onnx,
     file_bytes,
     fold_pool,
+    folded_view,
     main,
     pack_sparse,
     unpack_sparse,
@@ -54,6 +55,39 @@ def test_fold_pool_on_channel_pruned_and_refusals():
         fold_pool(model, (64, 64))
     with pytest.raises(ValueError, match="AdaptiveAvgPool2d"):
         fold_pool(folded)
+
+
+def test_folded_view_shares_weights_and_follows_masking():
+    model = tiny_vgg(True)
+    view = folded_view(model)
+    assert view[0] is model.features and view[-1] is model.classifier[-1]  # shared, not copied
+    with torch.no_grad():
+        assert torch.allclose(view(X), model(X), atol=1e-5)
+        # a candidate masks the model in place; a view built afterwards computes the masked model
+        masks = magnitude_masks(prunable_weights(model), 0.6)
+        for name, w in prunable_weights(model).items():
+            w.mul_(masks[name])
+        assert not torch.allclose(view(X), model(X), atol=1e-3)  # the old view's fold is stale
+        assert torch.allclose(folded_view(model)(X), model(X), atol=1e-5)
+    with pytest.raises(ValueError, match="32x2x2"):
+        folded_view(model, (64, 64))
+
+
+def test_search_with_and_without_the_folded_evaluation_agree():
+    from torch.utils.data import TensorDataset
+
+    from prunelab.pruning.callbacks import RatioSearch
+
+    g = torch.Generator().manual_seed(4)
+    data = TensorDataset(torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g))
+    results = {}
+    for fold in (True, False):
+        model = tiny_vgg()
+        s = RatioSearch(tolerance=2.0, grid=[0.3, 0.6, 0.9], refine_step=None, full_curve=True, fold_pool=fold)
+        r = s.run(model, data, torch.device("cpu"))
+        results[fold] = [(e.ratio, e.correct, e.seen) for e in r.curve]
+        assert isinstance(s._evaluation_view(model, (32, 32))(model), nn.Sequential) == fold
+    assert results[True] == results[False] and len(results[True]) == 3
 
 
 def test_onnx_round_trip_with_dynamic_batch(tmp_path):

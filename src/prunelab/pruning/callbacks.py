@@ -122,6 +122,7 @@ class RatioSearch(Callback):
         method: str = "magnitude",
         pruner_options: dict | None = None,
         full_curve: bool = False,
+        fold_pool: bool = True,
     ):
         if tolerance < 0:
             raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
@@ -138,6 +139,7 @@ class RatioSearch(Callback):
             raise ValueError(f"prune.method must be one of {METHODS}, got {method!r}")
         self.method, self.pruner_options = method, dict(pruner_options or {})
         self.full_curve = bool(full_curve)
+        self.fold_pool = bool(fold_pool)
         self.model: nn.Module | None = None
         self.result: SearchResult | None = None
         self.seconds: float | None = None
@@ -150,13 +152,28 @@ class RatioSearch(Callback):
         if hasattr(pl_module, "net"):
             pl_module.net = self.model
 
+    def _evaluation_view(self, model: nn.Module, image_hw: tuple[int, int]):
+        """How candidates are evaluated: with the average pool folded where that is exact (a VGG
+        whose features end at 1x1, e.g. at 32x32 input; ~1.5x faster on VGG16), else as they are."""
+        if not self.fold_pool:
+            return lambda m: m
+        from prunelab.export import folded_view
+
+        try:
+            folded_view(model, image_hw)
+        except ValueError as exc:
+            log.debug("search evaluates unfolded: %s", exc)
+            return lambda m: m
+        return lambda m: folded_view(m, image_hw)
+
     def run(self, model: nn.Module, val_set: Dataset, device: torch.device, trainer: Trainer | None = None,
             dense: Evaluation | None = None, identity: dict | None = None) -> SearchResult:
         t0 = time.perf_counter()
         model.to(device)
         loader, total = shard_loader(val_set, self.batch_size)
+        as_evaluated = self._evaluation_view(model, tuple(val_set[0][0].shape[-2:]))
         if dense is None:
-            c = count_correct(model, loader, total, device=device, precision=self.precision)
+            c = count_correct(as_evaluated(model), loader, total, device=device, precision=self.precision)
             dense = Evaluation(0.0, c.correct, c.seen, c.total)
         dense_acc = dense.acc
         pruner = make_pruner(self.method, model, self.scope, **self.pruner_options)
@@ -166,7 +183,7 @@ class RatioSearch(Callback):
                                tolerance=self.tolerance, exact=self.exact, options=self.pruner_options))
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
-            m = pruner.apply(ratio).to(device)
+            m = as_evaluated(pruner.apply(ratio).to(device))
             c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision)
             stats = pruner.stats()
             e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, stats["nonzero"],
