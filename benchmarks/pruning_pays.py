@@ -210,8 +210,9 @@ def main(argv=None) -> int:
             if sched == "iterative":
                 extra += ["prune.recover_epochs=1", f"trainer.limit_train_batches={args.recover_batches}"]
             t0 = time.perf_counter()
-            rep = compose_run(common + extra + (["stages.latency=true", "latency.iters=10", "latency.warmup=2"]
-                                               if (method, sched) == ("channel", "oneshot") else []), work)
+            # Channel searches are timed too (dense and chosen model in turns, batch as above).
+            timed = ["stages.latency=true", "latency.iters=10", "latency.warmup=2", f"latency.batch_size={args.batch}"]
+            rep = compose_run(common + extra + (timed if method == "channel" else []), work)
             s = rep["search"]
             searches[f"{method}_{sched}"] = {
                 "best_ratio": s["best_ratio"], "threshold": s["threshold"], "seconds": time.perf_counter() - t0,

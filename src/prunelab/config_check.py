@@ -53,8 +53,8 @@ def check(cfg: DictConfig) -> None:
         _ratio("search.grid", r)
     if not isinstance(s.get("full_curve", False), bool):
         raise ConfigError(f"search.full_curve={s.full_curve} must be true or false")
-    if not isinstance(s.get("fold_pool", True), bool):
-        raise ConfigError(f"search.fold_pool={s.fold_pool} must be true or false")
+    if not isinstance(s.get("fast_eval", True), bool):
+        raise ConfigError(f"search.fast_eval={s.fast_eval} must be true or false")
     if s.refine_step is not None and not 0.0 < float(s.refine_step) < 1.0:
         raise ConfigError(f"search.refine_step={s.refine_step} must be in (0, 1), or null for no refinement")
     lat = cfg.latency

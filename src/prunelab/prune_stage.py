@@ -98,7 +98,7 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
         searcher = RatioSearch(s.tolerance, s.rule, list(s.grid), s.refine_step, p.scope, s.exact,
                                dm.eval_batch_size, precision, journal_path=str(journal_path) if journal_path else None,
                                method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
-                               full_curve=bool(s.get("full_curve", False)), fold_pool=bool(s.get("fold_pool", True)))
+                               full_curve=bool(s.get("full_curve", False)), fast_eval=bool(s.get("fast_eval", True)))
         dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
         result = searcher.run(net, dm.val_set, device, trainer, dense=dense, identity=identity)
         ratio = result.best_ratio

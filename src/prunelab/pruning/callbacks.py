@@ -103,6 +103,14 @@ class MagnitudePruning(MaskKeeper):
             self.prune(pl_module, trainer)
 
 
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's 4-D weights are laid out NHWC, else contiguous."""
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    if w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class RatioSearch(Callback):
     """After fit, search the highest pruning ratio within ``tolerance`` points of the dense
     validation accuracy. Magnitude and 2:4 leave the module pruned in place; a channel-pruned
@@ -122,7 +130,7 @@ class RatioSearch(Callback):
         method: str = "magnitude",
         pruner_options: dict | None = None,
         full_curve: bool = False,
-        fold_pool: bool = True,
+        fast_eval: bool = True,
     ):
         if tolerance < 0:
             raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
@@ -139,7 +147,7 @@ class RatioSearch(Callback):
             raise ValueError(f"prune.method must be one of {METHODS}, got {method!r}")
         self.method, self.pruner_options = method, dict(pruner_options or {})
         self.full_curve = bool(full_curve)
-        self.fold_pool = bool(fold_pool)
+        self.fast_eval = bool(fast_eval)
         self.model: nn.Module | None = None
         self.result: SearchResult | None = None
         self.seconds: float | None = None
@@ -153,27 +161,38 @@ class RatioSearch(Callback):
             pl_module.net = self.model
 
     def _evaluation_view(self, model: nn.Module, image_hw: tuple[int, int]):
-        """How candidates are evaluated: with the average pool folded where that is exact (a VGG
-        whose features end at 1x1, e.g. at 32x32 input; ~1.5x faster on VGG16), else as they are."""
-        if not self.fold_pool:
-            return lambda m: m
+        """How candidates are evaluated. With ``fast_eval``: NHWC (channels-last) weights and
+        batches, and the average pool folded into ``classifier[0]`` where that is exact (a VGG
+        whose features end at 1x1, as at 32x32). Same function, same predictions up to float
+        rounding; together ~1.9x faster per pass on VGG16 on the 2-core CPU."""
+        if not self.fast_eval:
+            return (lambda m: m), None
         from prunelab.export import folded_view
+
+        def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
         try:
             folded_view(model, image_hw)
         except ValueError as exc:
             log.debug("search evaluates unfolded: %s", exc)
-            return lambda m: m
-        return lambda m: folded_view(m, image_hw)
+            return (lambda m: m.to(memory_format=torch.channels_last)), to_nhwc
+        return (lambda m: folded_view(m.to(memory_format=torch.channels_last), image_hw)), to_nhwc
 
     def run(self, model: nn.Module, val_set: Dataset, device: torch.device, trainer: Trainer | None = None,
             dense: Evaluation | None = None, identity: dict | None = None) -> SearchResult:
         t0 = time.perf_counter()
+        layout = _memory_format(model)
         model.to(device)
         loader, total = shard_loader(val_set, self.batch_size)
-        as_evaluated = self._evaluation_view(model, tuple(val_set[0][0].shape[-2:]))
+        as_evaluated, batch_transform = self._evaluation_view(model, tuple(val_set[0][0].shape[-2:]))
+        if self.fast_eval:
+            # In place, before the pruner copies the weights, so every candidate is NHWC already;
+            # the chosen model is handed back in the caller's layout.
+            model.to(memory_format=torch.channels_last)
         if dense is None:
-            c = count_correct(as_evaluated(model), loader, total, device=device, precision=self.precision)
+            c = count_correct(as_evaluated(model), loader, total, device=device, precision=self.precision,
+                              batch_transform=batch_transform)
             dense = Evaluation(0.0, c.correct, c.seen, c.total)
         dense_acc = dense.acc
         pruner = make_pruner(self.method, model, self.scope, **self.pruner_options)
@@ -184,7 +203,8 @@ class RatioSearch(Callback):
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
             m = as_evaluated(pruner.apply(ratio).to(device))
-            c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision)
+            c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision,
+                              batch_transform=batch_transform)
             stats = pruner.stats()
             e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, stats["nonzero"],
                            extra=candidate_extra(self.method, stats))
@@ -200,7 +220,9 @@ class RatioSearch(Callback):
         self.result = search(evaluate, dense_acc, self.grid, self.tolerance, self.rule, self.refine_step,
                              exact=self.exact, total=total, known=journal.entries, on_result=journal.record,
                              full_curve=self.full_curve)
-        self.model = pruner.finish(self.result.best_ratio).to(device)
+        self.model = pruner.finish(self.result.best_ratio).to(device, memory_format=layout)
+        if self.model is not model:
+            model.to(memory_format=layout)
         self.pruner = pruner
         log_sparsity(trainer, pruner.stats())
         self.seconds = time.perf_counter() - t0

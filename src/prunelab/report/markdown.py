@@ -76,13 +76,15 @@ def render(report: dict, plots: dict[str, str]) -> str:
         recovered = any("recovered_val_acc" in c for c in s["curve"])
         headers = ["ratio", "val acc %"] + (["after recovery %"] if recovered else []) + ["images used", "nonzero"]
         channel = any("macs" in c for c in s["curve"])
-        headers += (["params", "MACs"] if channel else []) + ["verdict"]
+        headers += (["channels removed", "params", "MACs"] if channel else []) + ["verdict"]
         rows = []
         for c in s["curve"]:
             row = [f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}"]
             row += [f"{c['recovered_val_acc']:.2f}"] if recovered else []
             row += [f"{c['seen']}/{c['total']}", _int(c.get("nonzero"))]
-            row += [_int(c.get("params")), _int(c.get("macs"))] if channel else []
+            removed = c.get("channels_removed")
+            row += [f"{removed:.3f}" if removed is not None else "-", _int(c.get("params")), _int(c.get("macs"))] \
+                if channel else []
             rows.append(tuple(row + ["pass" if c["passed"] else "fail"]))
         lines += [table(headers, rows), ""]
     sched = report.get("schedule")
@@ -98,6 +100,8 @@ def render(report: dict, plots: dict[str, str]) -> str:
             rows.append(("bytes, sparse weights stored compactly", "-", _int(files["pruned_compressed_bytes"])))
         if "macs" in p:
             rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
+        if p.get("channels_removed") is not None:
+            rows.append(("share of conv channels removed", "0", f"{p['channels_removed']:.3f}"))
         if d_onnx:
             rows.append(("ONNX Runtime CPU p50 ms", _ms(d_onnx, "p50"), _ms(p_onnx, "p50")))
         lines += [table(["", "dense", "pruned"], rows), ""]
