@@ -73,7 +73,9 @@ def test_folded_view_shares_weights_and_follows_masking():
         folded_view(model, (64, 64))
 
 
-def test_search_with_and_without_the_folded_evaluation_agree():
+@pytest.mark.parametrize("method,grid", [("magnitude", [0.3, 0.6, 0.9]), ("channel", [0.2, 0.5]),
+                                         ("semi_structured", [0.2, 0.4])])
+def test_search_with_and_without_the_fast_evaluation_agree(method, grid):
     from torch.utils.data import TensorDataset
 
     from prunelab.pruning.callbacks import RatioSearch
@@ -83,13 +85,15 @@ def test_search_with_and_without_the_folded_evaluation_agree():
     results = {}
     for fold in (True, False):
         model = tiny_vgg()
-        s = RatioSearch(tolerance=2.0, grid=[0.3, 0.6, 0.9], refine_step=None, full_curve=True, fast_eval=fold)
+        s = RatioSearch(tolerance=2.0, grid=grid, refine_step=None, full_curve=True, fast_eval=fold, method=method)
         r = s.run(model, data, torch.device("cpu"))
-        results[fold] = [(e.ratio, e.correct, e.seen) for e in r.curve]
+        results[fold] = [(e.ratio, e.correct, e.seen, e.nonzero) for e in r.curve]
+        # the chosen model comes back NCHW like the model that went in, whatever was evaluated
+        assert all(p.is_contiguous() for p in s.model.parameters())
         # the model comes back in the layout it came in
         assert model.features[0].weight.is_contiguous()
         assert isinstance(s._evaluation_view(model, (32, 32))[0](model), nn.Sequential) == fold
-    assert results[True] == results[False] and len(results[True]) == 3
+    assert results[True] == results[False] and len(results[True]) == len(grid)
 
 
 def test_onnx_round_trip_with_dynamic_batch(tmp_path):
