@@ -154,6 +154,15 @@ def test_round_to_keeps_multiples_and_drops_each_layers_lowest():
         assert rounded[name] == sorted(torch.argsort(s, stable=True)[: len(rounded[name])].tolist()), name
 
 
+def test_round_to_leaves_untouched_layers_whole():
+    # widths 20 and 36 are not multiples of 8; at ratio 0 (and where the ranking removes nothing
+    # from a layer) rounding must not take channels away
+    ranking = ChannelRanking({"a": torch.arange(20.0), "b": torch.arange(100.0, 136.0)})
+    assert ranking.plan(0.0, round_to=8) == {"a": [], "b": []}
+    plan = ranking.plan(10 / 56, round_to=8)  # the 10 lowest are all in "a"
+    assert plan["b"] == [] and len(plan["a"]) == 20 - 8
+
+
 def test_round_to_respects_floor_and_reports_removed_share():
     model = tiny_vgg()  # conv widths 8, 16, 16, 32, 32
     pruner = ChannelPruner(model, X, min_channels=1, round_to=8)

@@ -189,3 +189,16 @@ def test_split_global_cut_per_layer_sums_to_the_group_count():
         per_layer = layer_cuts(w, [r], "global")[0][r]
         assert per_layer == split(w, group)
         assert sum(c.count for c in per_layer.values()) == group.count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_ties_prune_exactly_the_count(dtype):
+    # four entries tie at |w| = 1 and only one of them may go: the "just below 1" threshold must
+    # be taken in the weights' dtype, or hardshrink rounds it back to 1 and drops all four.
+    m = nn.Linear(8, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[2.0, 1.0, -1.0, 5.0, 1.0, 1.0, -1.0, 3.0]]))
+    pruner = MagnitudePruner(m, "layerwise")
+    pruner.apply(0.125)
+    assert int((m.weight == 0).sum()) == 1 == pruner.stats()["zeros"]
+    assert m.weight[0, 1] == 0  # the first tied entry in flat order, as torch's pruning picks

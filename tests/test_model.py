@@ -80,3 +80,12 @@ def test_fused_optimizer_is_a_model_option():
     assert ImageClassifier("resnet18", None).configure_optimizers().defaults["fused"] is True
     off = ImageClassifier("resnet18", None, fused_optimizer=False).configure_optimizers()
     assert not off.defaults.get("fused") and off.defaults["foreach"]
+
+
+def test_fused_sgd_is_not_asked_of_tensors_without_a_fused_kernel():
+    from prunelab.models.classifier import make_sgd
+
+    # torch would only complain at the first step; make_sgd must pick foreach up front
+    opt = make_sgd([nn.Parameter(torch.zeros(3, dtype=torch.float64)), nn.Parameter(torch.zeros(2, device="meta"))],
+                   lr=0.1, momentum=0.9, weight_decay=0.0, fused=True)
+    assert not opt.defaults.get("fused")

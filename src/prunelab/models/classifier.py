@@ -85,10 +85,11 @@ class ImageClassifier(LightningModule):
 def make_sgd(params: list, lr: float, momentum: float, weight_decay: float, fused: bool = True) -> torch.optim.SGD:
     """SGD with the fused kernel when asked and supported, else the foreach (multi-tensor) path."""
     kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if fused:
+    # torch checks a fused optimiser's devices and dtypes only at its first step, so decide here:
+    # the fused SGD kernel exists for floating-point tensors on CPU and CUDA.
+    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
         try:
             return torch.optim.SGD(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):
-            # older torch (no ``fused``), or a device/dtype without the fused kernel
+        except (RuntimeError, TypeError, ValueError):  # a torch without ``fused`` for SGD
             pass
     return torch.optim.SGD(params, foreach=all(p.device.type in ("cpu", "cuda") for p in params) or None, **kwargs)

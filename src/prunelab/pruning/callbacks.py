@@ -199,7 +199,8 @@ class RatioSearch(Callback):
         pruner.prepare(search_ratios(self.grid, self.refine_step))
         journal = Journal(self.journal_path if _is_rank_zero(trainer) else None,
                           dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
-                               tolerance=self.tolerance, exact=self.exact, options=self.pruner_options))
+                               tolerance=self.tolerance, exact=self.exact, options=self.pruner_options,
+                               fast_eval=self.fast_eval))
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
             m = as_evaluated(pruner.apply(ratio).to(device))

@@ -139,7 +139,8 @@ class ChannelRanking:
                 taken += 1
         if round_to > 1:
             for name, n in self.sizes.items():
-                if n <= round_to:
+                # A layer the ranking left whole stays whole: rounding only settles how many go.
+                if n <= round_to or not removed[name]:
                     continue
                 floor = -(-min_channels // round_to) * round_to
                 kept = round_to * math.floor((n - len(removed[name])) / round_to + 0.5)

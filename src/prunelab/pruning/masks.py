@@ -209,8 +209,13 @@ def apply_cut(w: torch.Tensor, original: torch.Tensor, cut: Cut) -> None:
     # Of the tied entries the first ``ties`` go and the last ``revive`` stay. Fix up the fewer
     # of the two, scanning from their end: a scan stops once it has found them all.
     first = cut.ties < revive
-    # |o| > the float32 just below value keeps every tied entry; |o| > value drops them all.
-    lam = float(np.nextafter(np.float32(cut.value), np.float32(0))) if first else cut.value
+    # |o| > the float just below value keeps every tied entry; |o| > value drops them all. "Just
+    # below" in the weights' own dtype: hardshrink casts its threshold to it, and in bf16/fp16 the
+    # float32 neighbour would round back up to the value itself and drop every tie.
+    lam = cut.value
+    if first:
+        v = torch.tensor(cut.value, dtype=w.dtype)
+        lam = float(torch.nextafter(v, torch.zeros((), dtype=w.dtype)))
     for wp, op in _pieces(w, original):
         torch.hardshrink(op, lam, out=wp)
     if first:
