@@ -9,7 +9,7 @@ CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 
 install:
 	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
 
-# The suite CI runs (about 3 minutes on the idle 2-core CPU); test-all adds the slow end-to-end runs (6 minutes in all)
+# The suite CI runs (about 3 minutes on the idle 2-core CPU); test-all adds the slow end-to-end runs (3 minutes more)
 # (VGG16 smoke, DDP on two processes, joblib/submitit launchers, ONNX export of VGG16).
 test:
 	$(PYTHON) -m pytest -q -m "not slow"
