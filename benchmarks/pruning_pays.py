@@ -33,6 +33,7 @@ from omegaconf import open_dict
 import prunelab
 from prunelab.export import check_onnx, export_onnx, fold_pool
 from prunelab.io import load_state_dict, write_json, write_text
+from prunelab.latency import percentiles, time_interleaved
 from prunelab.models.factory import build_classifier
 from prunelab.pipeline import run
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
@@ -67,20 +68,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _summary(samples: dict[str, list[float]]) -> dict:
+    return {k: dict(percentiles(v, (50, 90)), n=len(v)) for k, v in samples.items()}
+
+
 def interleaved_p50(models: dict, x: torch.Tensor, rounds: int, warmup: int = 2) -> dict:
-    samples = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m.eval()
-            for _ in range(warmup):
-                m(x)
-        for _ in range(rounds):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                samples[k].append((time.perf_counter() - t0) * 1000)
-    return {k: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "n": len(v)}
-            for k, v in samples.items()}
+    return _summary(time_interleaved(models, x, "cpu", warmup=warmup, iters=rounds))
 
 
 def interleaved_ort_p50(paths: dict, x: np.ndarray, rounds: int, warmup: int = 2) -> dict:
@@ -99,8 +92,7 @@ def interleaved_ort_p50(paths: dict, x: np.ndarray, rounds: int, warmup: int = 2
             t0 = time.perf_counter()
             sess.run(None, feed)
             samples[k].append((time.perf_counter() - t0) * 1000)
-    return {k: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "n": len(v)}
-            for k, v in samples.items()}
+    return _summary(samples)
 
 
 def main(argv=None) -> int:
