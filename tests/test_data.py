@@ -5,15 +5,16 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import random_split
 from torchvision import transforms as T
 
-from conftest import SUBSET
+from conftest import SUBSET, compose_cfg
 from prunelab.data import CIFAR10DataModule, SyntheticDataModule
 from prunelab.data.arrays import split_indices
 from prunelab.data.transforms import eval_transform, train_transform
-from prunelab.errors import DataUnavailableError
+from prunelab.errors import ConfigError, DataUnavailableError
 
 
 def test_split_equals_notebook_random_split_for_seed_42():
@@ -121,3 +122,42 @@ def test_cli_offline_data_error_exits_2_without_traceback(run_cli, tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "data.root" in r.stderr
     assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_smoke_alone_composes_as_before(tmp_path):
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke"])
+    assert cfg.data._target_ == "prunelab.data.SyntheticDataModule"
+    assert (cfg.data.train_size, cfg.data.test_size, cfg.data.batch_size) == (640, 256, 32)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (512, 128, 256)
+
+
+@pytest.mark.skipif(not SUBSET.exists(), reason="shared CIFAR-10 subset not present")
+def test_smoke_combines_with_cifar10(tmp_path):
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke", "data=cifar10", f"data.root={SUBSET}", "data.download=false"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, CIFAR10DataModule)
+    dm.prepare_data()
+    dm.setup()
+    # smoke's sizes: the first 640 training images (split 512/128) and the first 256 test images
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (512, 128, 256)
+    full = CIFAR10DataModule(root=str(SUBSET), download=False, num_workers=0)
+    full.setup()
+    assert np.array_equal(dm.test_set.images, full.test_set.images[:256])
+    assert np.array_equal(dm.train_set.dataset.images, full.train_set.dataset.images[:640])
+
+
+@pytest.mark.skipif(not SUBSET.exists(), reason="shared CIFAR-10 subset not present")
+def test_cifar10_sizes_default_to_all_and_cannot_exceed_the_data(tmp_path):
+    cfg = compose_cfg(tmp_path, ["data=cifar10", f"data.root={SUBSET}", "data.download=false"])
+    assert cfg.data.train_size is None and cfg.data.test_size is None
+    dm = CIFAR10DataModule(root=str(SUBSET), download=False, train_size=5000)
+    with pytest.raises(ConfigError, match=r"data.train_size=5000 .* only 4068 training images"):
+        dm.setup()
+
+
+@pytest.mark.parametrize(("train_size", "test_size"), [(1, None), (None, 0)])
+def test_subset_sizes_are_validated(train_size, test_size):
+    with pytest.raises(ValueError, match="data.train_size must be >= 2"):
+        CIFAR10DataModule(train_size=train_size, test_size=test_size)

@@ -1,7 +1,9 @@
 """In-memory image data sets and the split/loader logic shared by every data module.
 
 Images are held as one uint8 array (N, 32, 32, 3), like CIFAR-10's pickles, so the real and
-the generated data go through the same transforms and the same split. With ``on_device=True``
+the generated data go through the same transforms and the same split. ``train_size`` and
+``test_size`` keep only the first N images of each array (null: all), so a preset such as
+``+experiment=smoke`` sizes any data source. With ``on_device=True``
 the loaders are ``DeviceLoader``s: the arrays stay resident on the trainer's device and batches
 are augmented there (see ``prunelab.data.on_device``); the PIL Datasets remain for everything
 else (evaluation, latency samples).
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
 from prunelab.data.on_device import DeviceLoader
 from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, train_transform
+from prunelab.errors import ConfigError
 
 
 class ArrayDataset(Dataset):
@@ -51,7 +54,9 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 class ArrayDataModule(LightningDataModule):
     """Split a training array into train/val with a fixed seed; the test array is the test split.
 
-    Subclasses implement ``_load_arrays`` (and may override ``prepare_data``).
+    Subclasses implement ``_load_arrays`` (and may override ``prepare_data``). ``train_size`` /
+    ``test_size``: use only the first N training / test images (before the train/val split);
+    None uses all of them.
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class ArrayDataModule(LightningDataModule):
         pin_memory: bool = True,
         augment: bool = True,
         on_device: bool = False,
+        train_size: int | None = None,
+        test_size: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -72,6 +79,12 @@ class ArrayDataModule(LightningDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        # two training images at least, so that both train and val can be non-empty
+        if (train_size is not None and train_size < 2) or (test_size is not None and test_size < 1):
+            raise ValueError(f"data.train_size must be >= 2 and data.test_size >= 1 (or null for all), "
+                             f"got {train_size} and {test_size}")
+        self.train_size = train_size
+        self.test_size = test_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -95,6 +108,8 @@ class ArrayDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         x_train, y_train, x_test, y_test = self._load_arrays()
+        x_train, y_train = self._first(x_train, y_train, self.train_size, "train_size", "training")
+        x_test, y_test = self._first(x_test, y_test, self.test_size, "test_size", "test")
         train_idx, val_idx = split_indices(len(x_train), self.val_fraction, self.seed)
         self.train_indices, self.val_indices = train_idx, val_idx
         self._arrays = (x_train, y_train, x_test, y_test)  # references, for the on-device loaders
@@ -102,6 +117,16 @@ class ArrayDataModule(LightningDataModule):
         self.train_set = Subset(ArrayDataset(x_train, y_train, fit_tf), train_idx)
         self.val_set = Subset(ArrayDataset(x_train, y_train, eval_transform()), val_idx)
         self.test_set = ArrayDataset(x_test, y_test, eval_transform())
+
+    def _first(self, x: np.ndarray, y: np.ndarray, n: int | None, key: str, what: str):
+        """The first ``n`` images and labels (views, no copy); all of them for None."""
+        if n is None:
+            return x, y
+        if n > len(x):
+            # Fewer images than asked for would silently change what a run measures.
+            raise ConfigError(f"data.{key}={n} but the data hold only {len(x)} {what} images; "
+                              f"set data.{key}<={len(x)} or null for all")
+        return x[:n], y[:n]
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(

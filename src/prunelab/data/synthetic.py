@@ -37,11 +37,10 @@ class SyntheticDataModule(ArrayDataModule):
         num_classes: int = 10,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if train_size < 2 or test_size < 1:
-            raise ValueError("data.train_size must be >= 2 and data.test_size >= 1")
-        self.train_size = train_size
-        self.test_size = test_size
+        if train_size is None or test_size is None:  # "all" has no meaning for generated data
+            raise ValueError("synthetic data need sizes: set data.train_size and data.test_size")
+        # the base class validates the sizes; its first-N subset is then the whole generated set
+        super().__init__(train_size=train_size, test_size=test_size, **kwargs)
         self.noise = noise
         self.num_classes = num_classes
 
