@@ -203,15 +203,8 @@ def run_child(target: str, spec: dict) -> dict:
 # -- prunelab through its own config tree ---------------------------------------------------------
 def compose(spec: dict, extra: list[str]):
     """Compose prunelab's ``train.yaml`` as the app does, with this run's data and paths."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from prunelab.compose import compose as prunelab_compose
 
-    import prunelab
-
-    conf_dir = Path(prunelab.__file__).parent / "conf"
     work = spec["work_dir"]
     if spec["data"] == "synthetic":
         data = ["data=synthetic", f"data.train_size={spec['train_size']}", f"data.test_size={spec['test_size']}"]
@@ -222,17 +215,7 @@ def compose(spec: dict, extra: list[str]):
                  "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
                  "+trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
                  "trainer.limit_val_batches=0", *extra]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.root_dir = work
-            cfg.paths.output_dir = str(Path(work) / "run")
-            cfg.paths.log_dir = str(Path(work) / "logs")
-            cfg.hydra.runtime.output_dir = str(Path(work) / "run")
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-    return cfg
+    return prunelab_compose(overrides, work)
 
 
 def _datamodule(cfg):
@@ -292,7 +275,7 @@ def child_train(spec: dict) -> dict:
 
 def _timers() -> dict:
     """Wrap the search's phases with timers (instrumentation only; nothing else changes)."""
-    import prunelab.pruning.callbacks as cb
+    import prunelab.search.oneshot as cb
     from prunelab.pruning.magnitude import MagnitudePruner
 
     timer: dict = {"evaluate": 0.0, "rank_and_copy": 0.0, "mask": 0.0, "stats": 0.0, "evaluate_calls_s": []}
@@ -317,7 +300,7 @@ def _timers() -> dict:
 
 def child_prunelab_search(spec: dict) -> dict:
     """prunelab's search, layerwise like the notebook, rule contiguous, default early stop."""
-    from prunelab.pruning.callbacks import RatioSearch
+    from prunelab.callbacks import RatioSearch
 
     cfg = compose(spec, [])
     dm = _datamodule(cfg)

@@ -33,7 +33,7 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models as tvm
 
-from prunelab.pruning.search import pick
+from prunelab.search.rules import pick
 
 COARSE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RULES = ("contiguous", "highest")

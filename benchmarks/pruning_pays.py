@@ -25,16 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 import prunelab
-from prunelab.export import check_onnx, export_onnx, fold_pool
+from prunelab.compose import compose
+from prunelab.export import check_onnx, export_onnx
 from prunelab.io import load_state_dict, write_json, write_text
 from prunelab.latency import percentiles, time_interleaved
 from prunelab.models.factory import build_classifier
+from prunelab.models.transforms import fold_pool
 from prunelab.pipeline import run
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
 from prunelab.report.markdown import table
@@ -44,18 +42,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def compose_run(overrides: list[str], workdir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        tag = f"run-{len(list(workdir.glob('run-*')))}"
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(workdir)
-            cfg.paths.log_dir = str(workdir / "logs")
-            cfg.paths.output_dir = str(workdir / tag)
-            cfg.hydra.runtime.output_dir = str(workdir / tag)
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-    return run(cfg)
+    return run(compose(overrides, workdir, workdir / f"run-{len(list(workdir.glob('run-*')))}"))
 
 
 def _cpu_name() -> str:

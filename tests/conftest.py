@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 import prunelab
+from prunelab.compose import compose
 
 CONF_DIR = Path(prunelab.__file__).parent / "conf"
 REPO = Path(__file__).resolve().parents[1]
@@ -25,17 +22,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """Compose ``train.yaml`` like the app does, with every path under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(tmp_path)
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-    return cfg
+    return compose(overrides, tmp_path)
 
 
 # Small but learnable: resnet18 separates the synthetic classes in a few dozen CPU steps.

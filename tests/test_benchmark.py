@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunelab.pruning.masks import magnitude_masks, prunable_weights
-from prunelab.pruning.search import pick
+from prunelab.search.rules import pick
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a top-level package of the checkout, not installed

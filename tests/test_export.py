@@ -9,18 +9,9 @@ import torchvision
 from test_channel import tiny_vgg
 from torch import nn
 
-from prunelab.export import (
-    check_onnx,
-    compressed_bytes,
-    export_onnx,
-    file_bytes,
-    fold_pool,
-    folded_view,
-    main,
-    pack_sparse,
-    unpack_sparse,
-)
-from prunelab.io import save_state_dict, write_text
+from prunelab.export import check_onnx, export_onnx, main
+from prunelab.io import compressed_bytes, file_bytes, pack_sparse, save_state_dict, unpack_sparse, write_text
+from prunelab.models.transforms import fold_pool, folded_view
 from prunelab.pruning.channel import channel_plan, prune_channels, save_channel_pruned
 from prunelab.pruning.masks import magnitude_masks, prunable_weights
 
@@ -78,7 +69,7 @@ def test_folded_view_shares_weights_and_follows_masking():
 def test_search_with_and_without_the_fast_evaluation_agree(method, grid):
     from torch.utils.data import TensorDataset
 
-    from prunelab.pruning.callbacks import RatioSearch
+    from prunelab.callbacks import RatioSearch
 
     g = torch.Generator().manual_seed(4)
     data = TensorDataset(torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g))
@@ -92,7 +83,7 @@ def test_search_with_and_without_the_fast_evaluation_agree(method, grid):
         assert all(p.is_contiguous() for p in s.model.parameters())
         # the model comes back in the layout it came in
         assert model.features[0].weight.is_contiguous()
-        assert isinstance(s._evaluation_view(model, (32, 32))[0](model), nn.Sequential) == fold
+        assert isinstance(s._view(model, (32, 32))[0](model), nn.Sequential) == fold
     assert results[True] == results[False] and len(results[True]) == len(grid)
 
 
@@ -134,7 +125,7 @@ def test_cli_refuses_fold_pool_for_a_non_vgg(tmp_path, capsys):
     net = torchvision.models.resnet18(num_classes=10)
     save_state_dict(tmp_path / "models" / "dense.pt", net.state_dict())
     save_state_dict(tmp_path / "models" / "pruned.pt", net.state_dict())
-    assert main([str(tmp_path), "--fold-pool"]) == 1
+    assert main([str(tmp_path), "--fold-pool"]) == 2  # bad input: exit 2, like the train command
     err = capsys.readouterr().err
     assert "--fold-pool refused" in err and "features" in err
     assert not (tmp_path / "export").exists()

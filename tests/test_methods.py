@@ -90,8 +90,8 @@ def test_bad_method_options(tmp_path, override, key):
 
 def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
     from prunelab.data import SyntheticDataModule
-    from prunelab.prune_stage import _recover_fn
     from prunelab.pruning.magnitude import MagnitudePruner
+    from prunelab.search.stage import recover_fn
 
     cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=1", "trainer.limit_train_batches=3",
                                          "model.weight_decay=0.05"])
@@ -102,7 +102,7 @@ def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
     pruner.finish(0.7)
     masks = pruner.keep_masks()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    recovered = _recover_fn(cfg, dm, torch.device("cpu"))(net, masks)
+    recovered = recover_fn(cfg, dm, torch.device("cpu"))(net, masks)
     after = recovered.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
     for name, w in prunable_weights(recovered).items():

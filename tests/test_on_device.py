@@ -16,7 +16,7 @@ from prunelab.data import SyntheticDataModule
 from prunelab.data.on_device import DeviceLoader, epoch_plan, flip_crop, normalize, shard_positions
 from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, train_transform
 from prunelab.models import ImageClassifier, build_classifier
-from prunelab.pipeline import build_trainer
+from prunelab.trainer import build_trainer
 
 MEAN = torch.tensor(CIFAR10_MEAN)
 STD = torch.tensor(CIFAR10_STD)

@@ -10,11 +10,11 @@ from torch import nn
 from torchvision.models import resnet18, vgg16
 
 from conftest import FAST_LEARNER, compose_cfg
+from prunelab.callbacks import MagnitudePruning
 from prunelab.data import SyntheticDataModule
 from prunelab.io import load_state_dict
 from prunelab.models import ImageClassifier
 from prunelab.pipeline import run
-from prunelab.pruning.callbacks import MagnitudePruning
 from prunelab.pruning.masks import prunable_weights
 from prunelab.report.schema import validate
 

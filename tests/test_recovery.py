@@ -2,8 +2,8 @@
 
 from test_channel import X, convs, tiny_vgg
 
-from prunelab.pruning.recovery import iterative, iterative_search
-from prunelab.pruning.search import Evaluation
+from prunelab.search.iterative import iterative, iterative_search
+from prunelab.search.rules import Evaluation
 
 
 def no_recovery(net, masks):
@@ -30,9 +30,10 @@ def test_iterative_search_stops_at_the_first_recovered_failure():
     # each step is evaluated right after pruning, then after recovery: 0.2 and 0.4 recover above
     # the threshold, 0.6 does not, so 0.8 is never tried
     seq = iter([10, 60, 10, 58, 10, 20, 10, 70])
-    kept, best, steps = iterative_search(model, "magnitude", [0.6, 0.2, 0.8, 0.4], threshold=55.0,
-                                         recover=no_recovery, options={"scope": "global"},
-                                         evaluate=lambda n: Evaluation(0.0, next(seq), 100, 100))
+    kept, result = iterative_search(model, "magnitude", [0.6, 0.2, 0.8, 0.4], dense_acc=56.0, tolerance=1.0,
+                                    recover=no_recovery, options={"scope": "global"},
+                                    evaluate=lambda n: Evaluation(0.0, next(seq), 100, 100))
+    steps, best = result.curve, result.best_ratio
     assert [s.ratio for s in steps] == [0.2, 0.4, 0.6]  # walked upwards, stopped at the failure
     assert best == 0.4
     zeros = sum(int((p == 0).sum()) for n, p in kept.named_parameters() if n.endswith("weight") and p.dim() > 1)

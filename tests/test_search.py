@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunelab.pruning.search import (
+from prunelab.search.rules import (
     Evaluation,
     max_errors,
     passes,

@@ -7,9 +7,9 @@ from omegaconf import DictConfig
 
 from prunelab.errors import ConfigError
 from prunelab.pruning.masks import SCOPES
-from prunelab.pruning.search import RULES
+from prunelab.pruning.registry import methods
+from prunelab.search.rules import RULES
 
-METHODS = ("magnitude", "channel", "semi_structured")
 SCHEDULES = ("oneshot", "iterative")
 
 
@@ -20,8 +20,8 @@ def _ratio(key: str, value) -> None:
 
 def check(cfg: DictConfig) -> None:
     p, s = cfg.prune, cfg.search
-    if p.method not in METHODS:
-        raise ConfigError(f"prune.method={p.method} is unknown; use one of {', '.join(METHODS)}")
+    if p.method not in methods():
+        raise ConfigError(f"prune.method={p.method} is unknown; use one of {', '.join(methods())}")
     if p.get("scope", "global") not in SCOPES:
         raise ConfigError(f"prune.scope={p.scope} is unknown; use one of {', '.join(SCOPES)}")
     if p.get("schedule", "oneshot") not in SCHEDULES:

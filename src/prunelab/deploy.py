@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunelab.io import save_state_dict
+from prunelab.io import compressed_bytes, save_state_dict
 from prunelab.latency import LatencyMonitor, summarize
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,11 @@ def _time_two_four(net: nn.Module, batch: torch.Tensor, device, monitor: Latency
 
 def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:
     """Export ``net`` to ONNX and time it with onnxruntime on the CPU; None without onnxruntime."""
-    try:
-        import onnxruntime as ort
-
-        from prunelab.export import export_onnx
-    except ImportError:
-        return None
     import time
+
+    from prunelab.export import export_onnx, require_onnx
+
+    ort = require_onnx()  # without the export extra: one line naming it, exit 2
 
     cpu_net = copy.deepcopy(net).to("cpu").eval()
     x = batch.to("cpu").float()
@@ -87,8 +85,6 @@ def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict |
 
 def save_pruned(method: str, net: nn.Module, models_dir: Path, arch: str, num_classes: int) -> dict:
     """Write the pruned model in its compact form; returns the bytes on disk."""
-    from prunelab.export import compressed_bytes
-
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if method == "channel":
         from prunelab.pruning.channel import META_FILE, WEIGHTS_FILE, save_channel_pruned

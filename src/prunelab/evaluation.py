@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from prunelab.models.modes import eval_mode
+
 
 @dataclass
 class Count:
@@ -65,8 +67,6 @@ def count_correct(
 ) -> Count:
     """Correct predictions of ``model`` over ``loader``; stops once errors exceed ``max_errors``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     rank, world = _distributed()
     total = total if total is not None else len(loader.dataset)
     correct = seen = 0
@@ -76,32 +76,29 @@ def count_correct(
     # shard's batch count and a rank whose shard is exhausted contributes zeros.
     steps = math.ceil(math.ceil(total / world) / loader.batch_size) if world > 1 else None
     batches = iter(loader)
-    try:
-        with autocast_for(device, precision):
-            step = 0
-            while steps is None or step < steps:
-                step += 1
-                item = next(batches, None)
-                if item is None and steps is None:
-                    break
-                c = s = 0
-                if item is not None:
-                    x, y = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
-                    if batch_transform is not None:
-                        x = batch_transform(x)
-                    pred = model(x).argmax(dim=1)
-                    c, s = int((pred == y).sum()), int(y.numel())
-                if sync_each_batch:
-                    t = torch.tensor([c, s], dtype=torch.long)
-                    dist.all_reduce(t)
-                    c, s = int(t[0]), int(t[1])
-                correct += c
-                seen += s
-                if max_errors is not None and seen - correct > max_errors:
-                    stopped = True
-                    break
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast_for(device, precision):
+        step = 0
+        while steps is None or step < steps:
+            step += 1
+            item = next(batches, None)
+            if item is None and steps is None:
+                break
+            c = s = 0
+            if item is not None:
+                x, y = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
+                if batch_transform is not None:
+                    x = batch_transform(x)
+                pred = model(x).argmax(dim=1)
+                c, s = int((pred == y).sum()), int(y.numel())
+            if sync_each_batch:
+                t = torch.tensor([c, s], dtype=torch.long)
+                dist.all_reduce(t)
+                c, s = int(t[0]), int(t[1])
+            correct += c
+            seen += s
+            if max_errors is not None and seen - correct > max_errors:
+                stopped = True
+                break
     if world > 1 and not sync_each_batch:
         t = torch.tensor([correct, seen], dtype=torch.long)
         dist.all_reduce(t)

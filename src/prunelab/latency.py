@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from lightning import Callback
 from torch import nn
 
 from prunelab.evaluation import autocast_for
+from prunelab.models.modes import eval_mode
 
 
 def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
@@ -77,37 +77,23 @@ def time_interleaved(
     if iters < 1 or warmup < 0:
         raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
     device = torch.device(device)
-    modes = {k: m.training for k, m in models.items()}
     host = batch.pin_memory() if include_transfer and device.type == "cuda" else batch
     on_device = batch.to(device)
     samples: dict[str, list[float]] = {k: [] for k in models}
-    try:
+    with eval_mode(*models.values()), autocast_for(device, precision):
         for m in models.values():
-            m.eval()
-        with autocast_for(device, precision):
-            for m in models.values():
-                for _ in range(warmup):
-                    _one_forward(m, host, on_device, device, include_transfer)
-            for _ in range(iters):
-                for k, m in models.items():
-                    samples[k].append(_one_forward(m, host, on_device, device, include_transfer))
-    finally:
-        for k, m in models.items():
-            m.train(modes[k])
+            for _ in range(warmup):
+                _one_forward(m, host, on_device, device, include_transfer)
+        for _ in range(iters):
+            for k, m in models.items():
+                samples[k].append(_one_forward(m, host, on_device, device, include_transfer))
     return samples
 
 
-def time_forward(
-    model: nn.Module,
-    batch: torch.Tensor,
-    device: torch.device | str = "cpu",
-    warmup: int = 5,
-    iters: int = 30,
-    include_transfer: bool = False,
-    precision: str | None = None,
-) -> list[float]:
-    """Milliseconds per forward pass of ``batch``, one sample per iteration after warm-up."""
-    return time_interleaved({"model": model}, batch, device, warmup, iters, include_transfer, precision)["model"]
+def time_forward(model: nn.Module, batch: torch.Tensor, *args, **kwargs) -> list[float]:
+    """Milliseconds per forward pass of ``batch``, one sample per iteration after warm-up
+    (further arguments as :func:`time_interleaved`)."""
+    return time_interleaved({"model": model}, batch, *args, **kwargs)["model"]
 
 
 def sample_batch(dataset, batch_size: int) -> torch.Tensor:
@@ -119,8 +105,8 @@ def sample_batch(dataset, batch_size: int) -> torch.Tensor:
 class LatencyMonitor:
     """Times a model's forward pass per batch and logs ``latency/<tag>/p50_ms`` and friends.
 
-    Used as a Lightning callback (``on_test_end`` times the module on the test split) or called
-    directly with ``measure``.
+    ``prunelab.callbacks.LatencyCallback`` runs it after ``trainer.test``; the pipeline calls
+    ``measure_interleaved`` directly.
     """
 
     def __init__(self, batch_size: int = 128, warmup: int = 5, iters: int = 30,
@@ -150,16 +136,3 @@ class LatencyMonitor:
             for lg in loggers:
                 lg.log_metrics({f"latency/{tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)
         return out
-
-
-class LatencyCallback(Callback, LatencyMonitor):
-    """LatencyMonitor as a callback: times the module on the test split at ``on_test_end``."""
-
-    def __init__(self, tag: str = "model", **kwargs):
-        Callback.__init__(self)
-        LatencyMonitor.__init__(self, **kwargs)
-        self.tag = tag
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        batch = sample_batch(trainer.datamodule.test_set, self.batch_size)
-        self.measure(pl_module, batch, pl_module.device, self.tag, trainer.loggers)

@@ -11,48 +11,24 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 import torch.distributed as dist
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning import Trainer
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab import config_check
 from prunelab.deploy import onnx_latency, save_pruned, time_as_deployed
-from prunelab.errors import ConfigError, PrunelabError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, write_json, write_text
 from prunelab.latency import LatencyMonitor, sample_batch
-from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import drop_within_noise
+from prunelab.search.stage import run_prune_stage
+from prunelab.trainer import build, build_trainer
 
 log = logging.getLogger("prunelab")
-
-
-def _build(node: DictConfig, what: str):
-    try:
-        return instantiate(node)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, PrunelabError):
-            raise cause from None
-        if isinstance(cause, ValueError | TypeError):
-            raise ConfigError(f"{what}: {cause}") from None
-        raise
-
-
-def build_trainer(cfg: DictConfig) -> Trainer:
-    callbacks = [_build(c, "callbacks") for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [_build(c, "logger") for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    target = trainer_cfg.pop("_target_")
-    assert target.endswith("Trainer"), target
-    return Trainer(**trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
 def ensure_distributed(trainer: Trainer) -> None:
@@ -84,9 +60,9 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
 
-    dm = _build(cfg.data, "data")
+    dm = build(cfg.data, "data")
     dm.prepare_data()  # fails fast, before any work, when the data is missing and offline
-    module = _build(cfg.model, "model")
+    module = build(cfg.model, "model")
     dm.setup("fit")
     trainer = build_trainer(cfg)
 
@@ -106,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
                              cfg.latency.include_transfer, precision)
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
     batch = sample_batch(dm.test_set, cfg.latency.batch_size) if cfg.stages.latency and rank_zero else None
-    memory_format = torch.channels_last if cfg.model.get("channels_last") else torch.contiguous_format
+    memory_format = module.memory_format
     if batch is not None:  # timed as the module runs it: ImageClassifier makes its inputs NHWC too
         batch = batch.contiguous(memory_format=memory_format)
 
@@ -127,11 +103,10 @@ def run(cfg: DictConfig) -> dict:
     if cfg.stages.prune:
         p = cfg.prune
         journal = Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json"
-        outcome = run_prune_stage(cfg, net, dm, device, precision, trainer, dense_val,
+        outcome = run_prune_stage(cfg, net, dm, device, precision, dense_val,
                                   journal if cfg.finetune.cache and rank_zero else None,
-                                  {"finetune": ft.key, "method": p.method})
+                                  {"finetune": ft.key, "method": p.method}, memory_format, trainer.loggers, rank_zero)
         timing["search"] = outcome.seconds
-        # A network rebuilt by channel surgery comes back NCHW: give it the dense network's layout.
         pruned_net = outcome.net.to(device, memory_format=memory_format)
         pruned_test = _count(pruned_net, dm.test_set, eval_bs, device, precision)
         t0 = time.perf_counter()

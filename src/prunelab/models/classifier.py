@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.models.factory import build_classifier
+from prunelab.models.transforms import memory_format
 
 
 class ImageClassifier(LightningModule):
@@ -37,6 +38,9 @@ class ImageClassifier(LightningModule):
         # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_classifier(arch, weights, num_classes)
+        # The one reading of model.channels_last: the pipeline, the search and the timing ask
+        # ``memory_format`` instead of re-reading the config or guessing from weight strides.
+        self.memory_format = memory_format(channels_last)
         if channels_last:
             # NHWC weights: oneDNN (CPU, bf16 on AMX) and cuDNN tensor cores run their fastest kernels in it
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -51,7 +55,7 @@ class ImageClassifier(LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.memory_format)
         # `is None`, not `or`: truth-testing an OptimizedModule calls len() on the wrapped net,
         # which raises for VGG/ResNet.
         net = self.net if self._compiled is None else self._compiled

@@ -54,3 +54,19 @@ def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classe
     old = net.get_submodule(head)
     replace_module(net, head, nn.Linear(old.in_features, num_classes))
     return net
+
+
+def build_from_state_dict(arch: str, state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> nn.Module:
+    """torchvision ``arch`` with its head sized from ``state_dict``, weights loaded strictly."""
+    try:
+        with torch.device("meta"):  # skip initialising weights the state_dict overwrites
+            net = tvm.get_model(arch, weights=None)
+            head = last_linear_name(net)
+            key = f"{head}.weight"
+            if key not in state_dict:
+                raise ConfigError(f"{source} has no {key}: it is not a torchvision {arch} state_dict")
+            replace_module(net, head, nn.Linear(net.get_submodule(head).in_features, state_dict[key].shape[0]))
+        net.load_state_dict(state_dict, strict=True, assign=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{source} does not load into torchvision {arch}: {str(exc).splitlines()[0]}") from None
+    return net.eval()

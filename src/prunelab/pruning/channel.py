@@ -34,9 +34,14 @@ from torchvision import models as tvm
 
 from prunelab.io import _atomic, write_json
 from prunelab.models.factory import last_linear_name, replace_module
+from prunelab.models.modes import eval_mode
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 
 IMPORTANCES = ("l1", "l2")
+NORMALIZATIONS = ("mean", "none")
+# The code's defaults are the config's (conf/prune/magnitude.yaml; a test holds them equal).
+DEFAULT_NORMALIZE = "mean"
+DEFAULT_ROUND_TO = 16
 META_FILE = "pruned_channels.json"
 WEIGHTS_FILE = "pruned.safetensors"
 
@@ -48,15 +53,11 @@ def default_example(model: nn.Module, size: int = 32) -> torch.Tensor:
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, leaving its train/eval flags as they were."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        # Tracing needs autograd, which a caller's inference_mode/no_grad would silently disable.
-        with torch.inference_mode(False), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.clone(), verbose=False)
-    finally:
-        for m, training in modes:
-            m.training = training
+    """Torch-Pruning's dependency graph of ``model``, traced in eval mode (BatchNorm statistics
+    untouched by the example) and leaving its train/eval flags as they were."""
+    # Tracing needs autograd, which a caller's inference_mode/no_grad would silently disable.
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.clone(), verbose=False)
 
 
 def _coupling(graph: tp.DependencyGraph, conv: nn.Conv2d, head: nn.Module) -> str | None:
@@ -155,11 +156,8 @@ def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -
     return sum(original[n] - channels[n] for n in original) / total if total else 0.0
 
 
-NORMALIZATIONS = ("mean", "none")
-
-
 def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
-                  normalize: str = "none") -> ChannelRanking:
+                  normalize: str = DEFAULT_NORMALIZE) -> ChannelRanking:
     """Rank every prunable filter; ``normalize="mean"`` divides each layer's norms by their mean.
 
     Raw norms grow with a filter's fan-in (27 weights in VGG's first conv, 4,608 in its last), so
@@ -176,8 +174,8 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
 
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
-                 example_input: torch.Tensor | None = None, normalize: str = "none",
-                 round_to: int = 1) -> dict[str, list[int]]:
+                 example_input: torch.Tensor | None = None, normalize: str = DEFAULT_NORMALIZE,
+                 round_to: int = DEFAULT_ROUND_TO) -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
@@ -225,13 +223,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
         total += out.numel() * per_out
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return total // max(1, example_input.shape[0])
@@ -239,6 +234,43 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 
 def conv_channels(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tensor | None = None,
+                  dense_macs: int | None = None, prunable: Mapping[str, int] | None = None) -> dict:
+    """Sizes of a channel-pruned ``model`` against the ``dense`` network it was cut from.
+
+    ``params`` counts all parameters; ``nonzero``/``sparsity``/``layers`` count Conv2d and Linear
+    weights against the dense model, as the masking pruners do, so removed weights show as zeros.
+    ``channels_removed`` is the share of the prunable convs' channels gone (``prunable``: their
+    dense widths, found by tracing ``dense`` when not given); with ``round_to > 1`` it differs
+    slightly from the requested ratio.
+    """
+    example = example_input if example_input is not None else default_example(dense).to(
+        next(dense.parameters()).device)
+    if prunable is None:
+        prunable = {n: c.out_channels for n, c in prunable_convs(dense, example).items()}
+    dense_weights = {n: w.numel() for n, w in prunable_weights(dense).items()}
+    weights = prunable_weights(model)
+    layers = {}
+    for name, dense_n in dense_weights.items():
+        zeros = dense_n - int(torch.count_nonzero(weights[name]))
+        layers[name] = {"params": dense_n, "zeros": zeros, "sparsity": zeros / dense_n if dense_n else 0.0}
+    dense_total = sum(dense_weights.values())
+    nonzero = dense_total - sum(v["zeros"] for v in layers.values())
+    channels = conv_channels(model)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "dense_params": sum(p.numel() for p in dense.parameters()),
+        "macs": count_macs(model, example),
+        "dense_macs": dense_macs if dense_macs is not None else count_macs(dense, example),
+        "nonzero": nonzero,
+        "zeros": dense_total - nonzero,
+        "sparsity": 1.0 - nonzero / dense_total if dense_total else 0.0,
+        "channels": channels,
+        "channels_removed": removed_fraction(channels, prunable),
+        "layers": layers,
+    }
 
 
 class ChannelPruner:
@@ -251,7 +283,7 @@ class ChannelPruner:
     method = "channel"
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
-                 normalize: str = "mean", round_to: int = 1):
+                 normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO):
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if min_channels < 1:
@@ -269,8 +301,6 @@ class ChannelPruner:
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None
         self.ratio: float | None = None
-        self._dense_weights = {n: w.numel() for n, w in prunable_weights(model).items()}
-        self._dense_params = sum(p.numel() for p in model.parameters())
         self._dense_macs: int | None = None
         self._prunable: dict[str, int] = {}
 
@@ -297,38 +327,12 @@ class ChannelPruner:
         return self.current
 
     def stats(self) -> dict:
-        """Sizes of the current candidate (the original before any ``apply``).
-
-        ``params`` counts all parameters; ``nonzero``/``sparsity``/``layers`` count Conv2d and
-        Linear weights against the dense model, as the masking pruners do, so removed weights
-        show as zeros.
-        """
+        """Sizes of the current candidate (the original before any ``apply``): see ``channel_stats``."""
         model = self.current if self.current is not None else self.model
         if self._dense_macs is None:
             self._dense_macs = count_macs(self.model, self.example_input)
-        weights = prunable_weights(model)
-        layers = {}
-        for name, dense_n in self._dense_weights.items():
-            w = weights[name]
-            zeros = dense_n - int(torch.count_nonzero(w))
-            layers[name] = {"params": dense_n, "zeros": zeros, "sparsity": zeros / dense_n if dense_n else 0.0}
-        dense_total = sum(self._dense_weights.values())
-        nonzero = dense_total - sum(v["zeros"] for v in layers.values())
-        return {
-            "ratio": self.ratio or 0.0,
-            "params": sum(p.numel() for p in model.parameters()),
-            "dense_params": self._dense_params,
-            "macs": count_macs(model, self.example_input),
-            "dense_macs": self._dense_macs,
-            "nonzero": nonzero,
-            "zeros": dense_total - nonzero,
-            "sparsity": 1.0 - nonzero / dense_total if dense_total else 0.0,
-            "channels": conv_channels(model),
-            # With round_to > 1 the removed share differs slightly from the requested ratio.
-            "channels_removed": removed_fraction(conv_channels(model), self._prunable),
-            "round_to": self.round_to,
-            "layers": layers,
-        }
+        stats = channel_stats(model, self.model, self.example_input, self._dense_macs, self._prunable or None)
+        return dict(stats, ratio=self.ratio or 0.0, round_to=self.round_to)
 
     def keep_masks(self) -> None:
         """Channel-pruned networks need no masks: removed weights no longer exist."""

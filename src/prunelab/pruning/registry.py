@@ -8,31 +8,58 @@ stay zero while the candidate trains, or None) and ``finish(ratio) -> nn.Module`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-METHODS = ("magnitude", "channel", "semi_structured")
+
+def _magnitude(model: nn.Module, scope: str = "global", **_):
+    from prunelab.pruning.magnitude import MagnitudePruner
+
+    return MagnitudePruner(model, scope)
 
 
-def make_pruner(method: str, model: nn.Module, scope: str = "global", importance: str = "l1",
-                normalize: str = "mean", min_channels: int = 1, round_to: int = 1,
-                example_input: torch.Tensor | None = None):
-    if method == "magnitude":
-        from prunelab.pruning.magnitude import MagnitudePruner
+def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
+             round_to: int = 16, example_input: torch.Tensor | None = None, **_):
+    from prunelab.pruning.channel import ChannelPruner, default_example
 
-        return MagnitudePruner(model, scope)
-    if method == "channel":
-        from prunelab.pruning.channel import ChannelPruner, default_example
+    example = example_input if example_input is not None else default_example(model)
+    device = next(model.parameters()).device
+    return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
+                         normalize=normalize, round_to=round_to)
 
-        example = example_input if example_input is not None else default_example(model)
-        device = next(model.parameters()).device
-        return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
-                             normalize=normalize, round_to=round_to)
-    if method == "semi_structured":
-        from prunelab.pruning.semi_structured import SemiStructuredPruner
 
-        return SemiStructuredPruner(model)
-    raise ValueError(f"prune.method must be one of {METHODS}, got {method!r}")
+def _semi_structured(model: nn.Module, **_):
+    from prunelab.pruning.semi_structured import SemiStructuredPruner
+
+    return SemiStructuredPruner(model)
+
+
+# method name -> constructor(model, **prune options); each takes the options it needs and ignores
+# the rest, so every method is built from the same `prune.*` settings. A new method is one module
+# plus one line here (or `register` from your own code).
+PRUNERS: dict[str, Callable[..., object]] = {
+    "magnitude": _magnitude,
+    "channel": _channel,
+    "semi_structured": _semi_structured,
+}
+
+
+def methods() -> tuple[str, ...]:
+    """The method names ``prune.method`` accepts, registered ones included."""
+    return tuple(PRUNERS)
+
+
+def register(method: str, constructor: Callable[..., object]) -> None:
+    """Add a pruning method: ``constructor(model, **prune_options)`` returns a pruner (see above)."""
+    PRUNERS[method] = constructor
+
+
+def make_pruner(method: str, model: nn.Module, scope: str = "global", **options):
+    if method not in PRUNERS:
+        raise ValueError(f"prune.method must be one of {tuple(PRUNERS)}, got {method!r}")
+    return PRUNERS[method](model, scope=scope, **options)
 
 
 def candidate_extra(method: str, stats: dict) -> dict:

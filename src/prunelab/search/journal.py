@@ -1,12 +1,19 @@
-"""A search journal: candidates already evaluated, so a killed search resumes where it stopped."""
+"""A search journal: candidates already evaluated, so a killed search resumes where it stopped.
+
+An entry is reused only when its identity (the fine-tuned weights' digest, the method and every
+setting that changes a verdict) equals the running search's; anything else starts afresh.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from prunelab.io import write_json
-from prunelab.pruning.search import Evaluation
+from prunelab.search.rules import Evaluation
+
+log = logging.getLogger(__name__)
 
 
 class Journal:
@@ -23,6 +30,8 @@ class Journal:
                 for e in data.get("evaluations", []):
                     extra = e.pop("extra", {})
                     self.entries[e["ratio"]] = Evaluation(**e, extra=extra)
+            else:
+                log.info("search journal %s was written for other weights or settings: starting afresh", self.path)
 
     def record(self, e: Evaluation) -> None:
         self.entries[e.ratio] = e

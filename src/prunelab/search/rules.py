@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 RULES = ("contiguous", "highest")
 
@@ -39,6 +40,9 @@ class Evaluation:
     nonzero: int | None = None
     extra: dict = field(default_factory=dict)
 
+    def passed(self, threshold: float) -> bool:
+        return verdict(self, threshold)
+
     @property
     def acc(self) -> float:
         """Accuracy in percent over the whole split; for a stopped candidate, an upper bound."""
@@ -46,12 +50,22 @@ class Evaluation:
             return 100.0 * (self.correct + self.total - self.seen) / self.total
         return 100.0 * self.correct / self.total
 
-    def to_dict(self) -> dict:
+    def to_dict(self, threshold: float | None = None) -> dict:
+        """The report's entry; with ``threshold``, also whether it passed."""
         d = asdict(self)
         d.update(d.pop("extra"))
         d["val_acc"] = self.acc
         d["acc_is_bound"] = self.stopped
+        if threshold is not None:
+            d["passed"] = verdict(self, threshold)
         return d
+
+
+def pass_threshold(dense_acc: float, tolerance: float) -> float:
+    """The accuracy in percent a candidate must reach: the one place the tolerance is applied."""
+    if tolerance < 0:
+        raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
+    return dense_acc - tolerance
 
 
 def passes(correct: int, total: int, threshold: float) -> bool:
@@ -112,8 +126,24 @@ def refinement(coarse: Mapping[float, bool], step: float, upper: float = 1.0) ->
     return sorted(out)
 
 
+class Candidate(Protocol):
+    """What a search curve holds: an ``Evaluation``, or an iterative ``Step`` (pruned, then recovered)."""
+
+    ratio: float
+
+    @property
+    def seen(self) -> int: ...
+
+    def passed(self, threshold: float) -> bool: ...
+
+    def to_dict(self, threshold: float | None = None) -> dict: ...
+
+
 @dataclass
 class SearchResult:
+    """A finished search: both rules' answers and every candidate evaluated, in ratio order.
+    ``to_dict`` is the one report builder for one-shot and iterative searches alike."""
+
     dense_acc: float
     threshold: float
     tolerance: float
@@ -121,11 +151,15 @@ class SearchResult:
     best_ratio: float
     best_ratio_highest: float | None  # None when the curve stopped at the first failure
     best_ratio_contiguous: float
-    curve: list[Evaluation]
+    curve: list[Candidate]
     full_curve: bool = True
 
     def passed(self, ratio: float) -> bool:
-        return any(e.ratio == ratio and verdict(e, self.threshold) for e in self.curve)
+        return any(e.ratio == ratio and e.passed(self.threshold) for e in self.curve)
+
+    @property
+    def images_evaluated(self) -> int:
+        return sum(e.seen for e in self.curve)
 
     def to_dict(self) -> dict:
         return {
@@ -137,7 +171,8 @@ class SearchResult:
             "best_ratio_highest": self.best_ratio_highest,
             "best_ratio_contiguous": self.best_ratio_contiguous,
             "full_curve": self.full_curve,
-            "curve": [dict(e.to_dict(), passed=verdict(e, self.threshold)) for e in self.curve],
+            "curve": [e.to_dict(self.threshold) for e in self.curve],
+            "images_evaluated": self.images_evaluated,
         }
 
 
@@ -163,10 +198,8 @@ def search(
     """
     if rule not in RULES:
         raise ValueError(f"search.rule must be one of {RULES}, got {rule!r}")
-    if tolerance < 0:
-        raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
-    threshold = dense_acc - tolerance
-    budget = None if exact or total is None else max_errors(total, threshold)
+    limit = pass_threshold(dense_acc, tolerance)
+    budget = None if exact or total is None else max_errors(total, limit)
     full_curve = bool(full_curve) or rule == "highest"
     results: dict[float, Evaluation] = {}
     known = dict(known or {})
@@ -180,19 +213,19 @@ def search(
                     if on_result is not None:
                         on_result(e)
                 results[r] = e
-            if not full_curve and not verdict(results[r], threshold):
+            if not full_curve and not verdict(results[r], limit):
                 break  # above a failure nothing changes the contiguous answer
 
     run(grid)
     if refine_step:
         # On a phase stopped at its first failure both rules' spans coincide: the contiguous one.
-        coarse = {r: verdict(results[r], threshold) for r in results}
+        coarse = {r: verdict(results[r], limit) for r in results}
         run(refinement(coarse, refine_step))
-    verdicts = [(r, verdict(e, threshold)) for r, e in results.items()]
+    verdicts = [(r, verdict(e, limit)) for r, e in results.items()]
     best = {k: pick(verdicts, k) for k in RULES}
     return SearchResult(
         dense_acc=dense_acc,
-        threshold=threshold,
+        threshold=limit,
         tolerance=tolerance,
         rule=rule,
         best_ratio=best[rule],

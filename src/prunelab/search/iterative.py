@@ -19,7 +19,7 @@ from torch import nn
 
 from prunelab.pruning.channel import conv_channels, prunable_convs, removed_fraction
 from prunelab.pruning.registry import candidate_extra, make_pruner
-from prunelab.pruning.search import Evaluation, verdict
+from prunelab.search.rules import RULES, Evaluation, SearchResult, pass_threshold, pick, verdict
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,14 @@ class Step:
     before: Evaluation  # right after pruning this step
     after: Evaluation  # after recovery
     extra: dict = field(default_factory=dict)
+
+    @property
+    def seen(self) -> int:
+        """Images evaluated for this step: once right after pruning, once after recovery."""
+        return self.before.seen + self.after.seen
+
+    def passed(self, threshold: float) -> bool:
+        return verdict(self.after, threshold)
 
     def to_dict(self, threshold: float | None = None) -> dict:
         d = self.after.to_dict()
@@ -107,11 +115,16 @@ def schedule(target: float, steps: int) -> list[float]:
     return [round(target * (i + 1) / steps, 6) for i in range(steps)]
 
 
-def iterative_search(net: nn.Module, method: str, grid: Iterable[float], threshold: float, recover: Recover,
-                     evaluate: Evaluate, options: dict) -> tuple[nn.Module, float, list[Step]]:
+def iterative_search(net: nn.Module, method: str, grid: Iterable[float], dense_acc: float, tolerance: float,
+                     recover: Recover, evaluate: Evaluate, options: dict) -> tuple[nn.Module, SearchResult]:
     """Walk the grid upwards with recovery; the answer is the highest ratio whose recovered
-    accuracy passes, reached without any failure below it."""
+    accuracy passes, reached without any failure below it (the contiguous rule)."""
+    limit = pass_threshold(dense_acc, tolerance)
     kept, steps = iterative(net, method, sorted(grid), recover, evaluate, options,
-                            stop=lambda s: not verdict(s.after, threshold))
-    passed = [s.ratio for s in steps if verdict(s.after, threshold)]
-    return kept, (passed[-1] if passed else 0.0), steps
+                            stop=lambda s: not s.passed(limit))
+    verdicts = [(s.ratio, s.passed(limit)) for s in steps]
+    best = {rule: pick(verdicts, rule) for rule in RULES}
+    result = SearchResult(dense_acc=dense_acc, threshold=limit, tolerance=tolerance, rule="contiguous",
+                          best_ratio=best["contiguous"], best_ratio_highest=best["highest"],
+                          best_ratio_contiguous=best["contiguous"], curve=steps, full_curve=False)
+    return kept, result
