@@ -25,6 +25,7 @@ from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import drop_within_noise
+from prunelab.resolve import resolve_auto
 from prunelab.search.stage import run_prune_stage
 from prunelab.trainer import build, build_trainer
 
@@ -56,6 +57,7 @@ def _count(model, dataset, batch_size, device, precision) -> tuple[int, int]:
 
 def run(cfg: DictConfig) -> dict:
     config_check.check(cfg)
+    resolved = resolve_auto(cfg)  # before anything is built: every "auto" becomes a concrete value
     timing: dict[str, float | None] = {"finetune": None, "search": None, "latency": None}
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
@@ -145,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
     report["finetune"] = ft.to_dict()
     report["timing_s"] = timing
     report["device"] = device_info(device)
+    report["resolved"] = resolved
     report["notes"] = _notes(report, cfg)
     report["config"] = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero:
