@@ -204,6 +204,7 @@ def run_child(target: str, spec: dict) -> dict:
 def compose(spec: dict, extra: list[str]):
     """Compose prunelab's ``train.yaml`` as the app does, with this run's data and paths."""
     from prunelab.compose import compose as prunelab_compose
+    from prunelab.resolve import resolve_auto
 
     work = spec["work_dir"]
     if spec["data"] == "synthetic":
@@ -215,7 +216,9 @@ def compose(spec: dict, extra: list[str]):
                  "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
                  "+trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
                  "trainer.limit_val_batches=0", *extra]
-    return prunelab_compose(overrides, work)
+    cfg = prunelab_compose(overrides, work)
+    resolve_auto(cfg)  # +experiment=fast's "auto" settings become what this machine runs fastest
+    return cfg
 
 
 def _datamodule(cfg):
@@ -247,6 +250,14 @@ def _classifier(cfg, weights_path: str | None):
         module.net.load_state_dict(state, strict=True)
         del state
     return module
+
+
+def fast_resolution(spec: dict) -> dict:
+    """What +experiment=fast's "auto" settings resolve to on this machine (for the results)."""
+    from prunelab.compose import compose as prunelab_compose
+    from prunelab.resolve import resolve_auto
+
+    return resolve_auto(prunelab_compose(["+experiment=fast", "data=synthetic"], spec["work_dir"]))
 
 
 def child_train(spec: dict) -> dict:
@@ -629,6 +640,9 @@ def main(argv=None) -> dict:
             "threads": spec["threads"],
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)",
+            # The CPU's capability and bf16 support decide what +experiment=fast resolves to.
+            "hardware": importlib.import_module("prunelab.hardware").detect(device.type).to_dict(),
+            "fast_resolves_to": {k: v["value"] for k, v in fast_resolution(spec).items() if k != "hardware"},
             "torch": torch.__version__,
             "python": platform.python_version(),
             "prunelab": str(Path(importlib.import_module("prunelab").__file__).parent),

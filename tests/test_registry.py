@@ -1,0 +1,82 @@
+"""Adding a pruning method is one module plus one registry line: a toy method registered here
+runs through the config check and the one-shot search like the built-in ones."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from conftest import CONF_DIR, compose_cfg
+from prunelab import config_check
+from prunelab.pruning import registry
+from prunelab.pruning.channel import ChannelPruner
+from prunelab.pruning.masks import prunable_weights, sparsity
+from prunelab.search.oneshot import OneShotSearch
+from test_channel import tiny_vgg
+
+
+class FirstWeightsPruner:
+    """Zeroes the first ``ratio`` of every layer's weights (by position: easy to check exactly)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.original = {n: w.detach().clone() for n, w in prunable_weights(model).items()}
+
+    def prepare(self, ratios) -> None:
+        pass
+
+    def apply(self, ratio: float) -> nn.Module:
+        with torch.no_grad():
+            for name, w in prunable_weights(self.model).items():
+                w.copy_(self.original[name])
+                w.view(-1)[: int(ratio * w.numel())] = 0
+        return self.model
+
+    def stats(self) -> dict:
+        return sparsity(prunable_weights(self.model))
+
+    def keep_masks(self):
+        return {n: w != 0 for n, w in prunable_weights(self.model).items()}
+
+    def finish(self, ratio: float) -> nn.Module:
+        return self.apply(ratio)
+
+
+@pytest.fixture
+def toy_method():
+    registry.register("first_weights", lambda model, **_: FirstWeightsPruner(model))
+    yield "first_weights"
+    registry.PRUNERS.pop("first_weights")
+
+
+def test_a_registered_method_runs_through_the_search(toy_method):
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+    model = tiny_vgg()
+    search = OneShotSearch(tolerance=100.0, grid=[0.25, 0.5], refine_step=None, method=toy_method, fast_eval=False)
+    result = search.run(model, data, torch.device("cpu"))
+    assert [e.ratio for e in result.curve] == [0.25, 0.5]
+    assert result.best_ratio == 0.5  # a tolerance of 100 points passes everything
+    first = model.features[0].weight.view(-1)
+    n = first.numel()
+    assert torch.count_nonzero(first[: n // 2]) == 0 and torch.count_nonzero(first[n // 2:]) > 0
+
+
+def test_the_config_check_accepts_registered_methods_only(tmp_path, toy_method):
+    config_check.check(compose_cfg(tmp_path, ["+experiment=smoke", f"prune.method={toy_method}"]))
+    with pytest.raises(Exception, match="prune.method"):
+        config_check.check(compose_cfg(tmp_path, ["+experiment=smoke", "prune.method=no_such_method"]))
+
+
+def test_code_defaults_are_the_configs():
+    """One source of truth: what the code assumes when a caller passes nothing is what the config says."""
+    conf = OmegaConf.load(CONF_DIR / "prune" / "magnitude.yaml")
+    for fn in (registry._channel, ChannelPruner.__init__):
+        params = inspect.signature(fn).parameters
+        for key in ("importance", "normalize", "min_channels", "round_to"):
+            assert params[key].default == conf[key], (fn.__qualname__, key)
