@@ -26,7 +26,7 @@ from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import drop_within_noise
 from prunelab.resolve import resolve_auto
-from prunelab.search.stage import run_prune_stage
+from prunelab.prune_stage import run_prune_stage
 from prunelab.trainer import build, build_trainer
 
 log = logging.getLogger("prunelab")
