@@ -5,7 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.latency import LatencyMonitor, percentiles, summarize, time_forward, time_interleaved
+from prunelab.latency import (
+    LatencyMonitor,
+    batch_sizes,
+    latency_batches,
+    paired_stats,
+    percentiles,
+    summarize,
+    time_forward,
+    time_interleaved,
+)
 
 
 def test_percentiles_match_numpy():
@@ -84,3 +93,26 @@ def test_monitor_interleaved_reports_each_tag_with_its_partner():
     out = mon.measure_interleaved({"dense": Counting(), "pruned": Counting()}, torch.randn(4, 4), "cpu")
     assert set(out) == set(mon.results) == {"dense", "pruned"}
     assert out["dense"]["interleaved_with"] == ["pruned"] and out["pruned"]["iters"] == 2
+
+
+def test_paired_stats_ratio_of_p50s_and_per_iteration_spread():
+    dense, pruned = [10.0, 12.0, 20.0, 11.0], [5.0, 6.0, 10.0, 11.0]
+    out = paired_stats(dense, pruned, batch_size=8)
+    assert out["speedup_p50"] == pytest.approx(np.median(dense) / np.median(pruned))
+    ratios = np.array(dense) / np.array(pruned)
+    assert out["paired_ratio"]["p50"] == pytest.approx(np.median(ratios))
+    assert out["paired_ratio"]["p5"] == pytest.approx(np.percentile(ratios, 5))
+    assert out["dense"]["batch_size"] == 8 and out["pruned"]["iters"] == 4
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_stats([1.0], [1.0, 2.0], 1)
+
+
+def test_latency_batches_always_hold_the_headline_size():
+    assert batch_sizes({"batch_size": 64, "batch_sizes": [1, 128]}) == [1, 64, 128]
+    assert batch_sizes({"batch_size": 4, "batch_sizes": None}) == [4]
+    data = [(torch.full((3, 2, 2), float(i)), i) for i in range(5)]
+    got = latency_batches(data, {"batch_size": 4, "batch_sizes": [1, 8]})
+    assert sorted(got) == [1, 4, 8] and got[8].shape == (8, 3, 2, 2)
+    assert torch.equal(got[4], got[8][:4]) and float(got[8][5, 0, 0, 0]) == 0.0  # wraps round the split
+    with pytest.raises(ValueError):
+        batch_sizes({"batch_size": 4, "batch_sizes": [0]})

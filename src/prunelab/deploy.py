@@ -1,9 +1,15 @@
 """How a pruned model is shipped and timed: the way it will really run.
 
-- magnitude: dense kernels on a dense tensor with zeros (no speedup expected);
+``time_dense_and_pruned`` times the dense and the pruned model in turns, in the same runtime,
+dtype and layout, for every method; the runtime is ``prunelab.runtime``'s deploy form (pool folded,
+one dtype, a CUDA graph per batch size on GPU) or, with ``latency.runtime=eager``, the models as
+trained under autocast. Per method:
+
+- magnitude: dense kernels on a dense tensor with zeros: no speedup expected, and the result gives
+  the noise of its own timing so a ratio within it is never read as a speedup;
 - channel: the smaller dense network;
-- semi_structured: PyTorch's 2:4 sparse kernels on a CUDA device of compute capability 8.0+,
-  masked-dense elsewhere (and the report says so);
+- semi_structured: the 2:4 Linear layers on PyTorch's sparse kernels (CUDA sm80+, fp16/bf16) against
+  the dense form in the same dtype; masked-dense elsewhere, and the result says so;
 - optionally the exported ONNX model under onnxruntime on the CPU.
 
 Files: unstructured methods save a plain torchvision state_dict (``pruned.pt``); channel-pruned
@@ -16,45 +22,156 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prunelab.errors import ConfigError
+from prunelab.hardware import detect, resolve_channels_last, resolve_dtype
 from prunelab.io import compressed_bytes, save_state_dict
-from prunelab.latency import LatencyMonitor, summarize
+from prunelab.latency import LatencyMonitor, paired_stats, summarize, time_interleaved
+from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
 
 log = logging.getLogger(__name__)
+
+# Code defaults equal conf/latency/default.yaml's, for callers passing a partial config.
+DEFAULTS = {"runtime": "deploy", "dtype": "auto", "batch_size": 128, "batch_sizes": [1, 128], "warmup": 5,
+            "iters": 30, "include_transfer": False, "compile": False, "cuda_graph": True}
+MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
+TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
+                 "convolutions); here they ran slower than the dense form")
+
+
+def _setting(cfg, key: str):
+    value = cfg.get(key, None) if hasattr(cfg, "get") else getattr(cfg, key, None)
+    return DEFAULTS[key] if value is None else value
+
+
+def _forms(dense_net, pruned_net, method, batches, head, device, cfg, precision, channels_last, hw):
+    """(dense form, pruned form, runtime facts, kernel note, notes)."""
+    runtime = str(_setting(cfg, "runtime"))
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"latency.runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}")
+    notes: list[str] = []
+    if runtime == "eager":
+        kernels = ("latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
+                   if method == "semi_structured" else None)
+        return (eager_form(dense_net, precision, channels_last), eager_form(pruned_net, precision, channels_last),
+                {"runtime": runtime, "precision": precision}, kernels, notes)
+    res = resolve_dtype(_setting(cfg, "dtype"), hw)
+    if res.warning:
+        notes.append(res.warning)
+    opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
+                compile=bool(_setting(cfg, "compile")), example_batch=batches[head])
+    dense = deploy_form(dense_net, **opts)
+    pruned = deploy_form(pruned_net, two_four=method == "semi_structured", **opts)
+    for bs in sorted(batches):  # capture/compile every shape before any timing
+        dense.warm(batches[bs])
+        pruned.warm(batches[bs])
+    if dense.use_graph != pruned.use_graph:  # the same runtime for both, or the ratio means nothing
+        for form in (dense, pruned):
+            form.disable_graph("the other model could not be captured; both run the same way")
+    return dense, pruned, {"runtime": runtime, "dtype_reason": res.reason}, pruned.kernels, notes
+
+
+def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module, method: str,
+                          batches: Mapping[int, torch.Tensor], device, latency_cfg, loggers=(), *,
+                          precision: str | None = None, channels_last: bool | None = None,
+                          check: bool = True) -> dict:
+    """Dense and pruned latency, timed in turns in one runtime, per batch size; see the module doc.
+
+    ``batches``: {batch size: images} (``prunelab.latency.latency_batches``), including
+    ``latency.batch_size``, whose speedup is the headline. ``precision``: the trainer's, used by
+    ``latency.runtime=eager`` only. ``channels_last``: the layout both run in (None: the hardware's
+    choice). ``check``: raise ``DeployMismatchError`` when a deploy form changes top-1 answers
+    beyond rounding on the headline batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the
+    headline batch size; others as ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
+    """
+    if dense_net is pruned_net:
+        raise ValueError("dense_net and pruned_net are the same module (pruned in place): pass the dense weights "
+                         "as a separate module, e.g. a copy loaded from models/dense.pt")
+    device = torch.device(device)
+    head = int(_setting(latency_cfg, "batch_size"))
+    if head not in batches:
+        raise ValueError(f"batches must include latency.batch_size={head}, got batch sizes {sorted(batches)}")
+    hw = detect(device)
+    if channels_last is None:
+        channels_last = bool(resolve_channels_last("auto", hw).value)
+    dense, pruned, facts, kernels, notes = _forms(dense_net, pruned_net, method, batches, head, device, latency_cfg,
+                                                  precision, channels_last, hw)
+    checked = None
+    if check and facts["runtime"] == "deploy":
+        checked = {tag: check_agreement(agreement(ref, form, [batches[head]], device), what=f"{tag} deploy form")
+                   for tag, ref, form in (("dense", dense_net, dense), ("pruned", pruned_net, pruned))}
+
+    warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
+    transfer = bool(_setting(latency_cfg, "include_transfer"))
+    per = {}
+    for bs in sorted(batches):
+        # Cast once up front unless the copy is to be timed: both forms share dtype and layout.
+        x = batches[bs] if transfer else dense.prepare(batches[bs])
+        samples = time_interleaved({"dense": dense, "pruned": pruned}, x, device, warmup, iters, transfer, None)
+        per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+        for tag in ("dense", "pruned"):
+            per[bs][tag].update(include_transfer=transfer, interleaved_with=["pruned" if tag == "dense" else "dense"])
+    _log(per, head, loggers)
+
+    d, p = dense.describe(), pruned.describe()
+    facts.update(dtype=d["dtype"], layout=d["layout"], folded={"dense": d["folded"], "pruned": p["folded"]},
+                 graph=bool(d["graph"] and p["graph"]), compile=d["compile"],
+                 compile_s={"dense": d["compile_s"], "pruned": p["compile_s"]}, batch_sizes=sorted(batches),
+                 device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
+    for tag, desc in (("dense", d), ("pruned", p)):
+        notes += [f"{tag}: {n}" for n in desc["notes"]]
+    h = per[head]
+    ratio = h["paired_ratio"]
+    result = {"method": method, "batch_size": head, "dense": h["dense"], "pruned": h["pruned"],
+              "speedup_p50": h["speedup_p50"], "speedup_paired_5_95": [ratio["p5"], ratio["p95"]],
+              # A speedup is claimed only where even the slow end of the paired ratios beats 1.
+              "speedup_beyond_noise": method != "magnitude" and ratio["p5"] > 1.0,
+              "by_batch_size": {str(bs): r for bs, r in per.items()}, "runtime": facts, "kernels": kernels,
+              "agreement": checked, "notes": notes}
+    if method == "magnitude":
+        within = ratio["p5"] <= 1.0 <= ratio["p95"]
+        result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
+                           "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
+        note = (f"{MAGNITUDE_NOTE} (dense/pruned p50 {h['speedup_p50']:.3f}; per-iteration paired ratio p50 "
+                f"{ratio['p50']:.3f}, 5-95% {ratio['p5']:.3f}-{ratio['p95']:.3f})")
+        if not within:
+            note += ("; the interval misses 1, yet both ran the same dense kernels on the same shapes: "
+                     "that is drift in the machine during timing, not a speedup")
+        notes.insert(0, note)
+    if kernels:
+        notes.insert(0, kernels)
+    if method == "semi_structured" and getattr(pruned, "sparse", False) and h["speedup_p50"] < 1.0:
+        notes.append(f"{TWO_FOUR_SLOW} ({h['speedup_p50']:.2f}x at batch {head}).")
+    return result
+
+
+def _log(per: dict, head: int, loggers) -> None:
+    metrics = {}
+    for bs, r in per.items():
+        sub = "" if bs == head else f"bs{bs}/"
+        for tag in ("dense", "pruned"):
+            metrics.update({f"latency/{tag}/{sub}{q}_ms": r[tag][q] for q in ("p50", "p90", "p99")})
+    metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
+    for lg in loggers:
+        lg.log_metrics(metrics, step=0)
 
 
 def time_as_deployed(method: str, net: nn.Module, batch: torch.Tensor, device, monitor: LatencyMonitor,
                      loggers=(), dense: nn.Module | None = None) -> tuple[dict, str | None, dict | None]:
-    """The pruned model's latency, the kernel note, and, when ``dense`` is given, the dense
-    model's latency timed in turns with the pruned one (so the speedup is not a load drift)."""
-    if method == "semi_structured":
-        stats, note = _time_two_four(net, batch, device, monitor, loggers)
-        return stats, note, None
+    """Superseded by :func:`time_dense_and_pruned`; kept until the pipeline calls that. The eager
+    timing: pruned in turns with ``dense`` when it is a separate module, in the monitor's precision,
+    with 2:4 weights masked-dense (no more half-precision sparse against fp32 dense)."""
+    note = ("latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
+            if method == "semi_structured" else None)
     if dense is not None and dense is not net:
         both = monitor.measure_interleaved({"dense": dense, "pruned": net}, batch, device, loggers)
-        return both["pruned"], None, both["dense"]
-    return monitor.measure(net, batch, device, "pruned", loggers), None, None
-
-
-def _time_two_four(net: nn.Module, batch: torch.Tensor, device, monitor: LatencyMonitor,
-                   loggers=()) -> tuple[dict, str | None]:
-    """2:4 weights on the sparse kernels where they exist (CUDA sm80+), masked-dense elsewhere."""
-    from prunelab.pruning.semi_structured import to_sparse_kernels
-
-    if device.type == "cuda":
-        sparse, used, reason = to_sparse_kernels(copy.deepcopy(net))
-        if used:
-            dtype = next(p.dtype for p in sparse.parameters())
-            stats = monitor.measure(sparse, batch.to(dtype), device, "pruned", loggers)
-            stats["dtype"] = str(dtype)
-            return stats, f"2:4 layers timed with PyTorch semi-structured sparse kernels ({dtype})."
-    else:
-        reason = "no CUDA device of compute capability >= 8.0: 2:4 weights ran masked-dense"
-    return monitor.measure(net, batch, device, "pruned", loggers), f"No sparse kernel used: {reason}."
+        return both["pruned"], note, both["dense"]
+    return monitor.measure(net, batch, device, "pruned", loggers), note, None
 
 
 def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:

@@ -3,6 +3,7 @@
 The timer runs the model in eval and inference mode, warms up first, and waits for the device
 before reading the clock (CUDA events on GPU). By default the batch is already on the device;
 ``include_transfer=True`` times the host-to-device copy too, as the notebook did.
+``paired_stats`` turns two interleaved series into a speedup with its per-iteration noise.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def time_interleaved(
     return samples
 
 
+def paired_stats(dense_ms: Sequence[float], pruned_ms: Sequence[float], batch_size: int) -> dict:
+    """Stats of two series timed in turns, their speedup (ratio of p50s), and the spread of the
+    per-iteration ratios dense_i / pruned_i: iteration i ran both back to back, so a load drift
+    hits both and the 5-95% range of these ratios is the noise of this very timing."""
+    if len(dense_ms) != len(pruned_ms):
+        raise ValueError(f"paired series differ in length: {len(dense_ms)} vs {len(pruned_ms)}")
+    ratios = np.asarray(dense_ms, dtype=np.float64) / np.asarray(pruned_ms, dtype=np.float64)
+    dense, pruned = summarize(dense_ms, batch_size), summarize(pruned_ms, batch_size)
+    spread = percentiles(ratios, (5, 50, 95))
+    return {"dense": dense, "pruned": pruned, "speedup_p50": dense["p50"] / pruned["p50"], "paired_ratio": spread}
+
+
 def time_forward(model: nn.Module, batch: torch.Tensor, *args, **kwargs) -> list[float]:
     """Milliseconds per forward pass of ``batch``, one sample per iteration after warm-up
     (further arguments as :func:`time_interleaved`)."""
@@ -100,6 +113,23 @@ def sample_batch(dataset, batch_size: int) -> torch.Tensor:
     """The first ``batch_size`` images of a split (repeated if the split is smaller)."""
     xs = [dataset[i % len(dataset)][0] for i in range(batch_size)]
     return torch.stack(xs)
+
+
+def batch_sizes(latency_cfg) -> list[int]:
+    """``latency.batch_sizes`` with ``latency.batch_size`` (the headline) always among them."""
+    sizes = latency_cfg.get("batch_sizes", None) if hasattr(latency_cfg, "get") else None
+    head = int(latency_cfg["batch_size"] if hasattr(latency_cfg, "__getitem__") else latency_cfg.batch_size)
+    out = sorted({int(b) for b in (sizes or [])} | {head})
+    if out[0] < 1:
+        raise ValueError(f"latency.batch_sizes must be >= 1, got {out}")
+    return out
+
+
+def latency_batches(dataset, latency_cfg) -> dict[int, torch.Tensor]:
+    """{batch size: the first images of ``dataset``} for every size :func:`batch_sizes` names."""
+    sizes = batch_sizes(latency_cfg)
+    largest = sample_batch(dataset, sizes[-1])
+    return {b: largest[:b].clone() for b in sizes}
 
 
 class LatencyMonitor:

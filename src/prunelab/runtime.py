@@ -1,0 +1,331 @@
+"""The deploy runtime: a trained network in the form it ships in, and a check that it still answers the same.
+
+``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
+VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
+layout, optionally moves 2:4 Linear weights onto the sparse kernels, and on CUDA replays the
+forward from a CUDA graph per batch shape (or runs it through ``torch.compile``). ``eager_form``
+is the model as trained under autocast, the ``latency.runtime=eager`` timing. Both are
+``nn.Module``s, so the interleaved timer takes them as they are, and neither ever runs a sparse
+model under autocast (autocast's ``to.dtype`` is not implemented for semi-structured tensors).
+
+``agreement`` compares a form's top-1 answers with the eager fp32 model's; ``check_agreement``
+raises ``DeployMismatchError`` when a form changes answers beyond rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from prunelab.errors import PrunelabError
+from prunelab.evaluation import autocast_for
+from prunelab.models.modes import eval_mode
+from prunelab.models.transforms import INPUT_SIZE, fold_pool, memory_format
+
+RUNTIMES = ("eager", "deploy")
+GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
+
+# A flip of the top-1 answer counts as rounding only when the two forms' logits for that image
+# agree to within this fraction of the image's largest logit (then the reference had a near-tie).
+# fp32 forms only reorder sums (fold, NHWC, graph) - ~1e-6 relative, ~1e-3 where CUDA runs convs in
+# TF32; fp16 keeps 11 mantissa bits, bf16 8, and the error grows over a deep net's layers.
+ROUNDING_RTOL = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+# Fewest answers (after excusing rounding flips) a form must keep. fp32: the same function, so more
+# than 1 in 1000 changed answers is a bug. fp16/bf16: a trained classifier has few images whose
+# top-2 margin is within ~1% of its logits; losing more than 1 in 100 means the form is broken
+# (overflow in fp16, a wrong fold or layout), not rounded.
+MIN_AGREEMENT = {torch.float32: 0.999, torch.float16: 0.99, torch.bfloat16: 0.99}
+
+
+class DeployMismatchError(PrunelabError):
+    """A deployed form gives different answers from the model it was made from."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Form(nn.Module):
+    """A way of running a network: what the timer and ``agreement`` call."""
+
+    runtime = "form"
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool, device: torch.device):
+        super().__init__()
+        self.net = net
+        self.dtype, self.channels_last, self.device = dtype, channels_last, torch.device(device)
+        self.notes: list[str] = []
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the form's device, in its dtype and layout (a no-op when it already is)."""
+        return x.to(device=self.device, dtype=self.dtype, memory_format=memory_format(self.channels_last))
+
+    def warm(self, x: torch.Tensor) -> None:
+        """One untimed forward of ``x``'s shape (captures or compiles it where needed)."""
+        with torch.inference_mode(), eval_mode(self):
+            self(x)
+
+    def describe(self) -> dict:
+        return {"runtime": self.runtime, "dtype": _dtype_name(self.dtype),
+                "layout": "channels_last" if self.channels_last else "contiguous", "device": str(self.device),
+                "notes": list(self.notes)}
+
+
+class Eager(Form):
+    """The model as trained (weights untouched, shared with the caller), autocast per ``precision``."""
+
+    runtime = "eager"
+
+    def __init__(self, net: nn.Module, precision: str | None, channels_last: bool):
+        p = next(net.parameters(), None)
+        super().__init__(net, p.dtype if p is not None else torch.float32, channels_last,
+                         p.device if p is not None else torch.device("cpu"))
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device, self.precision):
+            return self.net(self.prepare(x))
+
+    def describe(self) -> dict:
+        return dict(super().describe(), precision=self.precision, folded=False, graph=False, compile=False,
+                    compile_s=None)
+
+
+def eager_form(net: nn.Module, precision: str | None = None, channels_last: bool = False) -> Eager:
+    """``latency.runtime=eager``: ``net`` as trained, its batches in the given layout, autocast per
+    ``precision`` (a Lightning precision string). Never give it a model with sparse weights."""
+    return Eager(net, precision, channels_last)
+
+
+class _Graph:
+    """One captured forward: a static input buffer, the graph, and its static output."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor):
+        dev = x.device
+        # Normal (not inference) tensors, so the buffer can be refilled in or out of inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            self.input = x.detach().clone()
+            # Warm up on a side stream (PyTorch's CUDA graphs docs), and capture on that same stream
+            # so the library handles it created are the ones the capture uses.
+            self.stream = torch.cuda.Stream(dev)
+            self.stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(self.stream):
+                for _ in range(GRAPH_WARMUP):
+                    net(self.input)
+            torch.cuda.current_stream(dev).wait_stream(self.stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.output = net(self.input)
+        torch.cuda.synchronize(dev)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.input.copy_(x)
+        self.graph.replay()
+        # The output buffer is overwritten by the next replay; logits are small, so hand out a copy.
+        return self.output.clone()
+
+
+class Deployed(Form):
+    """A deployed copy of a network; see :func:`deploy_form`."""
+
+    runtime = "deploy"
+
+    def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, device: torch.device,
+                 folded_at: tuple[int, int] | None, cuda_graph: bool, compiled: bool, kernels: str | None,
+                 sparse: bool, notes: list[str]):
+        super().__init__(net, dtype, channels_last, device)
+        self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
+        self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
+        self.graph_requested = cuda_graph
+        self.notes = list(notes)
+        self.compile_s: dict[int, float] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: set[tuple] = set()
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes with a captured graph (or a compiled specialisation)."""
+        shapes = self._graphs if self.use_graph else self._seen
+        return sorted({s[0] for s in shapes})
+
+    @property
+    def batch_size(self) -> int | None:
+        sizes = self.batch_sizes
+        return sizes[0] if len(sizes) == 1 else None
+
+    def disable_graph(self, why: str) -> None:
+        if self.use_graph:
+            self.use_graph = False
+            self._graphs.clear()
+            self.notes.append(f"CUDA graph off: {why}")
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if self.folded_at is not None and tuple(x.shape[-2:]) != self.folded_at:
+            raise ValueError(f"this form folded VGG's pool for {self.folded_at[0]}x{self.folded_at[1]} inputs, "
+                             f"where it is exact; got {tuple(x.shape[-2:])}: make another deploy_form")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_size(x)
+        x = self.prepare(x)
+        key = tuple(x.shape)
+        if self.use_graph:
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = self._graphs[key] = _Graph(self.net, x)
+                except RuntimeError as exc:  # an op the capture refuses: run eagerly and say so
+                    torch.cuda.synchronize(self.device)
+                    self.disable_graph(f"capture failed for batch shape {key} ({str(exc).splitlines()[0]})")
+                    return self.net(x)
+            return graph(x)
+        if self.compiled and key not in self._seen:  # the first call per shape compiles it
+            self._seen.add(key)
+            t0 = time.perf_counter()
+            out = self.net(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_s[key[0]] = time.perf_counter() - t0
+            return out
+        self._seen.add(key)
+        return self.net(x)
+
+    def describe(self) -> dict:
+        return dict(super().describe(), folded=self.folded_at is not None, graph=self.use_graph,
+                    graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
+                    compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
+                    kernels=self.kernels, sparse=self.sparse)
+
+
+def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
+    """2:4 Linear weights onto PyTorch's sparse kernels where they exist, in ``dtype`` (already cast)."""
+    from prunelab.pruning.semi_structured import SPARSE_DTYPES, to_sparse_kernels
+
+    if device.type != "cuda":
+        return net, False, ("no CUDA device: the 2:4 weights ran masked-dense (dense kernels on zeros), "
+                            "so no speedup is expected from them here")
+    if dtype not in SPARSE_DTYPES:
+        return net, False, (f"latency.dtype={_dtype_name(dtype)}: PyTorch's 2:4 kernels (cuSPARSELt/CUTLASS) take "
+                            "only float16/bfloat16, so the 2:4 weights ran masked-dense; set latency.dtype=bfloat16 "
+                            "or float16 to time the sparse kernels")
+    return to_sparse_kernels(net, dtype)
+
+
+def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                fold: bool = True, input_size: tuple[int, int] | None = None, device=None,
+                cuda_graph: bool = True, compile: bool = False, example_batch: torch.Tensor | None = None,
+                two_four: bool = False) -> Deployed:
+    """The form ``net`` ships in, as a new module (``net`` itself is left exactly as it was).
+
+    - a copy in eval mode, gradients off; VGG's pool folded into ``classifier[0]`` when ``fold`` and
+      exact at ``input_size`` (default: ``example_batch``'s size, else 32x32), else a note says why not;
+    - weights in ``dtype`` (cast before anything else touches them, never autocast), ``channels_last``;
+    - ``two_four``: 2:4 Linear layers on the sparse kernels (CUDA sm80+, fp16/bf16), else masked-dense
+      with the reason in ``.kernels``;
+    - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
+      (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
+      ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
+
+    Inputs may come in any dtype/layout on any device: the form casts them (``prepare`` does it once
+    up front, e.g. outside a timing loop).
+    """
+    p = next(net.parameters(), None)
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    if input_size is None:
+        input_size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
+    notes, folded_at = [], None
+    if fold:
+        try:
+            # fold_pool copies the model and sums the weights in their trained dtype, before any cast.
+            deployed = fold_pool(net, input_size)
+            folded_at = tuple(input_size)
+        except ValueError as exc:
+            notes.append(f"pool not folded: {exc}")
+            deployed = None
+    else:
+        notes.append("pool not folded: fold=False")
+    if folded_at is None:
+        deployed = copy.deepcopy(net)
+    deployed = deployed.eval().requires_grad_(False)
+    # Cast first: the sparse kernels need their weights in the target dtype before conversion.
+    deployed = deployed.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
+    kernels, sparse = None, False
+    if two_four:
+        deployed, sparse, kernels = _two_four(deployed, dtype, device)
+    if compile:
+        mode = "reduce-overhead" if device.type == "cuda" and cuda_graph else None
+        # dynamic=False: one specialisation per batch shape, like the CUDA graphs.
+        deployed = torch.compile(deployed, mode=mode, dynamic=False)
+    form = Deployed(deployed, dtype=dtype, channels_last=channels_last, device=device, folded_at=folded_at,
+                    cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes)
+    if example_batch is not None:
+        form.warm(example_batch)
+    return form
+
+
+def _batches(loader_or_batches: Iterable) -> Iterable[torch.Tensor]:
+    for b in loader_or_batches:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+@torch.inference_mode()
+def agreement(reference_net: nn.Module, deployed: nn.Module, loader_or_batches: Iterable, device,
+              rtol: float | None = None) -> dict:
+    """Top-1 agreement of ``deployed`` with ``reference_net`` run eagerly in fp32, over the batches
+    (tensors, or ``(images, labels)`` as a loader yields them).
+
+    ``flips_beyond_rounding`` counts changed answers whose logits also differ by more than ``rtol``
+    of the image's largest reference logit: a flip within that is a near-tie the dtype's rounding
+    may break either way. ``max_rel_logit_diff`` is the largest |logit difference| over that scale.
+    """
+    device = torch.device(device)
+    dtype = getattr(deployed, "dtype", torch.float32)
+    rtol = ROUNDING_RTOL.get(dtype, ROUNDING_RTOL[torch.float32]) if rtol is None else rtol
+    ref_net = reference_net
+    if any(p.dtype != torch.float32 for p in reference_net.parameters()):
+        ref_net = copy.deepcopy(reference_net).float()
+    images = agree = beyond = nonfinite = 0
+    max_abs = max_rel = 0.0
+    with eval_mode(ref_net, deployed):
+        for x in _batches(loader_or_batches):
+            x = x.to(device=device, dtype=torch.float32)
+            ref = ref_net(x).float()
+            out = deployed(x).float()
+            bad = ~torch.isfinite(out).all(1)
+            diff = (out - ref).abs().amax(1)
+            rel = diff / ref.abs().amax(1).clamp_min(1e-12)
+            same = out.argmax(1) == ref.argmax(1)
+            beyond += int((~same & ((rel > rtol) | bad)).sum())
+            agree += int(same.sum())
+            nonfinite += int(bad.sum())
+            images += x.shape[0]
+            ok = ~bad
+            if ok.any():
+                max_abs = max(max_abs, float(diff[ok].max()))
+                max_rel = max(max_rel, float(rel[ok].max()))
+    if images == 0:
+        raise ValueError("agreement needs at least one batch")
+    return {"dtype": _dtype_name(dtype), "images": images, "agree": agree, "agreement": agree / images,
+            "flips": images - agree, "flips_beyond_rounding": beyond, "agreement_beyond_rounding": 1 - beyond / images,
+            "nonfinite": nonfinite, "max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
+            "rounding_rtol": rtol}
+
+
+def check_agreement(result: dict, min_agreement: float | None = None, what: str = "deployed form") -> dict:
+    """``result`` (from :func:`agreement`) when the form keeps its answers, else DeployMismatchError.
+
+    ``min_agreement`` defaults per dtype (:data:`MIN_AGREEMENT`: 0.999 fp32, 0.99 fp16/bf16)."""
+    dtype = getattr(torch, result["dtype"], torch.float32)
+    need = MIN_AGREEMENT.get(dtype, MIN_AGREEMENT[torch.float32]) if min_agreement is None else min_agreement
+    got = result["agreement_beyond_rounding"]
+    if result["nonfinite"] or got < need:
+        nonfinite = f"; {result['nonfinite']} image(s) gave inf/NaN logits" if result["nonfinite"] else ""
+        raise DeployMismatchError(
+            f"the {what} ({result['dtype']}) changes top-1 answers beyond rounding: {result['flips_beyond_rounding']} of "
+            f"{result['images']} images flip with logits off by more than {result['rounding_rtol']:.1%} of their scale "
+            f"(agreement {got:.4f} < {need}; largest logit difference {result['max_rel_logit_diff']:.2%}){nonfinite}. "
+            "Its latency would not be the latency of this model: try latency.dtype=float32 or latency.runtime=eager.")
+    return result

@@ -1,0 +1,242 @@
+"""The deploy runtime (prunelab.runtime) and dense-vs-pruned timing in turns (prunelab.deploy)."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_channel import tiny_vgg
+from torch import nn
+
+import prunelab
+from prunelab.deploy import DEFAULTS, MAGNITUDE_NOTE, time_dense_and_pruned
+from prunelab.errors import PrunelabError
+from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
+from prunelab.runtime import (
+    Deployed,
+    DeployMismatchError,
+    agreement,
+    check_agreement,
+    deploy_form,
+    eager_form,
+)
+
+X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+CUDA = torch.cuda.is_available()
+
+
+def lat_cfg(**kw):
+    return {**DEFAULTS, "batch_size": 4, "batch_sizes": [1, 4], "warmup": 1, "iters": 3, **kw}
+
+
+def snapshot(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_fp32_deploy_equals_eager_and_leaves_the_original_alone():
+    net = tiny_vgg().train()
+    before = snapshot(net)
+    form = deploy_form(net, dtype=torch.float32, channels_last=True, device="cpu", example_batch=X[:2])
+    with torch.no_grad():
+        ref = net.eval()(X)
+        net.train()
+        out = form(X)
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+    d = form.describe()
+    assert d["runtime"] == "deploy" and d["folded"] and d["layout"] == "channels_last" and d["dtype"] == "float32"
+    assert d["graph"] is False and d["compile"] is False  # no CUDA here
+    # the caller's network: same values, NCHW weights, pool still there, still training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.features[0].weight.is_contiguous() and isinstance(net.avgpool, nn.AdaptiveAvgPool2d)
+    assert net.training and all(m.training for m in net.modules())
+    assert not any(p.requires_grad is False for p in net.parameters())
+    assert form.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not form.net.training
+
+
+def test_bf16_deploy_keeps_the_answers():
+    net = tiny_vgg()
+    form = deploy_form(net, dtype=torch.bfloat16, device="cpu")
+    assert form.net.classifier[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert form(X).dtype == torch.bfloat16  # weights cast, no autocast
+    res = check_agreement(agreement(net, form, [X, (X[:3], None)], "cpu"))
+    assert res["images"] == 9 and res["agreement_beyond_rounding"] >= 0.99 and res["nonfinite"] == 0
+    assert res["dtype"] == "bfloat16" and res["max_rel_logit_diff"] < res["rounding_rtol"]
+
+
+def test_fold_only_where_exact_and_the_skip_is_recorded():
+    net = tiny_vgg()
+    big = torch.randn(2, 3, 64, 64)  # features end at 32x2x2: the pool averages, folding would be wrong
+    form = deploy_form(net, device="cpu", example_batch=big)
+    assert not form.describe()["folded"] and "pool not folded" in form.describe()["notes"][0]
+    with torch.no_grad():
+        assert torch.allclose(form(big), net(big), atol=1e-5)
+    folded = deploy_form(net, device="cpu")  # 32x32 by default: folded, and only for 32x32
+    with pytest.raises(ValueError, match="folded VGG's pool for 32x32"):
+        folded(big)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    assert "needs a VGG-like model" in deploy_form(mlp, device="cpu").notes[0]
+    assert "fold=False" in deploy_form(net, fold=False, device="cpu").notes[0]
+
+
+def test_agreement_catches_a_broken_form():
+    net = tiny_vgg()
+    form = deploy_form(net, device="cpu")
+    assert check_agreement(agreement(net, form, [X], "cpu"))["agreement"] == 1.0
+    with torch.no_grad():
+        form.net.classifier[-1].weight.neg_()
+        form.net.classifier[-1].bias.neg_()
+    res = agreement(net, form, [X], "cpu")
+    assert res["flips_beyond_rounding"] == res["flips"] > 0 and res["max_rel_logit_diff"] > 1
+    with pytest.raises(DeployMismatchError, match="changes top-1 answers beyond rounding") as err:
+        check_agreement(res, what="pruned deploy form")
+    assert isinstance(err.value, PrunelabError) and "pruned deploy form (float32)" in str(err.value)
+    # inf/NaN logits fail whatever the agreement
+    with pytest.raises(DeployMismatchError, match="inf/NaN"):
+        check_agreement(dict(res, agreement_beyond_rounding=1.0, nonfinite=1))
+
+
+def test_eager_form_is_the_model_as_trained_under_autocast():
+    net = tiny_vgg()
+    form = eager_form(net, "bf16-mixed", channels_last=True)
+    assert form.net is net and form.describe()["runtime"] == "eager"
+    with torch.no_grad():
+        assert form(X).dtype == torch.bfloat16
+        assert eager_form(net, "32-true")(X).dtype == torch.float32
+
+
+CALLS: list[str] = []
+
+
+class Tagged(nn.Module):
+    """Writes its tag to CALLS on every forward; deploy copies keep the tag (CALLS is global)."""
+
+    def __init__(self, tag, seed=0):
+        super().__init__()
+        self.tag = tag
+        self.lin = nn.Linear(3 * 8 * 8, 10)
+        torch.manual_seed(seed)
+        nn.init.normal_(self.lin.weight)
+
+    def forward(self, x):
+        CALLS.append(self.tag)
+        return self.lin(x.flatten(1))
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics = {}
+
+    def log_metrics(self, metrics, step):
+        self.metrics.update(metrics)
+
+
+@pytest.mark.parametrize("runtime", ["deploy", "eager"])
+@pytest.mark.parametrize("method", ["magnitude", "channel", "semi_structured"])
+def test_dense_and_pruned_take_turns_for_every_method(method, runtime):
+    batches = {1: torch.randn(1, 3, 8, 8), 4: torch.randn(4, 3, 8, 8)}
+    CALLS.clear()
+    rec = Recorder()
+    res = time_dense_and_pruned(Tagged("d"), Tagged("p", seed=1), method, batches, "cpu", lat_cfg(runtime=runtime),
+                                [rec], check=False)
+    w, n = 1, 3
+    timed = (["d"] * w + ["p"] * w + ["d", "p"] * n) * 2  # per batch size: warm-up, then turns
+    # deploy: each form runs its example batch once, then every batch size once, untimed
+    untimed = ["d", "p", "d", "p", "d", "p"] if runtime == "deploy" else []
+    assert CALLS == untimed + timed
+    assert res["runtime"]["runtime"] == runtime and res["runtime"]["batch_sizes"] == [1, 4]
+    assert res["batch_size"] == 4 and set(res["by_batch_size"]) == {"1", "4"}
+    assert res["dense"]["iters"] == n and res["dense"]["interleaved_with"] == ["pruned"]
+    assert res["speedup_p50"] == pytest.approx(res["dense"]["p50"] / res["pruned"]["p50"])
+    lo, hi = res["speedup_paired_5_95"]
+    assert lo <= res["by_batch_size"]["4"]["paired_ratio"]["p50"] <= hi
+    assert {"latency/dense/p50_ms", "latency/pruned/p99_ms", "latency/dense/bs1/p50_ms",
+            "latency/speedup_p50"} <= set(rec.metrics)
+    if method == "magnitude":
+        assert res["notes"][0].startswith(MAGNITUDE_NOTE) and res["speedup_beyond_noise"] is False
+        noise = res["noise"]
+        assert noise["ratio_of_p50s"] == res["speedup_p50"] and len(noise["paired_ratio_5_95"]) == 2
+        assert noise["within_noise"] == (noise["paired_ratio_5_95"][0] <= 1 <= noise["paired_ratio_5_95"][1])
+    else:
+        assert "noise" not in res
+    if method == "semi_structured":
+        assert "masked-dense" in res["kernels"] and res["notes"][0] == res["kernels"]
+    else:
+        assert res["kernels"] is None
+
+
+def test_two_four_on_cpu_is_masked_dense_and_checked():
+    dense = tiny_vgg()
+    pruned = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)
+    res = time_dense_and_pruned(dense, pruned, "semi_structured", {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], dtype="float32"))
+    assert "no CUDA device" in res["kernels"] and "masked-dense" in res["kernels"]
+    assert res["runtime"]["dtype"] == "float32" and res["runtime"]["folded"] == {"dense": True, "pruned": True}
+    assert res["agreement"]["pruned"]["agreement"] == 1.0 and res["agreement"]["dense"]["images"] == 4
+
+
+def test_refuses_a_model_pruned_in_place_and_a_missing_headline_batch():
+    net = Tagged("d")
+    with pytest.raises(ValueError, match="same module"):
+        time_dense_and_pruned(net, net, "magnitude", {4: torch.randn(4, 3, 8, 8)}, "cpu", lat_cfg())
+    with pytest.raises(ValueError, match="latency.batch_size=4"):
+        time_dense_and_pruned(net, Tagged("p"), "channel", {1: torch.randn(1, 3, 8, 8)}, "cpu", lat_cfg())
+
+
+def test_code_defaults_equal_the_config():
+    conf = OmegaConf.load(prunelab.__path__[0] + "/conf/latency/default.yaml")
+    assert {k: conf[k] for k in DEFAULTS} == DEFAULTS
+
+
+# --- CUDA ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_graph_form_equals_eager_per_batch_size():
+    net = tiny_vgg().cuda()
+    form = deploy_form(net, dtype=torch.float32, channels_last=True, device="cuda", example_batch=X[:4])
+    assert isinstance(form, Deployed) and form.use_graph and form.batch_size == 4
+    x = X.cuda()
+    with torch.inference_mode():
+        ref = net(x)
+        out4, out6 = form(x[:4]), form(x)  # a second shape: a second graph
+        again = form(x[:4])
+    assert form.batch_sizes == [4, 6] and form.describe()["graph"]
+    for got, want in ((out4, ref[:4]), (out6, ref), (again, ref[:4])):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
+    assert check_agreement(agreement(net, form, [x], "cuda"))["agreement"] == 1.0
+
+
+def _two_four_mlp():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                        nn.Linear(256, 10))
+    with torch.no_grad():
+        for i in (1, 3):
+            net[i].weight.mul_(two_four_mask(net[i].weight))
+    return net.cuda().eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_two_four_sparse_kernels_run_in_half_precision(dtype):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 kernels need compute capability >= 8.0")
+    pruned = _two_four_mlp()
+    dense = copy.deepcopy(pruned)
+    form = deploy_form(pruned, dtype=getattr(torch, dtype), device="cuda", two_four=True, example_batch=X[:4])
+    assert form.sparse and "2:4 kernels" in form.kernels
+    assert pruned[1].weight.dtype == torch.float32 and pruned[1].weight.layout == torch.strided  # untouched
+    check_agreement(agreement(pruned, form, [X[:4]], "cuda"))
+    res = time_dense_and_pruned(dense, pruned, "semi_structured", {4: X[:4]}, "cuda",
+                                lat_cfg(batch_sizes=[4], dtype=dtype))
+    assert res["runtime"]["dtype"] == dtype and "2:4 kernels" in res["kernels"]
+    assert res["agreement"]["pruned"]["nonfinite"] == 0
+
+
+@pytest.mark.gpu
+def test_two_four_in_fp32_says_masked_dense():
+    pruned = _two_four_mlp()
+    form = deploy_form(pruned, dtype=torch.float32, device="cuda", two_four=True)
+    assert not form.sparse and "take only float16/bfloat16" in form.kernels
