@@ -189,6 +189,15 @@ def test_code_defaults_equal_the_config():
     assert {k: conf[k] for k in DEFAULTS} == DEFAULTS
 
 
+@pytest.mark.slow
+def test_compiled_form_agrees_and_reports_its_compile_time():
+    net = tiny_vgg()
+    form = deploy_form(net, compile=True, device="cpu", example_batch=X[:4])
+    check_agreement(agreement(net, form, [X[:4]], "cpu"))
+    d = form.describe()
+    assert d["compile"] and d["compile_s"] > 0 and not d["graph"] and form.batch_sizes == [4]
+
+
 # --- CUDA ------------------------------------------------------------------------------------------
 
 
@@ -240,3 +249,16 @@ def test_two_four_in_fp32_says_masked_dense():
     pruned = _two_four_mlp()
     form = deploy_form(pruned, dtype=torch.float32, device="cuda", two_four=True)
     assert not form.sparse and "take only float16/bfloat16" in form.kernels
+
+
+@pytest.mark.slow
+def test_deploy_speed_benchmark_quick(tmp_path):
+    from benchmarks.deploy_speed import main
+
+    res = main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    files = sorted(p.suffix for p in tmp_path.iterdir())
+    assert files == [".json", ".md"] and res["quick"] and res["headline_batch_size"] == 8
+    assert set(res["timings"]) == {"1", "8"} and set(res["goals"]) == {"dense_deploy_vs_dense_eager_fp32",
+                                                                      "channel_0.5_deploy_vs_dense_deploy"}
+    assert all(a["agreement"] == 1.0 for a in res["agreement"].values())
+    assert res["setup"]["cpu_capability"] and res["deploy"]["dtype"] in ("float32", "bfloat16")

@@ -1,0 +1,191 @@
+"""Deployed speed on this machine: dense eager fp32 vs the deploy runtime, dense vs channel-pruned.
+
+VGG16 (torchvision, random init, 10-class head: weights do not matter for speed) at batch 128
+and 1, in one process, every model taking turns each iteration (``prunelab.latency.time_interleaved``):
+
+- ``dense_eager``: the model as trained, fp32, NCHW, no autocast: the baseline;
+- ``dense_deploy``: ``prunelab.runtime.deploy_form`` with the dtype and layout ``auto`` resolves to
+  here (pool folded, weights cast, CUDA graph on GPU);
+- ``channel_deploy``: the same for VGG16 with 0.5 of its conv channels removed (``round_to=16``);
+- ``*_deploy_<other layout>``: both deploy forms in the other layout, for reference.
+
+Each deploy form's top-1 answers are checked against its eager fp32 model first. Goals reported:
+dense deploy >= 2.5x dense eager fp32; channel 0.5 deploy >= 2.5x dense deploy. Writes
+``benchmarks/results/<date>-deploy-<device>.json`` and ``.md`` atomically.
+
+    python -m benchmarks.deploy_speed            # ~3-4 min on an idle 2-core CPU
+    python -m benchmarks.deploy_speed --quick    # smoke test: batch 8, a few iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from prunelab.hardware import detect, resolve_channels_last, resolve_dtype
+from prunelab.io import write_json, write_text
+from prunelab.latency import paired_stats, summarize, time_interleaved
+from prunelab.models.factory import build_classifier
+from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
+from prunelab.report.markdown import table
+from prunelab.runtime import agreement, deploy_form, eager_form
+
+HERE = Path(__file__).resolve().parent
+GOAL = 2.5
+
+
+def _device_tag(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
+    return f"{platform.machine()}-cpu-{threads}threads"
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def build_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    torch.manual_seed(seed)
+    dense = build_classifier("vgg16", None, 10).eval()
+    pruner = ChannelPruner(dense, default_example(dense), round_to=16)
+    channel = pruner.finish(0.5).eval()
+    ex = default_example(dense)
+    facts = {"dense_params": sum(p.numel() for p in dense.parameters()),
+             "channel_params": sum(p.numel() for p in channel.parameters()),
+             "dense_macs": count_macs(dense, ex), "channel_macs": count_macs(channel, ex)}
+    return dense, channel, facts
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    hw = detect(device)
+    dtype_res = resolve_dtype("auto", hw)
+    cl_res = resolve_channels_last("auto", hw)
+    dtype, cl = dtype_res.value, bool(cl_res.value)
+    load_start, wall0, cpu0 = os.getloadavg(), time.perf_counter(), _cpu_seconds()
+
+    dense, channel, facts = build_models()
+    dense, channel = dense.to(device), channel.to(device)
+    gen = torch.Generator().manual_seed(1)
+    batches = {b: torch.randn(b, 3, 32, 32, generator=gen) for b in args.batch_sizes}
+    head = max(args.batch_sizes)
+    layouts = {cl: "", not cl: "_nhwc" if not cl else "_nchw"}
+    models, built = {"dense_eager": eager_form(dense, None, channels_last=False)}, {}
+    for layout, suffix in layouts.items():
+        for name, net in (("dense", dense), ("channel", channel)):
+            form = deploy_form(net, dtype=dtype, channels_last=layout, device=device, cuda_graph=True,
+                               example_batch=batches[head])
+            for b in batches.values():
+                form.warm(b)
+            models[f"{name}_deploy{suffix}"] = form
+            built[f"{name}_deploy{suffix}"] = form.describe()
+    checks = {name: agreement(dense if name.startswith("dense") else channel, form, [batches[head]], device)
+              for name, form in models.items() if name != "dense_eager"}
+
+    timings = {}
+    for b in sorted(batches):
+        iters = args.iters if b == head else args.iters_small
+        t0 = time.perf_counter()
+        samples = time_interleaved(models, batches[b], device, warmup=args.warmup, iters=iters)
+        timings[str(b)] = {
+            "iters": iters, "wall_s": round(time.perf_counter() - t0, 1),
+            "p50_ms": {k: summarize(v, b) for k, v in samples.items()},
+            "dense_deploy_vs_dense_eager": paired_stats(samples["dense_eager"], samples["dense_deploy"], b),
+            "channel_deploy_vs_dense_deploy": paired_stats(samples["dense_deploy"], samples["channel_deploy"], b),
+        }
+        for pair in ("dense_deploy_vs_dense_eager", "channel_deploy_vs_dense_deploy"):
+            stats = timings[str(b)][pair]
+            timings[str(b)][pair] = {"speedup_p50": stats["speedup_p50"], "paired_ratio": stats["paired_ratio"]}
+    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    h = timings[str(head)]
+    goals = {
+        "dense_deploy_vs_dense_eager_fp32": {"goal": GOAL, "measured": h["dense_deploy_vs_dense_eager"]["speedup_p50"]},
+        "channel_0.5_deploy_vs_dense_deploy": {"goal": GOAL,
+                                               "measured": h["channel_deploy_vs_dense_deploy"]["speedup_p50"]},
+    }
+    for g in goals.values():
+        g["met"] = g["measured"] >= g["goal"]
+    return {
+        "date": dt.date.today().isoformat(), "quick": args.quick, "model": "vgg16, random init, 10 classes, 32x32",
+        "channel_pruning": "ChannelPruner(round_to=16).finish(0.5)", **facts,
+        "setup": {"device": str(device), "hardware": hw.to_dict(), "hardware_summary": hw.describe(),
+                  "cpu_model": hw.name if device.type == "cpu" else None,
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "python": platform.python_version(),
+                  "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_s": round(wall, 1),
+                  "cores_used": round(cpu / wall, 2), "warmup": args.warmup},
+        "deploy": {"dtype": str(dtype).removeprefix("torch."), "dtype_reason": dtype_res.reason,
+                   "channels_last": cl, "channels_last_reason": cl_res.reason, "forms": built},
+        "agreement": checks, "batch_sizes": sorted(batches), "headline_batch_size": head,
+        "timings": timings, "goals": goals,
+    }
+
+
+def render(res: dict) -> str:
+    s, d, head = res["setup"], res["deploy"], res["headline_batch_size"]
+    lines = [f"# Deployed speed, {res['date']}, {s['hardware_summary']} ({s['cpu_model'] or s['device']})", "",
+             f"{res['model']}; channel: {res['channel_pruning']} ({res['channel_params']:,} params, "
+             f"{res['channel_macs']:,} MACs/image; dense {res['dense_params']:,} / {res['dense_macs']:,}). "
+             f"torch {s['torch']}, {s['threads']} threads, ATen CPU capability {s['cpu_capability']}, "
+             f"CPU flags {', '.join(s['hardware']['cpu_flags']) or 'none of note'}. Wall {s['wall_s']} s, "
+             f"cores used {s['cores_used']}, load {s['load_avg_start'][0]:.1f} -> {s['load_avg_end'][0]:.1f}"
+             + (" (a loaded machine: absolute times are inflated, the in-turn ratios much less)"
+                if s["load_avg_start"][0] > s["threads"] else "") + ".", "",
+             f"Deploy dtype: **{d['dtype']}** ({d['dtype_reason']}). Layout: "
+             f"{'channels_last' if d['channels_last'] else 'NCHW'} ({d['channels_last_reason']}).", ""]
+    for b, t in sorted(res["timings"].items(), key=lambda kv: -int(kv[0])):
+        base = t["p50_ms"]["dense_eager"]["p50"]
+        rows = [(k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", f"{base / v['p50']:.2f}x") for k, v in t["p50_ms"].items()]
+        lines += [f"## Batch {b}, {t['iters']} iterations in turns", "",
+                  table(["model", "p50 ms", "p90 ms", "vs dense_eager"], rows), ""]
+        for pair, r in (("dense deploy vs dense eager fp32", t["dense_deploy_vs_dense_eager"]),
+                        ("channel 0.5 deploy vs dense deploy", t["channel_deploy_vs_dense_deploy"])):
+            pr = r["paired_ratio"]
+            lines.append(f"- {pair}: **{r['speedup_p50']:.2f}x** (per-iteration paired ratio p50 {pr['p50']:.2f}, "
+                         f"5-95% {pr['p5']:.2f}-{pr['p95']:.2f})")
+        lines.append("")
+    lines += [f"## Goals (batch {head})", "",
+              table(["goal", "target", "measured", "met"],
+                    [(k, f">= {g['goal']}x", f"{g['measured']:.2f}x", "yes" if g["met"] else "no")
+                     for k, g in res["goals"].items()]), "", "## Agreement with eager fp32 (top-1)", "",
+              table(["form", "images", "agreement", "max rel logit diff"],
+                    [(k, a["images"], f"{a['agreement']:.4f}", f"{a['max_rel_logit_diff']:.1e}")
+                     for k, a in res["agreement"].items()]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test: batch 8 and 1, a few iterations")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--iters", type=int, default=None, help="timed rounds at the large batch (default 80)")
+    ap.add_argument("--iters-small", type=int, default=None, help="timed rounds at batch 1 (default 200)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the results (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    args.batch_sizes = [1, 8] if args.quick else [1, 128]
+    args.warmup = 1 if args.quick else 3
+    args.iters = args.iters or (2 if args.quick else 80)
+    args.iters_small = args.iters_small or (3 if args.quick else 200)
+    out = args.out or (HERE / ".cache" / "quick" if args.quick else HERE / "results")
+    res = measure(args)
+    stem = f"{res['date']}-deploy-{_device_tag(torch.device(args.device), res['setup']['threads'])}"
+    write_json(out / f"{stem}.json", res)
+    md = render(res)
+    write_text(out / f"{stem}.md", md + "\n")
+    print(md, flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
