@@ -176,6 +176,14 @@ def test_two_four_on_cpu_is_masked_dense_and_checked():
     assert res["agreement"]["pruned"]["agreement"] == 1.0 and res["agreement"]["dense"]["images"] == 4
 
 
+def test_dense_alone_when_nothing_was_pruned():
+    rec = Recorder()
+    res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu", lat_cfg(batch_sizes=[4]), [rec])
+    assert res["pruned"] is None and "speedup_p50" not in res and res["dense"]["interleaved_with"] == []
+    assert res["agreement"]["dense"]["agreement"] == 1.0 and res["runtime"]["folded"] == {"dense": True}
+    assert set(rec.metrics) == {"latency/dense/p50_ms", "latency/dense/p90_ms", "latency/dense/p99_ms"}
+
+
 def test_refuses_a_model_pruned_in_place_and_a_missing_headline_batch():
     net = Tagged("d")
     with pytest.raises(ValueError, match="same module"):

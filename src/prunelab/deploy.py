@@ -49,49 +49,50 @@ def _setting(cfg, key: str):
     return DEFAULTS[key] if value is None else value
 
 
-def _forms(dense_net, pruned_net, method, batches, head, device, cfg, precision, channels_last, hw):
-    """(dense form, pruned form, runtime facts, kernel note, notes)."""
+def _forms(nets: dict, method, batches, head, device, cfg, precision, channels_last, hw):
+    """({tag: form}, runtime facts, kernel note, notes), one form per network in ``nets``."""
     runtime = str(_setting(cfg, "runtime"))
     if runtime not in RUNTIMES:
         raise ConfigError(f"latency.runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}")
     notes: list[str] = []
+    two_four = method == "semi_structured" and "pruned" in nets
     if runtime == "eager":
-        kernels = ("latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
-                   if method == "semi_structured" else None)
-        return (eager_form(dense_net, precision, channels_last), eager_form(pruned_net, precision, channels_last),
-                {"runtime": runtime, "precision": precision}, kernels, notes)
+        kernels = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)" if two_four else None
+        forms = {tag: eager_form(net, precision, channels_last) for tag, net in nets.items()}
+        return forms, {"runtime": runtime, "precision": precision}, kernels, notes
     res = resolve_dtype(_setting(cfg, "dtype"), hw)
     if res.warning:
         notes.append(res.warning)
     opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
                 compile=bool(_setting(cfg, "compile")), example_batch=batches[head])
-    dense = deploy_form(dense_net, **opts)
-    pruned = deploy_form(pruned_net, two_four=method == "semi_structured", **opts)
+    forms = {tag: deploy_form(net, two_four=two_four and tag == "pruned", **opts) for tag, net in nets.items()}
     for bs in sorted(batches):  # capture/compile every shape before any timing
-        dense.warm(batches[bs])
-        pruned.warm(batches[bs])
-    if dense.use_graph != pruned.use_graph:  # the same runtime for both, or the ratio means nothing
-        for form in (dense, pruned):
+        for form in forms.values():
+            form.warm(batches[bs])
+    if len({form.use_graph for form in forms.values()}) > 1:  # one runtime for both, or the ratio means nothing
+        for form in forms.values():
             form.disable_graph("the other model could not be captured; both run the same way")
-    return dense, pruned, {"runtime": runtime, "dtype_reason": res.reason}, pruned.kernels, notes
+    kernels = forms["pruned"].kernels if two_four else None
+    return forms, {"runtime": runtime, "dtype_reason": res.reason}, kernels, notes
 
 
-def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module, method: str,
+def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, method: str | None,
                           batches: Mapping[int, torch.Tensor], device, latency_cfg, loggers=(), *,
                           precision: str | None = None, channels_last: bool | None = None,
                           check: bool = True) -> dict:
     """Dense and pruned latency, timed in turns in one runtime, per batch size; see the module doc.
 
     ``batches``: {batch size: images} (``prunelab.latency.latency_batches``), including
-    ``latency.batch_size``, whose speedup is the headline. ``precision``: the trainer's, used by
-    ``latency.runtime=eager`` only. ``channels_last``: the layout both run in (None: the hardware's
-    choice). ``check``: raise ``DeployMismatchError`` when a deploy form changes top-1 answers
-    beyond rounding on the headline batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the
-    headline batch size; others as ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
+    ``latency.batch_size``, whose speedup is the headline. ``pruned_net=None`` times the dense
+    model alone (no pruning stage). ``precision``: the trainer's, used by ``latency.runtime=eager``
+    only. ``channels_last``: the layout both run in (None: the hardware's choice). ``check``: raise
+    ``DeployMismatchError`` when a deploy form changes top-1 answers beyond rounding on the headline
+    batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
+    ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
     """
     if dense_net is pruned_net:
         raise ValueError("dense_net and pruned_net are the same module (pruned in place): pass the dense weights "
-                         "as a separate module, e.g. a copy loaded from models/dense.pt")
+                         "as a separate module, e.g. one built from models/dense.pt")
     device = torch.device(device)
     head = int(_setting(latency_cfg, "batch_size"))
     if head not in batches:
@@ -99,40 +100,47 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module, method: s
     hw = detect(device)
     if channels_last is None:
         channels_last = bool(resolve_channels_last("auto", hw).value)
-    dense, pruned, facts, kernels, notes = _forms(dense_net, pruned_net, method, batches, head, device, latency_cfg,
-                                                  precision, channels_last, hw)
+    nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
+    forms, facts, kernels, notes = _forms(nets, method, batches, head, device, latency_cfg, precision,
+                                          channels_last, hw)
     checked = None
     if check and facts["runtime"] == "deploy":
-        checked = {tag: check_agreement(agreement(ref, form, [batches[head]], device), what=f"{tag} deploy form")
-                   for tag, ref, form in (("dense", dense_net, dense), ("pruned", pruned_net, pruned))}
+        checked = {tag: check_agreement(agreement(nets[tag], form, [batches[head]], device), what=f"{tag} deploy form")
+                   for tag, form in forms.items()}
 
     warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
     transfer = bool(_setting(latency_cfg, "include_transfer"))
     per = {}
     for bs in sorted(batches):
-        # Cast once up front unless the copy is to be timed: both forms share dtype and layout.
-        x = batches[bs] if transfer else dense.prepare(batches[bs])
-        samples = time_interleaved({"dense": dense, "pruned": pruned}, x, device, warmup, iters, transfer, None)
-        per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
-        for tag in ("dense", "pruned"):
-            per[bs][tag].update(include_transfer=transfer, interleaved_with=["pruned" if tag == "dense" else "dense"])
+        # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
+        x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
+        samples = time_interleaved(forms, x, device, warmup, iters, transfer, None)
+        if pruned_net is None:
+            per[bs] = {"dense": summarize(samples["dense"], bs)}
+        else:
+            per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+        for tag in forms:
+            per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
     _log(per, head, loggers)
 
-    d, p = dense.describe(), pruned.describe()
-    facts.update(dtype=d["dtype"], layout=d["layout"], folded={"dense": d["folded"], "pruned": p["folded"]},
-                 graph=bool(d["graph"] and p["graph"]), compile=d["compile"],
-                 compile_s={"dense": d["compile_s"], "pruned": p["compile_s"]}, batch_sizes=sorted(batches),
+    desc = {tag: form.describe() for tag, form in forms.items()}
+    d = desc["dense"]
+    facts.update(dtype=d["dtype"], layout=d["layout"], folded={t: x["folded"] for t, x in desc.items()},
+                 graph=all(x["graph"] for x in desc.values()), compile=d["compile"],
+                 compile_s={t: x["compile_s"] for t, x in desc.items()}, batch_sizes=sorted(batches),
                  device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
-    for tag, desc in (("dense", d), ("pruned", p)):
-        notes += [f"{tag}: {n}" for n in desc["notes"]]
+    for tag, x in desc.items():
+        notes += [f"{tag}: {n}" for n in x["notes"]]
     h = per[head]
-    ratio = h["paired_ratio"]
-    result = {"method": method, "batch_size": head, "dense": h["dense"], "pruned": h["pruned"],
-              "speedup_p50": h["speedup_p50"], "speedup_paired_5_95": [ratio["p5"], ratio["p95"]],
-              # A speedup is claimed only where even the slow end of the paired ratios beats 1.
-              "speedup_beyond_noise": method != "magnitude" and ratio["p5"] > 1.0,
+    result = {"method": method, "batch_size": head, "dense": h["dense"], "pruned": h.get("pruned"),
               "by_batch_size": {str(bs): r for bs, r in per.items()}, "runtime": facts, "kernels": kernels,
               "agreement": checked, "notes": notes}
+    if pruned_net is None:
+        return result
+    ratio = h["paired_ratio"]
+    result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
+                  # A speedup is claimed only where even the slow end of the paired ratios beats 1.
+                  speedup_beyond_noise=method != "magnitude" and ratio["p5"] > 1.0)
     if method == "magnitude":
         within = ratio["p5"] <= 1.0 <= ratio["p95"]
         result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
@@ -145,7 +153,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module, method: s
         notes.insert(0, note)
     if kernels:
         notes.insert(0, kernels)
-    if method == "semi_structured" and getattr(pruned, "sparse", False) and h["speedup_p50"] < 1.0:
+    if kernels and getattr(forms["pruned"], "sparse", False) and h["speedup_p50"] < 1.0:
         notes.append(f"{TWO_FOUR_SLOW} ({h['speedup_p50']:.2f}x at batch {head}).")
     return result
 
@@ -155,8 +163,10 @@ def _log(per: dict, head: int, loggers) -> None:
     for bs, r in per.items():
         sub = "" if bs == head else f"bs{bs}/"
         for tag in ("dense", "pruned"):
-            metrics.update({f"latency/{tag}/{sub}{q}_ms": r[tag][q] for q in ("p50", "p90", "p99")})
-    metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
+            if tag in r:
+                metrics.update({f"latency/{tag}/{sub}{q}_ms": r[tag][q] for q in ("p50", "p90", "p99")})
+    if "speedup_p50" in per[head]:
+        metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
     for lg in loggers:
         lg.log_metrics(metrics, step=0)
 
