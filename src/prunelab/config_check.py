@@ -1,62 +1,351 @@
 """Eager validation of the composed config: bad values stop the run before any work, with one
-message that names the key to change."""
+message that names the key and says what to change.
+
+``check`` = ``check_values`` (one table of key -> what it must be, driven by one loop, plus the few
+rules that involve two keys) + ``preflight`` (what the machine and the file system must provide:
+the device, every file the run reads, the folders it writes). Keys missing from the config are
+skipped, so config groups may add keys or leave optional ones out.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import importlib.util
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from prunelab import hardware
 from prunelab.errors import ConfigError
+from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES
 from prunelab.pruning.registry import methods
 from prunelab.search.rules import RULES
 
 SCHEDULES = ("oneshot", "iterative")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+OBJECTIVES = ("sparsity", "latency", "macs", "params", "bytes")
+CIFAR_TARGET = "prunelab.data.CIFAR10DataModule"
+MODEL_TARGET = "prunelab.models.ImageClassifier"
+MAX_SEED = 2**32 - 1  # Lightning's seed_everything swaps a seed outside [0, 2**32) for a random one
+
+# A spec is (what the value must be, in words; test). The words follow "KEY=VALUE must be".
+Spec = tuple[str, Callable[[Any], bool]]
 
 
-def _ratio(key: str, value) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{key}={value} is out of range: a pruning ratio must be in [0, 1)")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Spec:
+    words = "an integer" + (f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else "")
+    return words, lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def number(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> Spec:
+    if hi is None:
+        words = f"a number {'>' if lo_open else '>='} {lo}"
+    else:
+        words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    def test(v) -> bool:
+        if not _is_num(v) or v < lo or (lo_open and v == lo):
+            return False
+        return hi is None or v < hi or (not hi_open and v == hi)
+
+    return words, test
+
+
+def choice(*options) -> Spec:
+    return f"one of {', '.join(map(str, options))}", lambda v: isinstance(v, str | int) and v in options
+
+
+def optional(spec: Spec) -> Spec:
+    return f"null or {spec[0]}", lambda v: v is None or spec[1](v)
+
+
+def either(*specs: Spec, words: str | None = None) -> Spec:
+    return words or " or ".join(s[0] for s in specs), lambda v: any(s[1](v) for s in specs)
+
+
+def list_of(spec: Spec, example: str) -> Spec:
+    items = spec[0]
+    for one, many in (("a number", "numbers"), ("an integer", "integers"), ("a pruning method", "pruning methods")):
+        items = items.replace(one, many, 1)
+    return (f"a non-empty list of {items}, like {example}",
+            lambda v: isinstance(v, list) and len(v) > 0 and all(spec[1](x) for x in v))
+
+
+BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
+TEXT: Spec = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
+BOOL_AUTO = either(BOOL, choice("auto"), words="true, false or auto")
+FRACTION = number(0, 1)  # a pruning ratio: [0, 1)
+
+
+def _precision_ok(v) -> bool:
+    try:  # the same parser the run resolves it with; the machine does not matter for validity
+        hardware.resolve_precision(v, hardware.Hardware("cpu", "any"))
+    except ConfigError:
+        return False
+    return True
+
+
+PRECISION: Spec = (f"one of auto, {', '.join(hardware.PRECISIONS)} (or {', '.join(hardware.PRECISION_ALIASES)})",
+                   _precision_ok)
+
+
+def _method(v) -> bool:
+    """A registered method or a chain of them (``channel+semi_structured``); the registry's own rule
+    for chains, where it has one, also says which methods may follow another."""
+    if not isinstance(v, str):
+        return False
+    known = getattr(registry, "is_known", None)
+    return known(v) if known else all(part in methods() for part in v.split("+"))
+
+
+METHOD: Spec = ("a pruning method ({}) or a chain like channel+semi_structured", _method)
+
+
+def rules() -> list[tuple[str, Spec]]:
+    """Every numeric and enum key of the config groups, and what it must be (built per call, so
+    methods registered at run time are known)."""
+    method = (METHOD[0].format(", ".join(methods())), METHOD[1])
+    return [
+        ("seed", integer(0, MAX_SEED)),
+        ("ckpt_path", optional(TEXT)),
+        *((k, BOOL) for k in ("stages.prune", "stages.latency", "finetune.cache", "data.download", "data.on_device",
+                              "data.pin_memory", "data.augment", "model.fused_optimizer", "trainer.enable_progress_bar",
+                              "trainer.sync_batchnorm", "search.exact", "search.full_curve", "search.fast_eval",
+                              "latency.include_transfer", "latency.onnx", "latency.compile", "latency.cuda_graph")),
+        *((k, TEXT) for k in ("task_name", "data.root", "model.arch", "trainer.strategy", "finetune.cache_dir",
+                              "paths.data_dir", "paths.log_dir", "paths.cache_dir", "paths.output_dir")),
+        # data
+        ("data.batch_size", integer(1)),
+        ("data.eval_batch_size", optional(integer(1))),
+        ("data.num_workers", integer(0)),
+        ("data.val_fraction", number(0, 1, lo_open=True)),
+        ("data.train_size", optional(integer(2))),
+        ("data.test_size", optional(integer(1))),
+        ("data.seed", integer(0, MAX_SEED)),
+        ("data.noise", number(0)),
+        # model
+        ("model.weights", optional(TEXT)),
+        ("model.num_classes", integer(2)),
+        ("model.lr", number(0, lo_open=True)),
+        ("model.momentum", number(0, 1)),
+        ("model.weight_decay", number(0)),
+        ("model.channels_last", BOOL_AUTO),
+        ("model.compile", BOOL_AUTO),
+        # trainer
+        ("trainer.accelerator", choice(*ACCELERATORS)),
+        ("trainer.devices", either(integer(1), choice("auto", -1), list_of(integer(0), ""),
+                                   words="an integer >= 1, -1 (all), auto, or a list of indices like trainer.devices=[0,1]")),
+        ("trainer.num_nodes", integer(1)),
+        ("trainer.precision", PRECISION),
+        ("trainer.max_epochs", integer(1)),
+        ("trainer.max_steps", either(integer(1), choice(-1))),
+        ("trainer.log_every_n_steps", optional(integer(1))),
+        ("trainer.num_sanity_val_steps", integer(-1)),
+        ("trainer.accumulate_grad_batches", integer(1)),
+        ("trainer.gradient_clip_val", optional(number(0))),
+        ("trainer.deterministic", either(BOOL, choice("warn"))),
+        *((f"trainer.limit_{s}_batches", optional(either(integer(0), number(0, 1, hi_open=False),
+                                                         words="a number of batches >= 0 or a fraction in [0, 1]")))
+          for s in ("train", "val", "test")),
+        ("finetune.weights_path", optional(TEXT)),
+        # prune
+        ("prune.method", method),
+        ("prune.ratio", optional(FRACTION)),
+        ("prune.scope", choice(*SCOPES)),
+        ("prune.schedule", choice(*SCHEDULES)),
+        ("prune.steps", integer(1)),
+        ("prune.recover_epochs", integer(0)),
+        ("prune.recover_lr", number(0, lo_open=True)),
+        ("prune.importance", choice("l1", "l2")),
+        ("prune.normalize", choice("mean", "none")),
+        ("prune.min_channels", integer(1)),
+        ("prune.round_to", integer(1)),
+        # search
+        ("search.grid", list_of(FRACTION, "search.grid=[0.2,0.5]")),
+        ("search.refine_step", optional(number(0, 1, lo_open=True))),
+        ("search.tolerance", number(0)),
+        ("search.rule", choice(*RULES)),
+        ("search.objective", choice(*OBJECTIVES)),
+        ("search.methods", list_of(method, "search.methods=[magnitude,channel+semi_structured]")),
+        ("search.confidence", optional(number(0, 1, lo_open=True))),
+        # latency
+        ("latency.batch_size", integer(1)),
+        ("latency.batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),
+        ("latency.warmup", integer(0)),
+        ("latency.iters", integer(1)),
+        ("latency.runtime", choice("eager", "deploy")),
+        ("latency.dtype", choice("auto", *hardware.DTYPES)),
+    ]
+
+
+_ABSENT = object()
+
+
+def _get(cfg: DictConfig, key: str):
+    """The resolved plain value of ``key`` (lists as lists), or _ABSENT."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{key} is not set; give it a value on the command line ({key}=...)") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{key} cannot be resolved: {str(exc).splitlines()[0]}") from None
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _show(v) -> str:
+    """A value as it would be typed on the command line."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return "[" + ",".join(map(_show, v)) + "]"
+    return str(v)
+
+
+def check_values(cfg: DictConfig) -> None:
+    for key, (words, test) in rules():
+        value = _get(cfg, key)
+        if value is not _ABSENT and not test(value):
+            raise ConfigError(f"{key}={_show(value)} must be {words}")
+    # rules that involve two keys
+    p, trainer = cfg.prune, cfg.trainer
+    devices = trainer.get("devices", 1)
+    if p.get("schedule") == "iterative" and (trainer.get("strategy") == "ddp" or (_is_int(devices) and devices > 1)):
+        raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
+    if cfg.get("ckpt_path") and cfg.finetune.get("weights_path"):
+        raise ConfigError("ckpt_path and finetune.weights_path are both set, but a run starts from one of them; "
+                          "set the other to null")
+    model = cfg.get("model") or {}
+    if model.get("_target_") == MODEL_TARGET:
+        from torchvision import models as tvm
+
+        if model.arch not in tvm.list_models(module=tvm):
+            raise ConfigError(f"model.arch={model.arch} is not a torchvision classification model "
+                              "(e.g. vgg16, resnet18)")
+        if model.get("weights") is not None and model.weights not in tvm.get_model_weights(model.arch).__members__:
+            options = ", ".join(w.name for w in tvm.get_model_weights(model.arch))
+            raise ConfigError(f"model.weights={model.weights} is not a weight set of {model.arch}; "
+                              f"use one of {options} or null")
+
+
+# --- pre-flight: the machine and the file system ------------------------------------------------------
+
+
+def _check_ckpt(cfg: DictConfig) -> None:
+    import zipfile
+
+    from prunelab.io import file_problem
+
+    if not cfg.get("ckpt_path"):
+        return
+    path = Path(cfg.ckpt_path).expanduser()
+    problem = file_problem(path, inside=("checkpoints/last.ckpt", "last.ckpt"))
+    if problem is None and not zipfile.is_zipfile(path):
+        problem = "is not a checkpoint written by Lightning (torch.save's zip format)"
+    if problem:
+        raise ConfigError(f"ckpt_path={path} {problem}; point it at a Lightning checkpoint such as an earlier "
+                          "run's checkpoints/last.ckpt, or set ckpt_path=null")
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU "
+                          "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps but this machine has no MPS device; use trainer.accelerator=cpu or auto")
+    if cfg.stages.get("latency") and cfg.get("latency", {}).get("onnx"):
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"latency.onnx=true needs the export extra ({', '.join(missing)} missing): "
+                              "pip install prunelab[export], or set latency.onnx=false")
+
+
+def _missing_prerequisites(cfg: DictConfig) -> list[str]:
+    """Data on disk that a run without download needs, and, alongside, the pretrained weights that
+    are not in the torch hub cache, so an offline user learns of both at once. Weights alone are
+    not flagged: a run that may download them should (nothing network-related is tried here)."""
+    from prunelab.data.cifar10 import FOLDER, TEST_FILES, TRAIN_FILES
+
+    missing = []
+    data, model = cfg.data, cfg.model
+    if data.get("_target_") == CIFAR_TARGET and not data.get("download", True):
+        folder = Path(data.root).expanduser() / FOLDER
+        absent = [f for f in TRAIN_FILES + TEST_FILES if not (folder / f).is_file()]
+        if absent:
+            missing.append(f"CIFAR-10 data: {folder} lacks {', '.join(absent)} and data.download=false (put an "
+                           f"extracted {FOLDER} under data.root, or set data.download=true)")
+    if missing and model.get("_target_") == MODEL_TARGET and model.get("weights") is not None:
+        from torchvision import models as tvm
+
+        filename = tvm.get_model_weights(model.arch)[model.weights].url.rsplit("/", 1)[-1]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not cached.is_file() or cached.stat().st_size == 0:
+            missing.append(f"model.weights={model.weights}: {filename} is not in the torch hub cache "
+                           f"{cached.parent} and would be downloaded (put it there, or set model.weights=null)")
+    return missing
+
+
+def probe_writable(key: str, folder: Path, advice: str, created: list[Path]) -> None:
+    """Create ``folder`` and write (then remove) a probe file in it: an unwritable folder is found
+    now, not after the fine-tune. Folders it creates are added to ``created``."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={folder} is a file, not a folder; {advice}")
+    new = [d for d in (folder, *folder.parents) if not d.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        created.extend(new)
+        fd, probe = tempfile.mkstemp(prefix=".prunelab-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{key}={folder} is not writable ({exc.strerror or exc}); {advice}") from None
+
+
+def preflight(cfg: DictConfig) -> None:
+    from prunelab.finetune import check_start_weights  # Lightning: imported when a run is about to start
+
+    _check_machine(cfg)
+    _check_ckpt(cfg)
+    check_start_weights(cfg)
+    missing = _missing_prerequisites(cfg)
+    if missing:
+        raise ConfigError(f"missing before the run can start: {'; '.join(missing)}")
+    # Last, so that a run stopped by anything above creates no folder; a failed probe removes the
+    # (empty) folders the probes made.
+    probes = [("paths.output_dir", cfg.paths.output_dir, "choose a writable folder with paths.log_dir=...")]
+    if cfg.finetune.get("cache"):
+        probes.append(("finetune.cache_dir", cfg.finetune.cache_dir,
+                       "set paths.cache_dir to a writable folder, or finetune.cache=false"))
+    created: list[Path] = []
+    try:
+        for key, folder, advice in probes:
+            probe_writable(key, Path(folder).expanduser(), advice, created)
+    except ConfigError:
+        for d in sorted(created, key=lambda d: len(d.parts), reverse=True):  # deepest first
+            d.rmdir()
+        raise
 
 
 def check(cfg: DictConfig) -> None:
-    p, s = cfg.prune, cfg.search
-    if p.method not in methods():
-        raise ConfigError(f"prune.method={p.method} is unknown; use one of {', '.join(methods())}")
-    if p.get("scope", "global") not in SCOPES:
-        raise ConfigError(f"prune.scope={p.scope} is unknown; use one of {', '.join(SCOPES)}")
-    if p.get("schedule", "oneshot") not in SCHEDULES:
-        raise ConfigError(f"prune.schedule={p.schedule} is unknown; use one of {', '.join(SCHEDULES)}")
-    if p.ratio is not None:
-        _ratio("prune.ratio", p.ratio)
-    if int(p.get("steps", 1)) < 1:
-        raise ConfigError(f"prune.steps={p.steps} must be >= 1")
-    if int(p.get("recover_epochs", 0)) < 0:
-        raise ConfigError(f"prune.recover_epochs={p.recover_epochs} must be >= 0")
-    if p.get("importance", "l1") not in ("l1", "l2"):
-        raise ConfigError(f"prune.importance={p.importance} is unknown; use l1 or l2")
-    if p.get("normalize", "mean") not in ("mean", "none"):
-        raise ConfigError(f"prune.normalize={p.normalize} is unknown; use mean or none")
-    if int(p.get("min_channels", 1)) < 1:
-        raise ConfigError(f"prune.min_channels={p.min_channels} must be >= 1")
-    if not isinstance(p.get("round_to", 1), int) or isinstance(p.get("round_to", 1), bool) or p.get("round_to", 1) < 1:
-        raise ConfigError(f"prune.round_to={p.round_to} must be an integer >= 1 (1: no rounding)")
-    devices = cfg.trainer.get("devices", 1)
-    if p.get("schedule") == "iterative" and (cfg.trainer.get("strategy") == "ddp" or (isinstance(devices, int) and devices > 1)):
-        raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
-    if s.rule not in RULES:
-        raise ConfigError(f"search.rule={s.rule} is unknown; use one of {', '.join(RULES)}")
-    if not isinstance(s.tolerance, int | float) or s.tolerance < 0:
-        raise ConfigError(f"search.tolerance={s.tolerance} must be a number >= 0 (percentage points)")
-    if not s.grid:
-        raise ConfigError("search.grid is empty; give at least one ratio, e.g. search.grid=[0.2,0.5,0.8]")
-    for r in s.grid:
-        _ratio("search.grid", r)
-    if not isinstance(s.get("full_curve", False), bool):
-        raise ConfigError(f"search.full_curve={s.full_curve} must be true or false")
-    if not isinstance(s.get("fast_eval", True), bool):
-        raise ConfigError(f"search.fast_eval={s.fast_eval} must be true or false")
-    if s.refine_step is not None and not 0.0 < float(s.refine_step) < 1.0:
-        raise ConfigError(f"search.refine_step={s.refine_step} must be in (0, 1), or null for no refinement")
-    lat = cfg.latency
-    if lat.iters < 1 or lat.warmup < 0 or lat.batch_size < 1:
-        raise ConfigError("latency.iters and latency.batch_size must be >= 1 and latency.warmup >= 0")
+    """Every check, values first: raises one ConfigError naming the key (or file) to change."""
+    check_values(cfg)
+    preflight(cfg)

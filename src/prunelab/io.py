@@ -1,4 +1,5 @@
-"""Atomic writes (a killed run never leaves a truncated result file behind), safe loading, and
+"""Atomic writes (a killed run never leaves a truncated result file behind), safe loading (every
+unreadable or mismatched weights file is one ``WeightsFileError`` in words), and
 the bytes a state_dict takes on disk, as saved and packed for unstructured sparsity.
 
 Every result goes to a temporary file in the destination's folder and is renamed over the
@@ -10,13 +11,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from prunelab.errors import WeightsFileError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -54,8 +59,94 @@ def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     return _atomic(path, lambda p: torch.save(clean, p))
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def file_problem(path: str | os.PathLike, inside: tuple[str, ...] = ("models/dense.pt", "dense.pt")) -> str | None:
+    """Why ``path`` cannot be read as a file, in words that follow the path; None if it can.
+    ``inside``: files a user may have meant when giving their folder."""
+    path = Path(path)
+    if not path.exists():
+        if path.is_symlink():  # exists() follows links: a dangling one reads as missing
+            return f"is a link to {os.readlink(path)}, which does not exist"
+        return "does not exist"
+    if path.is_dir():
+        found = next((path / name for name in inside if (path / name).is_file()), None)
+        return "is a directory, not a file" + (f"; did you mean {found}?" if found else "")
+    if not path.is_file():
+        return "is not a regular file"
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes): it was never completely written"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _not_a_state_dict(obj: Any) -> str | None:
+    if isinstance(obj, dict) and "state_dict" in obj and ("pytorch-lightning_version" in obj or "epoch" in obj):
+        return ("is a Lightning checkpoint, not a state_dict: resume from it with ckpt_path=..., "
+                "or give a run's models/dense.pt")
+    if not isinstance(obj, dict):
+        return f"holds a {type(obj).__name__}, not a state_dict (a dict of parameter name -> tensor)"
+    if not obj:
+        return "holds an empty dict, not a state_dict"
+    bad = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        return (f"holds a dict whose entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor: "
+                "not a state_dict")
+    return None
+
+
+def _load_failure(exc: Exception, is_zip: bool) -> str:
+    """What a failed ``torch.load`` means, without torch's advice: for a refused pickle it suggests
+    ``weights_only=False``, i.e. running whatever code the file carries. Never pass that on."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        what = text.split("Unsupported global:", 1)[1].split()[1] if "GLOBAL" in text else "Python object"
+        return (f"holds a pickled {what}, which prunelab refuses to load (unpickling it could run code); "
+                "give a plain state_dict such as a run's models/dense.pt")
+    if not is_zip:  # neither torch.save's zip format nor, as it turned out, its legacy one
+        return "is not a PyTorch weights file (truncated, or not written by torch.save)"
+    first = " ".join(text.split(". ")[0].split())[:160]
+    return f"is a damaged PyTorch weights file ({type(exc).__name__}: {first})"
+
+
+def shape_mismatch(expected: Mapping[str, Any], state: Mapping[str, torch.Tensor], limit: int = 3) -> str | None:
+    """Missing keys, unexpected keys and mismatched shapes of ``state`` against ``expected``
+    (name -> shape), the first ``limit`` of each with counts; None when they fit."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}" for k in expected
+              if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    parts = []
+    for label, items in (("missing key", missing), ("unexpected key", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+            plural = "es" if label.endswith("h") else "s"
+            parts.append(f"{len(items)} {label}{plural if len(items) > 1 else ''} ({', '.join(items[:limit])}{more})")
+    return "; ".join(parts) or None
+
+
+def load_state_dict(path: str | os.PathLike, expected: Mapping[str, Any] | None = None,
+                    mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state_dict saved by ``torch.save``, loaded on the CPU with ``weights_only`` (no pickled code
+    runs). ``expected`` (name -> shape): the keys and shapes it must have. ``mmap``: map the file
+    instead of reading it (a cheap check of a large file). Any problem raises ``WeightsFileError``."""
+    path = Path(path).expanduser()
+    problem = file_problem(path)
+    if problem:
+        raise WeightsFileError(path, problem)
+    is_zip = zipfile.is_zipfile(path)
+    try:  # mmap needs torch.save's zip format; the legacy format is read whole
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except Exception as exc:  # foreign bytes make torch.load raise nearly anything
+        raise WeightsFileError(path, _load_failure(exc, is_zip)) from None
+    problem = _not_a_state_dict(state)
+    if problem:
+        raise WeightsFileError(path, problem)
+    if expected is not None and (problem := shape_mismatch(expected, state)):
+        raise WeightsFileError(path, problem, mismatch=True)
+    return state
 
 
 def _json_default(obj: Any) -> Any:

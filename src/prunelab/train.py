@@ -1,7 +1,8 @@
-"""The Hydra entry point: ``python -m prunelab.train [overrides]``.
+"""The Hydra entry point: ``python -m prunelab.train [overrides]`` (``--help`` describes the app).
 
-Thin on purpose: Hydra composes the config, ``pipeline.run`` does the work, and input errors
-become one message and exit status 2 instead of a traceback.
+Thin on purpose: Hydra composes the config, ``execute`` runs ``pipeline.run`` and turns an input
+error into one line on stderr and exit status 2 instead of a traceback. ``execute`` is what the
+command does minus Hydra, so tests can run the command's error path in-process.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import sys
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 import prunelab  # noqa: F401  (registers the config resolvers)
@@ -18,15 +20,72 @@ from prunelab.errors import PrunelabError
 log = logging.getLogger("prunelab")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _one_console_handler() -> None:
+    """Print each log line once.
+
+    Importing Lightning gives its package logger ``lightning`` a console handler of its own, and that
+    logger still propagates to the root logger, where Hydra's job logging has put a console and a
+    file handler: every Lightning line came out twice (``INFO: ...`` on stderr and Hydra's format on
+    stdout). Where the root logger prints, Lightning's own handler is dropped. Lightning is imported
+    after Hydra configured logging, so this cannot be said in the job_logging config.
+    """
+    if not logging.getLogger().handlers:
+        return
+    lightning_log = logging.getLogger("lightning")
+    for handler in list(lightning_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_log.removeHandler(handler)
+
+
+def _fail(message: str) -> None:
+    print(f"prunelab: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+class RunDirCheck(Callback):
+    """Hydra creates the run (or sweep) folder before the job starts, so a folder it cannot create
+    ended in Hydra's traceback and exit 1, before ``execute`` could say anything. Probed here first
+    (hydra/default.yaml registers this callback): one line and exit 2 instead."""
+
+    def _probe(self, key: str, folder: str) -> None:
+        from pathlib import Path
+
+        from prunelab.config_check import probe_writable
+
+        try:
+            probe_writable(key, Path(folder), "set paths.log_dir (or hydra.run.dir / hydra.sweep.dir) "
+                                              "to a writable folder", [])
+        except PrunelabError as exc:
+            _fail(str(exc))
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._probe("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._probe("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def _run(cfg: DictConfig) -> tuple[int, dict | None]:
     from prunelab.pipeline import run
 
+    _one_console_handler()
     try:
-        report = run(cfg)
+        return 0, run(cfg)
     except PrunelabError as exc:
-        print(f"prunelab: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(str(exc))  # one line, whatever the message holds: "one line naming what to change"
+        return 2, None
+
+
+def execute(cfg: DictConfig) -> int:
+    """Run the pipeline on a composed config; the exit status (2: an input error, already printed)."""
+    return _run(cfg)[0]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    status, report = _run(cfg)
+    if status:
+        sys.exit(status)
     # The value a Hydra sweeper would optimise: the chosen ratio's validation accuracy.
     pruned = report.get("pruned") or report.get("dense") or {}
     return pruned.get("val_acc", {}).get("value") if isinstance(pruned.get("val_acc"), dict) else None
