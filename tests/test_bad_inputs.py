@@ -146,6 +146,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["model.arch=notanet"], ("model.arch",), None),
     (["model.weights=BOGUS"], ("model.weights",), None),
     (["trainer.accelerator=tpu"], ("trainer.accelerator",), None),
+    (["+trainer.strategy=bogus"], ("trainer.strategy",), None),
     (["trainer.precision=foo"], ("trainer.precision",), None),
     pytest.param(["trainer.accelerator=gpu"], ("trainer.accelerator=gpu", "GPU"), None,
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),

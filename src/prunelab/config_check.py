@@ -270,6 +270,17 @@ def _check_machine(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU "
                           "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto")
+    devices = cfg.trainer.get("devices", 1)
+    if accelerator in ("gpu", "cuda") and _is_int(devices) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          "use at most that many, or trainer.devices=-1 for all")
+    from lightning.pytorch.strategies import StrategyRegistry  # Lightning's list, registered ones included
+
+    strategy = cfg.trainer.get("strategy", "auto")
+    if strategy != "auto" and strategy not in StrategyRegistry:
+        common = [s for s in ("ddp", "ddp_spawn", "fsdp", "deepspeed") if s in StrategyRegistry]
+        raise ConfigError(f"trainer.strategy={strategy} is not a Lightning strategy; use auto or one such as "
+                          f"{', '.join(common)}")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps but this machine has no MPS device; use trainer.accelerator=cpu or auto")
     if cfg.stages.get("latency") and cfg.get("latency", {}).get("onnx"):
