@@ -26,6 +26,9 @@ class Count:
     seen: int
     total: int
     stopped: bool
+    # Per-image correctness in the loader's order (``record=True``, one process): what paired
+    # statistics compare between two models judged on the same images.
+    hits: torch.Tensor | None = None
 
     @property
     def acc(self) -> float:
@@ -64,8 +67,10 @@ def count_correct(
     device: torch.device | str | None = None,
     precision: str | None = None,
     batch_transform=None,
+    record: bool = False,
 ) -> Count:
-    """Correct predictions of ``model`` over ``loader``; stops once errors exceed ``max_errors``."""
+    """Correct predictions of ``model`` over ``loader``; stops once errors exceed ``max_errors``.
+    ``record=True`` also returns each image's correctness (``Count.hits``) when in one process."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world = _distributed()
     total = total if total is not None else len(loader.dataset)
@@ -76,6 +81,7 @@ def count_correct(
     # shard's batch count and a rank whose shard is exhausted contributes zeros.
     steps = math.ceil(math.ceil(total / world) / loader.batch_size) if world > 1 else None
     batches = iter(loader)
+    hits: list[torch.Tensor] | None = [] if record and world == 1 else None
     with eval_mode(model), autocast_for(device, precision):
         step = 0
         while steps is None or step < steps:
@@ -88,8 +94,10 @@ def count_correct(
                 x, y = item[0].to(device, non_blocking=True), item[1].to(device, non_blocking=True)
                 if batch_transform is not None:
                     x = batch_transform(x)
-                pred = model(x).argmax(dim=1)
-                c, s = int((pred == y).sum()), int(y.numel())
+                right = model(x).argmax(dim=1) == y
+                c, s = int(right.sum()), int(y.numel())
+                if hits is not None:
+                    hits.append(right.cpu())
             if sync_each_batch:
                 t = torch.tensor([c, s], dtype=torch.long)
                 dist.all_reduce(t)
@@ -103,4 +111,4 @@ def count_correct(
         t = torch.tensor([correct, seen], dtype=torch.long)
         dist.all_reduce(t)
         correct, seen = int(t[0]), int(t[1])
-    return Count(correct, seen, total, stopped)
+    return Count(correct, seen, total, stopped, torch.cat(hits) if hits else None)

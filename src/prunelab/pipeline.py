@@ -6,6 +6,7 @@ fixed ratio) -> pruned: val, test, latency -> report (json, md, plots) -> models
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import lightning as L
 import torch.distributed as dist
 from lightning import Trainer
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from prunelab import config_check
 from prunelab.deploy import onnx_latency, save_pruned, time_as_deployed
@@ -21,12 +23,12 @@ from prunelab.evaluation import count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, write_json, write_text
 from prunelab.latency import LatencyMonitor, sample_batch
+from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import drop_within_noise
 from prunelab.resolve import resolve_auto
-from prunelab.prune_stage import run_prune_stage
 from prunelab.trainer import build, build_trainer
 
 log = logging.getLogger("prunelab")
@@ -53,6 +55,24 @@ def _count(model, dataset, batch_size, device, precision) -> tuple[int, int]:
     loader, total = shard_loader(dataset, batch_size)
     c = count_correct(model, loader, total, device=device, precision=precision)
     return c.correct, c.total
+
+
+def kernel_family(method: str) -> str:
+    """How a method's model runs: a chain with 2:4 in it runs its 2:4 layers on sparse kernels."""
+    return "semi_structured" if "semi_structured" in method.split("+") else method
+
+
+def _pair_timer(dense: nn.Module, batch, device, monitor: LatencyMonitor):
+    """Times a search candidate in turns with the dense model (None where latency is off)."""
+    if batch is None:
+        return None
+
+    def time_pair(candidate: nn.Module, method: str) -> dict:
+        both = monitor.measure_interleaved({"dense": dense, "candidate": candidate}, batch, device)
+        d, c = both["dense"], both["candidate"]
+        return {"p50_ms": c["p50"], "p90_ms": c["p90"], "dense_p50_ms": d["p50"], "speedup": d["p50"] / c["p50"]}
+
+    return time_pair
 
 
 def run(cfg: DictConfig) -> dict:
@@ -88,7 +108,10 @@ def run(cfg: DictConfig) -> dict:
     if batch is not None:  # timed as the module runs it: ImageClassifier makes its inputs NHWC too
         batch = batch.contiguous(memory_format=memory_format)
 
-    dense_val = _count(net, dm.val_set, eval_bs, device, precision)
+    loader, total = shard_loader(dm.val_set, eval_bs)
+    # Per-image correctness too: candidates are compared with the dense model on the same images.
+    dense_count = count_correct(net, loader, total, device=device, precision=precision, record=True)
+    dense_val = (dense_count.correct, dense_count.total)
     dense_test = _count(net, dm.test_set, eval_bs, device, precision)
     t0 = time.perf_counter()
     dense_lat = latency.measure(net, batch, device, "dense", trainer.loggers) if batch is not None else None
@@ -104,10 +127,15 @@ def run(cfg: DictConfig) -> dict:
     files = {"dense_bytes": (out / "models" / "dense.pt").stat().st_size} if rank_zero else {}
     if cfg.stages.prune:
         p = cfg.prune
+        # The dense network as timed against every candidate and the chosen model: a copy, since
+        # masking methods prune ``net`` in place (rank zero only, and only when timing).
+        dense_timed = copy.deepcopy(net) if batch is not None else None
         journal = Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json"
         outcome = run_prune_stage(cfg, net, dm, device, precision, dense_val,
                                   journal if cfg.finetune.cache and rank_zero else None,
-                                  {"finetune": ft.key, "method": p.method}, memory_format, trainer.loggers, rank_zero)
+                                  {"finetune": ft.key, "method": p.method}, memory_format, trainer.loggers, rank_zero,
+                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, batch, device, latency))
+        method = outcome.method
         timing["search"] = outcome.seconds
         pruned_net = outcome.net.to(device, memory_format=memory_format)
         pruned_test = _count(pruned_net, dm.test_set, eval_bs, device, precision)
@@ -117,15 +145,16 @@ def run(cfg: DictConfig) -> dict:
             # Where the dense network survived pruning (channel, iterative), time the two in turns:
             # the speedup then cannot come from a change in machine load between the two timings.
             pruned_lat, kernel_note, dense_again = time_as_deployed(
-                p.method, pruned_net, batch, device, latency, trainer.loggers, dense=net.to(device))
+                kernel_family(method), pruned_net, batch, device, latency, trainer.loggers, dense=dense_timed)
             if dense_again is not None:
                 dense_lat = dense["latency_ms"] = dense_again
         timing["latency"] += time.perf_counter() - t0
         barrier()
         stats = outcome.stats
         pruned = model_section(outcome.val, pruned_test, sum(q.numel() for q in pruned_net.parameters()),
-                               sparsity(prunable_weights(pruned_net)) if p.method != "channel" else stats, pruned_lat)
-        pruned.update(ratio=outcome.ratio, method=p.method, scope=p.scope, schedule=p.schedule,
+                               stats if method.startswith("channel") else sparsity(prunable_weights(pruned_net)),
+                               pruned_lat)
+        pruned.update(ratio=outcome.ratio, method=method, scope=p.scope, schedule=p.schedule,
                       layers=stats["layers"], sparsity=stats["sparsity"], nonzero=stats["nonzero"])
         for key in ("macs", "dense_macs", "channels", "channels_removed", "two_four_layers"):
             if key in stats:
@@ -142,7 +171,8 @@ def run(cfg: DictConfig) -> dict:
         if rank_zero:
             if cfg.stages.latency and cfg.latency.onnx:
                 pruned["latency_ms_onnx"] = onnx_latency(pruned_net, batch, out / "export" / "pruned.onnx", cfg.latency)
-            files.update(save_pruned(p.method, pruned_net, out / "models", cfg.model.arch, cfg.model.num_classes))
+            files.update(save_pruned("channel" if method.startswith("channel") else method, pruned_net,
+                                     out / "models", cfg.model.arch, cfg.model.num_classes))
     report["files"] = files
     report["finetune"] = ft.to_dict()
     report["timing_s"] = timing

@@ -3,7 +3,9 @@ every method; returns the pruned network and what the report says about it."""
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +15,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from prunelab.callbacks import MaskKeeper
+from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
+from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
-from prunelab.pruning.channel import channel_stats
+from prunelab.pruning.channel import channel_stats, count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
+from prunelab.search.across import search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
 from prunelab.search.oneshot import OneShotSearch
-from prunelab.search.rules import Evaluation, SearchResult
+from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
 from prunelab.trainer import build_trainer
 
 
@@ -33,6 +38,7 @@ class PruneOutcome:
     search: dict | None = None
     schedule: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    method: str = "magnitude"  # the chosen model's method (a search across methods picks one)
 
 
 def pruner_options(cfg: DictConfig) -> dict:
@@ -76,11 +82,71 @@ def search_report(result: SearchResult, cfg: DictConfig, schedule_name: str, res
     return dict(result.to_dict(), scope=cfg.prune.scope, schedule=schedule_name, resumed_candidates=resumed)
 
 
+def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
+                      time_pair: Callable[[nn.Module, str], dict] | None) -> dict:
+    """What a passing candidate is ranked on besides accuracy: deploy-runtime latency (timed in
+    turns with the dense model by ``time_pair``), bytes of its compact file, MACs for one image,
+    and its nonzero parameters (zeroed weights do not count, removed channels are gone)."""
+    state = {k: v.detach().cpu() for k, v in candidate.state_dict().items()}
+    zeros = sum(int(w.numel() - torch.count_nonzero(w)) for w in prunable_weights(candidate).values())
+    figures = {"bytes": compressed_bytes(state), "macs": count_macs(candidate, example),
+               "params": sum(q.numel() for q in candidate.parameters()) - zeros}
+    if time_pair is not None:
+        figures.update(time_pair(candidate, method))
+    return figures
+
+
+def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
+                   dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
+                   memory_format, loggers, rank_zero, time_pair) -> PruneOutcome:
+    p, s = cfg.prune, cfg.search
+    t0 = time.perf_counter()
+    opts = pruner_options(cfg)
+    example = default_example(net).to(device)
+
+    def make_search(method: str) -> OneShotSearch:
+        journal = journal_dir / f"journal-{s.objective}-{method}-{p.scope}.json" if journal_dir else None
+        return OneShotSearch(s.tolerance, "contiguous", list(s.grid), s.refine_step, p.scope, s.exact,
+                             dm.eval_batch_size, precision, journal_path=str(journal) if journal else None,
+                             method=method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
+                             full_curve=False, fast_eval=bool(s.fast_eval), memory_format=memory_format,
+                             confidence=s.confidence)
+
+    dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
+    result = search_across(net, dm.val_set, device, list(s.methods), make_search, s.objective,
+                           lambda method, c: candidate_figures(method, c, example, time_pair), dense, dense_hits,
+                           dict(identity, objective=s.objective), loggers, rank_zero)
+    dense_acc = dense.acc
+    search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
+                  threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
+                  schedule="oneshot", best_ratio=result.chosen["ratio"] if result.chosen else 0.0,
+                  best_method=result.chosen["method"] if result.chosen else None)
+    if result.chosen is None:
+        return PruneOutcome(net, 0.0, dense_val, sparsity(prunable_weights(net)), search, [],
+                            time.perf_counter() - t0, method=p.method)
+    chosen = result.chosen
+    pruner = make_pruner(chosen["method"], copy.deepcopy(net), **opts)
+    pruned = pruner.finish(chosen["ratio"]).to(device, memory_format=memory_format)
+    val = (round(chosen["val_acc"] * dense_val[1] / 100.0), dense_val[1])
+    return PruneOutcome(pruned, chosen["ratio"], val, pruner.stats(), search, [], time.perf_counter() - t0,
+                        method=chosen["method"])
+
+
 def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
                     dense_val: tuple[int, int], journal_path: Path | None, identity: dict,
                     memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
-                    rank_zero: bool = True) -> PruneOutcome:
+                    rank_zero: bool = True, dense_hits: torch.Tensor | None = None,
+                    time_pair: Callable[[nn.Module, str], dict] | None = None) -> PruneOutcome:
+    """``time_pair(candidate, method)`` times a candidate in turns with the dense model in the
+    run's latency runtime (used when ``search.objective`` ranks by more than the ratio)."""
     p, s = cfg.prune, cfg.search
+    if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
+        if p.schedule == "iterative":
+            raise ConfigError("search.objective other than sparsity runs one-shot for now: "
+                              "use prune.schedule=oneshot with it")
+        return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
+                              journal_path.parent if journal_path else None, identity, memory_format, loggers,
+                              rank_zero, time_pair)
     t0 = time.perf_counter()
     opts = pruner_options(cfg)
     evaluate = _evaluate_fn(dm, device, precision)
@@ -97,28 +163,29 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
         final = evaluate(pruned)
         stats = channel_stats(pruned, net) if p.method == "channel" else sparsity(prunable_weights(pruned))
         return PruneOutcome(pruned, ratio, (final.correct, final.total), stats, search, history,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, method=p.method)
 
     if p.ratio is None:
         searcher = OneShotSearch(s.tolerance, s.rule, list(s.grid), s.refine_step, p.scope, s.exact,
                                  dm.eval_batch_size, precision, journal_path=str(journal_path) if journal_path else None,
                                  method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
                                  full_curve=bool(s.full_curve), fast_eval=bool(s.fast_eval),
-                                 memory_format=memory_format)
+                                 memory_format=memory_format, confidence=s.get("confidence"))
         dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
         result = searcher.run(net, dm.val_set, device, dense=dense, identity=identity, loggers=loggers,
-                              rank_zero=rank_zero)
+                              rank_zero=rank_zero, dense_hits=dense_hits)
         ratio = result.best_ratio
         chosen = [e for e in result.curve if e.ratio == ratio]
         val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
         search = search_report(result, cfg, "oneshot", searcher.resumed)
-        return PruneOutcome(searcher.model, ratio, val, searcher.pruner.stats(), search, [], time.perf_counter() - t0)
+        return PruneOutcome(searcher.model, ratio, val, searcher.pruner.stats(), search, [], time.perf_counter() - t0,
+                            method=p.method)
 
     pruner = make_pruner(p.method, net, **opts)
     pruned = pruner.finish(float(p.ratio)).to(device)
     final = evaluate(pruned)
     return PruneOutcome(pruned, float(p.ratio), (final.correct, final.total), pruner.stats(), None, [],
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, method=p.method)
 
 
 __all__ = ["PruneOutcome", "pruner_options", "recover_fn", "run_prune_stage", "search_report"]

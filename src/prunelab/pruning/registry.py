@@ -56,13 +56,30 @@ def register(method: str, constructor: Callable[..., object]) -> None:
     PRUNERS[method] = constructor
 
 
+def is_known(method: str) -> bool:
+    """A registered method, or a chain such as ``channel+semi_structured`` (see ``pruning.chain``)."""
+    from prunelab.pruning.chain import FULL_EXTENT, parts
+
+    names = parts(method)
+    return all(n in PRUNERS for n in names) and all(n in FULL_EXTENT for n in names[1:])
+
+
 def make_pruner(method: str, model: nn.Module, scope: str = "global", **options):
-    if method not in PRUNERS:
-        raise ValueError(f"prune.method must be one of {tuple(PRUNERS)}, got {method!r}")
-    return PRUNERS[method](model, scope=scope, **options)
+    if not is_known(method):
+        raise ValueError(f"prune.method must be one of {tuple(PRUNERS)} or a chain such as "
+                         f"channel+semi_structured, got {method!r}")
+    from prunelab.pruning.chain import ChainPruner, parts
+
+    first, *later = parts(method)
+    pruner = PRUNERS[first](model, scope=scope, **options)
+    if not later:
+        return pruner
+    return ChainPruner(model, pruner, [(m, lambda net, m=m: PRUNERS[m](net, scope=scope, **options)) for m in later])
 
 
 def candidate_extra(method: str, stats: dict) -> dict:
-    """Per-candidate figures the report shows beside accuracy (params and MACs for channel)."""
-    keys = {"channel": ("params", "macs", "channels", "channels_removed"), "semi_structured": ("two_four_layers",)}.get(method, ())
+    """Per-candidate figures the report shows beside accuracy (params and MACs where they change)."""
+    per_method = {"channel": ("params", "macs", "channels", "channels_removed"),
+                  "semi_structured": ("two_four_layers",)}
+    keys = [k for part in method.split("+") for k in per_method.get(part, ())]
     return {k: stats[k] for k in keys if k in stats}

@@ -47,6 +47,42 @@ def summary_table(report: dict) -> str:
     return table(["", "dense", "pruned"], summary_rows(report))
 
 
+def _paired(c: dict) -> str:
+    pd = c.get("paired")
+    return f"{pd['drop']:+.2f} [{pd['ci'][0]:+.2f}, {pd['ci'][1]:+.2f}]" if pd else "-"
+
+
+def across_section(s: dict) -> list[str]:
+    """A search across methods: every candidate, the Pareto front, and the choice."""
+    chosen = s.get("chosen")
+    conf = s.get("confidence")
+    rule = (f"its paired drop's {conf:.0%} upper bound within the tolerance" if conf else
+            "its validation accuracy within the tolerance (point rule)")
+    lines = ["## Search across methods", "",
+             f"Objective `{s['objective']}` over {', '.join(s['methods'])}; a candidate passes with {rule} "
+             f"({s['tolerance']} points below dense val {s['dense_val_acc']:.2f}%). "
+             + (f"Chosen: **{chosen['method']} at {chosen['ratio']:.2f}**." if chosen else
+                "Nothing passed: the dense model stands."), ""]
+    if chosen and chosen.get("paired"):
+        lo, hi = chosen["paired"]["ci"]
+        if lo <= 0.0 <= hi:
+            lines += [f"The chosen model's drop is indistinguishable from zero on these images "
+                      f"(95% paired interval {lo:+.2f} to {hi:+.2f} points).", ""]
+    headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "p50 ms", "speedup", "MACs",
+               "nonzero params", "bytes", "verdict", "front"]
+    rows = [(c["method"], f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
+             _paired(c), _ms({"p": c.get("p50_ms")}, "p"),
+             f"{c['speedup']:.2f}x" if c.get("speedup") else "-", _int(c.get("macs")), _int(c.get("params")),
+             _int(c.get("bytes")), "pass" if c["passed"] else "fail", "*" if c.get("on_pareto_front") else "")
+            for c in s["candidates"]]
+    lines += [table(headers, rows), ""]
+    if s.get("pareto"):
+        lines += ["Pareto front (validation accuracy against p50 latency; no other candidate is both more "
+                  "accurate and faster): " + ", ".join(f"{c['method']} {c['ratio']:.2f} ({c['val_acc']:.2f}%, "
+                                                       f"{c['p50_ms']:.2f} ms)" for c in s["pareto"]), ""]
+    return lines
+
+
 def render(report: dict, plots: dict[str, str]) -> str:
     p = report.get("pruned") or {}
     lines = [
@@ -61,7 +97,9 @@ def render(report: dict, plots: dict[str, str]) -> str:
     if report.get("notes"):
         lines += [f"- {n}" for n in report["notes"]] + [""]
     s = report.get("search")
-    if s:
+    if s and "candidates" in s:
+        lines += across_section(s)
+    elif s:
         highest = s.get("best_ratio_highest")
         highest = (f"gives {highest:.2f}" if highest is not None else
                    "is not known (each phase stopped at its first failure; `search.full_curve=true` evaluates it)")

@@ -59,9 +59,38 @@ def layer_sparsity(layers: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def accuracy_vs_latency(search: dict, dense: dict, path: Path) -> str:
+    """Every measured candidate, one colour per method, Wilson intervals as error bars, the
+    tolerance band, the dense model and the chosen point."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for method in search["methods"]:
+        pts = [c for c in search["candidates"] if c["method"] == method and c.get("p50_ms") is not None]
+        if pts:
+            acc = [c["val_acc"] for c in pts]
+            err = [[a - c["val_acc_ci95"][0] for a, c in zip(acc, pts, strict=True)],
+                   [c["val_acc_ci95"][1] - a for a, c in zip(acc, pts, strict=True)]]
+            ax.errorbar([c["p50_ms"] for c in pts], acc, yerr=err, fmt="o", ms=4, capsize=2, label=method)
+    lat = dense.get("latency_ms") or {}
+    if lat.get("p50"):
+        ax.plot([lat["p50"]], [search["dense_val_acc"]], "k*", ms=12, label="dense")
+    ax.axhspan(search["threshold"], search["dense_val_acc"], color="tab:green", alpha=0.12, label="tolerance band")
+    chosen = search.get("chosen")
+    if chosen and chosen.get("p50_ms") is not None:
+        ax.plot([chosen["p50_ms"]], [chosen["val_acc"]], "o", ms=14, mfc="none", mec="tab:red", mew=2,
+                label=f"chosen: {chosen['method']} {chosen['ratio']:.2f}")
+    ax.set_xlabel("p50 latency per batch (ms)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def write_all(report: dict, out: Path) -> dict[str, str]:
     plots = {}
-    if report.get("search"):
+    if report.get("search") and "candidates" in report["search"]:
+        plots["accuracy vs latency"] = accuracy_vs_latency(report["search"], report["dense"],
+                                                           out / "accuracy_vs_latency.png")
+    elif report.get("search"):
         plots["accuracy vs ratio"] = accuracy_curve(report["search"], out / "accuracy_vs_ratio.png")
     p = report.get("pruned") or {}
     if report["dense"].get("latency_ms") and p.get("latency_ms"):

@@ -38,7 +38,8 @@ class Journal:
         if self.path:
             evals = [
                 {"ratio": v.ratio, "correct": v.correct, "seen": v.seen, "total": v.total,
-                 "stopped": v.stopped, "nonzero": v.nonzero, "extra": v.extra}
+                 "stopped": v.stopped, "nonzero": v.nonzero, "extra": v.extra, "paired": v.paired,
+                 "paired_ok": v.paired_ok}
                 for v in sorted(self.entries.values(), key=lambda v: v.ratio)
             ]
             write_json(self.path, {"identity": self.identity, "evaluations": evals})

@@ -19,9 +19,10 @@ from prunelab.evaluation import count_correct, shard_loader
 from prunelab.models.transforms import folded_view
 from prunelab.pruning.magnitude import search_ratios
 from prunelab.pruning.masks import SCOPES
-from prunelab.pruning.registry import candidate_extra, make_pruner, methods
+from prunelab.pruning.registry import candidate_extra, is_known, make_pruner, methods
+from prunelab.report.stats import paired_drop
 from prunelab.search.journal import Journal
-from prunelab.search.rules import RULES, Evaluation, SearchResult, search
+from prunelab.search.rules import RULES, Evaluation, SearchResult, pass_threshold, search, verdict
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class OneShotSearch:
         full_curve: bool = False,
         fast_eval: bool = True,
         memory_format: torch.memory_format = torch.contiguous_format,
+        confidence: float | None = None,
     ):
         if tolerance < 0:
             raise ValueError(f"search.tolerance must be >= 0, got {tolerance}")
@@ -83,14 +85,21 @@ class OneShotSearch:
             raise ValueError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
         if not grid or any(not 0.0 <= r < 1.0 for r in grid):
             raise ValueError(f"search.grid must hold ratios in [0, 1), got {list(grid)}")
-        if method not in methods():
-            raise ValueError(f"prune.method must be one of {methods()}, got {method!r}")
+        if confidence is not None and not 0.0 < confidence < 1.0:
+            raise ValueError(f"search.confidence must be in (0, 1) or null, got {confidence}")
+        if not is_known(method):
+            raise ValueError(f"prune.method must be one of {methods()} or a chain such as "
+                             f"channel+semi_structured, got {method!r}")
         self.tolerance, self.rule, self.grid = float(tolerance), rule, [float(r) for r in grid]
         self.refine_step, self.scope, self.exact = refine_step, scope, exact
         self.batch_size, self.precision, self.journal_path = batch_size, precision, journal_path
         self.method, self.pruner_options = method, dict(pruner_options or {})
         self.full_curve, self.fast_eval = bool(full_curve), bool(fast_eval)
         self.memory_format = memory_format
+        self.confidence = confidence
+        # measure(candidate_net) -> dict of figures (latency, bytes) for candidates that pass;
+        # set by a search that ranks candidates by more than their ratio (search.objective).
+        self.measure = None
         self.model: nn.Module | None = None
         self.result: SearchResult | None = None
         self.seconds: float | None = None
@@ -98,7 +107,11 @@ class OneShotSearch:
         self.resumed = 0
 
     def run(self, model: nn.Module, val_set: Dataset, device: torch.device, dense: Evaluation | None = None,
-            identity: dict | None = None, loggers=(), rank_zero: bool = True) -> SearchResult:
+            identity: dict | None = None, loggers=(), rank_zero: bool = True,
+            dense_hits: torch.Tensor | None = None) -> SearchResult:
+        """Search on ``val_set``. ``dense_hits`` (the dense model's per-image correctness on it, in
+        order) gives every fully evaluated candidate a paired drop interval; without it the dense
+        model is evaluated here once more to get them."""
         t0 = time.perf_counter()
         model.to(device)
         loader, total = shard_loader(val_set, self.batch_size)
@@ -107,24 +120,28 @@ class OneShotSearch:
             # In place, before the pruner copies the weights, so every candidate is NHWC already;
             # the chosen model is handed back in the caller's layout.
             model.to(memory_format=torch.channels_last)
-        if dense is None:
+        if dense is None or dense_hits is None:
             c = count_correct(as_evaluated(model), loader, total, device=device, precision=self.precision,
-                              batch_transform=batch_transform)
-            dense = Evaluation(0.0, c.correct, c.seen, c.total)
+                              batch_transform=batch_transform, record=True)
+            dense = dense or Evaluation(0.0, c.correct, c.seen, c.total)
+            dense_hits = c.hits
         pruner = make_pruner(self.method, model, self.scope, **self.pruner_options)
         pruner.prepare(search_ratios(self.grid, self.refine_step))
         journal = Journal(self.journal_path if rank_zero else None,
                           dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
                                tolerance=self.tolerance, exact=self.exact, options=self.pruner_options,
-                               fast_eval=self.fast_eval))
+                               fast_eval=self.fast_eval, confidence=self.confidence))
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
-            m = as_evaluated(pruner.apply(ratio).to(device))
-            c = count_correct(m, loader, total, max_errors=max_errors, device=device, precision=self.precision,
-                              batch_transform=batch_transform)
+            candidate = pruner.apply(ratio).to(device)
+            c = count_correct(as_evaluated(candidate), loader, total, max_errors=max_errors, device=device, precision=self.precision,
+                              batch_transform=batch_transform, record=True)
             stats = pruner.stats()
             e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, stats["nonzero"],
                            extra=candidate_extra(self.method, stats))
+            self._pair(e, dense_hits, c.hits)
+            if self.measure is not None and verdict(e, limit):
+                e.extra.update(self.measure(candidate))
             if rank_zero:
                 log.info("ratio %.2f: val acc %s%.2f%% (%d/%d images)", ratio, "<= " if c.stopped else "",
                          e.acc, c.seen, c.total)
@@ -132,6 +149,7 @@ class OneShotSearch:
                 lg.log_metrics({"search/ratio": ratio, "search/val_acc": e.acc}, step=int(round(ratio * 100)))
             return e
 
+        limit = pass_threshold(dense.acc, self.tolerance)
         self.resumed = len(journal.entries)
         self.result = search(evaluate, dense.acc, self.grid, self.tolerance, self.rule, self.refine_step,
                              exact=self.exact, total=total, known=journal.entries, on_result=journal.record,
@@ -143,6 +161,16 @@ class OneShotSearch:
         log_sparsity(loggers, pruner.stats())
         self.seconds = time.perf_counter() - t0
         return self.result
+
+    def _pair(self, e: Evaluation, dense_hits: torch.Tensor | None, hits: torch.Tensor | None) -> None:
+        """The candidate's paired drop against the dense model (full passes only: a stopped
+        candidate has failed already), and under ``confidence`` the paired verdict."""
+        if e.stopped or dense_hits is None or hits is None or hits.numel() != dense_hits.numel():
+            return
+        b, c = int((dense_hits & ~hits).sum()), int((~dense_hits & hits).sum())
+        e.paired = paired_drop(b=b, c=c, n=int(hits.numel()), confidence=self.confidence or 0.95)
+        if self.confidence is not None:
+            e.paired_ok = e.paired["ci"][1] <= self.tolerance
 
     def _view(self, model: nn.Module, image_hw: tuple[int, int]):
         return evaluation_view(model, image_hw, self.fast_eval)

@@ -39,6 +39,10 @@ class Evaluation:
     stopped: bool = False
     nonzero: int | None = None
     extra: dict = field(default_factory=dict)
+    # The accuracy drop against the dense model judged on the same images (report.stats.paired_drop),
+    # and, under search.confidence, whether its upper bound is within the tolerance (None: not asked).
+    paired: dict | None = None
+    paired_ok: bool | None = None
 
     def passed(self, threshold: float) -> bool:
         return verdict(self, threshold)
@@ -89,7 +93,9 @@ def max_errors(total: int, threshold: float) -> int:
 
 
 def verdict(e: Evaluation, threshold: float) -> bool:
-    if e.stopped:
+    """The point rule, and under ``search.confidence`` the paired rule too (a candidate whose drop
+    cannot be bounded within the tolerance fails even when its point estimate passes)."""
+    if e.stopped or e.paired_ok is False:
         return False
     return passes(e.correct, e.total, threshold)
 
