@@ -8,6 +8,7 @@ destination only once complete; ``os.replace`` is atomic on POSIX within one fil
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -51,6 +52,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short sha256 of a state_dict's names, dtypes, shapes and bytes: what ties a cached result
+    (a search journal, a fine-tune) to the exact weights that made it, not to a count or a config."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> Path:

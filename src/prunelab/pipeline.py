@@ -21,7 +21,7 @@ from prunelab import config_check
 from prunelab.deploy import onnx_latency, save_pruned, time_as_deployed
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.finetune import finetune
-from prunelab.io import save_state_dict, write_json, write_text
+from prunelab.io import save_state_dict, state_digest, write_json, write_text
 from prunelab.latency import LatencyMonitor, sample_batch
 from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
@@ -130,10 +130,15 @@ def run(cfg: DictConfig) -> dict:
         # The dense network as timed against every candidate and the chosen model: a copy, since
         # masking methods prune ``net`` in place (rank zero only, and only when timing).
         dense_timed = copy.deepcopy(net) if batch is not None else None
-        journal = Path(cfg.finetune.cache_dir) / ft.key / f"journal-{p.method}-{p.scope}.json"
+        digest = state_digest(net.state_dict())
+        # One journal per exact set of weights: another model never resumes (or overwrites) it.
+        journal = Path(cfg.finetune.cache_dir) / "journals" / digest / f"journal-{p.method}-{p.scope}.json"
         outcome = run_prune_stage(cfg, net, dm, device, precision, dense_val,
                                   journal if cfg.finetune.cache and rank_zero else None,
-                                  {"finetune": ft.key, "method": p.method}, memory_format, trainer.loggers, rank_zero,
+                                  # Journal entries are reused only for these exact weights and this split.
+                                  {"weights": digest, "val_images": dense_val[1],
+                                   "val_correct": dense_val[0], "method": p.method},
+                                  memory_format, trainer.loggers, rank_zero,
                                   dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, batch, device, latency))
         method = outcome.method
         timing["search"] = outcome.seconds
