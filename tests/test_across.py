@@ -31,7 +31,8 @@ def fake_timer(calls):
     def measure(method, candidate):
         calls.append((method, sum(conv_channels(candidate).values())))
         width = sum(conv_channels(candidate).values())
-        return {"p50_ms": float(width) if method.startswith("channel") else 200.0}
+        channel = method.startswith("channel")
+        return {"p50_ms": float(width) if channel else 200.0, "speedup_beyond_noise": channel}
     return measure
 
 
@@ -48,6 +49,19 @@ def test_latency_objective_picks_the_fastest_passing_candidate():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the dense net is untouched
     front = result.pareto
     assert front and all(c["passed"] for c in front)
+
+
+def test_nothing_faster_beyond_noise_leaves_the_dense_model():
+    def noise_only(method, candidate):  # slightly "faster" numbers that the paired timing calls noise
+        return {"p50_ms": 99.0 - len(method), "speedup_beyond_noise": False}
+
+    result = search_across(tiny_vgg(), DATA, torch.device("cpu"), ["magnitude", "channel"], make_search(100.0),
+                           "latency", noise_only, Evaluation(0.0, 5, 48, 48), None, {})
+    assert result.chosen is None
+    # the same candidates under an objective that does not need a speedup still choose one
+    result = search_across(tiny_vgg(), DATA, torch.device("cpu"), ["magnitude", "channel"], make_search(100.0),
+                           "params", noise_only, Evaluation(0.0, 5, 48, 48), None, {})
+    assert result.chosen is not None
 
 
 def test_only_passing_candidates_are_measured_and_failing_ones_never_chosen():

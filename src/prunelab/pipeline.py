@@ -12,17 +12,18 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning import Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import config_check
-from prunelab.deploy import onnx_latency, save_pruned, time_as_deployed
+from prunelab.deploy import onnx_latency, save_pruned, time_dense_and_pruned
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, state_digest, write_json, write_text
-from prunelab.latency import LatencyMonitor, sample_batch
+from prunelab.latency import latency_batches
 from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
@@ -62,15 +63,50 @@ def kernel_family(method: str) -> str:
     return "semi_structured" if "semi_structured" in method.split("+") else method
 
 
-def _pair_timer(dense: nn.Module, batch, device, monitor: LatencyMonitor):
-    """Times a search candidate in turns with the dense model (None where latency is off)."""
-    if batch is None:
+def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_last: bool):
+    """``time(dense, pruned, method, sizes=None) -> dict``: dense and pruned in turns in the run's
+    latency runtime (``deploy.time_dense_and_pruned``); None where latency is not timed."""
+    if batches is None:
         return None
+    # The deploy runtime serves in the layout the hardware runs fastest; eager times the model as
+    # trained, in the layout it was trained in.
+    layout = None if cfg.latency.runtime == "deploy" else channels_last
+
+    def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True) -> dict:
+        chosen = batches if sizes is None else {b: batches[b] for b in sizes}
+        return time_dense_and_pruned(dense, pruned, method, chosen, device, cfg.latency, loggers if log else (),
+                                     precision=precision, channels_last=layout, check=log)
+
+    return time
+
+
+def speeds_up(method: str, device: torch.device) -> bool:
+    """Whether a method's model can run faster than the dense one here: removed channels always;
+    2:4 only on CUDA (sparse kernels); unstructured zeros never. Unknown (registered) methods are
+    timed, to be safe."""
+    known = {"magnitude": False, "semi_structured": device.type == "cuda", "channel": True}
+    return any(known.get(part, True) for part in method.split("+"))
+
+
+def _pair_timer(dense: nn.Module | None, timer, head: int, device: torch.device):
+    """Times a search candidate in turns with the dense model at the headline batch size. A
+    candidate that runs the dense kernels here (unstructured zeros; 2:4 off CUDA) is not timed:
+    it is as fast as the dense model, and timing it would only let noise rank it."""
+    if timer is None or dense is None:
+        return None
+    dense_alone: dict = {}
 
     def time_pair(candidate: nn.Module, method: str) -> dict:
-        both = monitor.measure_interleaved({"dense": dense, "candidate": candidate}, batch, device)
-        d, c = both["dense"], both["candidate"]
-        return {"p50_ms": c["p50"], "p90_ms": c["p90"], "dense_p50_ms": d["p50"], "speedup": d["p50"] / c["p50"]}
+        if not speeds_up(method, device):
+            if not dense_alone:
+                dense_alone.update(timer(dense, None, None, sizes=[head], log=False)["dense"])
+            p50 = dense_alone["p50"]
+            return {"p50_ms": p50, "p90_ms": dense_alone["p90"], "dense_p50_ms": p50, "speedup": 1.0,
+                    "speedup_beyond_noise": False, "timed": "as dense (same kernels here)"}
+        r = timer(dense, candidate, kernel_family(method), sizes=[head], log=False)
+        return {"p50_ms": r["pruned"]["p50"], "p90_ms": r["pruned"]["p90"], "dense_p50_ms": r["dense"]["p50"],
+                "speedup": r["speedup_p50"], "speedup_beyond_noise": bool(r["speedup_beyond_noise"]),
+                "timed": "in turns with dense"}
 
     return time_pair
 
@@ -100,13 +136,10 @@ def run(cfg: DictConfig) -> dict:
 
     eval_bs = dm.eval_batch_size
     params = sum(p.numel() for p in net.parameters())
-    latency = LatencyMonitor(cfg.latency.batch_size, cfg.latency.warmup, cfg.latency.iters,
-                             cfg.latency.include_transfer, precision)
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
-    batch = sample_batch(dm.test_set, cfg.latency.batch_size) if cfg.stages.latency and rank_zero else None
+    batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
-    if batch is not None:  # timed as the module runs it: ImageClassifier makes its inputs NHWC too
-        batch = batch.contiguous(memory_format=memory_format)
+    timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last))
 
     loader, total = shard_loader(dm.val_set, eval_bs)
     # Per-image correctness too: candidates are compared with the dense model on the same images.
@@ -114,22 +147,26 @@ def run(cfg: DictConfig) -> dict:
     dense_val = (dense_count.correct, dense_count.total)
     dense_test = _count(net, dm.test_set, eval_bs, device, precision)
     t0 = time.perf_counter()
-    dense_lat = latency.measure(net, batch, device, "dense", trainer.loggers) if batch is not None else None
+    # With a prune stage the dense model is timed in turns with the pruned one, below.
+    alone = timer(net, None, None) if timer is not None and not cfg.stages.prune else None
     timing["latency"] = time.perf_counter() - t0
     barrier()
-    dense = model_section(dense_val, dense_test, params, sparsity(prunable_weights(net)), dense_lat)
+    dense = model_section(dense_val, dense_test, params, sparsity(prunable_weights(net)), alone and alone["dense"])
     for lg in trainer.loggers:
         lg.log_metrics({"dense/val_acc": dense["val_acc"]["value"], "dense/test_acc": dense["test_acc"]["value"]}, step=0)
 
     report: dict = {"dense": dense}
-    if cfg.stages.latency and rank_zero and cfg.latency.onnx:
-        dense["latency_ms_onnx"] = onnx_latency(net, batch, out / "export" / "dense.onnx", cfg.latency)
+    if alone is not None:
+        report["latency"] = {k: v for k, v in alone.items() if k not in ("dense", "pruned")}
+    if batches is not None and cfg.latency.onnx:
+        onnx_batch = batches[cfg.latency.batch_size]
+        dense["latency_ms_onnx"] = onnx_latency(net, onnx_batch, out / "export" / "dense.onnx", cfg.latency)
     files = {"dense_bytes": (out / "models" / "dense.pt").stat().st_size} if rank_zero else {}
     if cfg.stages.prune:
         p = cfg.prune
         # The dense network as timed against every candidate and the chosen model: a copy, since
         # masking methods prune ``net`` in place (rank zero only, and only when timing).
-        dense_timed = copy.deepcopy(net) if batch is not None else None
+        dense_timed = copy.deepcopy(net) if timer is not None else None
         digest = state_digest(net.state_dict())
         # One journal per exact set of weights: another model never resumes (or overwrites) it.
         journal = Path(cfg.finetune.cache_dir) / "journals" / digest / f"journal-{p.method}-{p.scope}.json"
@@ -139,20 +176,19 @@ def run(cfg: DictConfig) -> dict:
                                   {"weights": digest, "val_images": dense_val[1],
                                    "val_correct": dense_val[0], "method": p.method},
                                   memory_format, trainer.loggers, rank_zero,
-                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, batch, device, latency))
+                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, cfg.latency.batch_size, device))
         method = outcome.method
         timing["search"] = outcome.seconds
         pruned_net = outcome.net.to(device, memory_format=memory_format)
         pruned_test = _count(pruned_net, dm.test_set, eval_bs, device, precision)
         t0 = time.perf_counter()
-        pruned_lat, kernel_note = (None, None)
-        if batch is not None:
-            # Where the dense network survived pruning (channel, iterative), time the two in turns:
-            # the speedup then cannot come from a change in machine load between the two timings.
-            pruned_lat, kernel_note, dense_again = time_as_deployed(
-                kernel_family(method), pruned_net, batch, device, latency, trainer.loggers, dense=dense_timed)
-            if dense_again is not None:
-                dense_lat = dense["latency_ms"] = dense_again
+        pruned_lat = kernel_note = None
+        if timer is not None:
+            # Always in turns, same runtime, dtype and layout: a change in machine load hits both alike.
+            lat = timer(dense_timed, pruned_net, kernel_family(method))
+            dense["latency_ms"], pruned_lat, kernel_note = lat["dense"], lat["pruned"], lat.get("kernels")
+            report["latency"] = {k: v for k, v in lat.items() if k not in ("dense", "pruned")}
+            del dense_timed
         timing["latency"] += time.perf_counter() - t0
         barrier()
         stats = outcome.stats
@@ -166,16 +202,17 @@ def run(cfg: DictConfig) -> dict:
                 pruned[key] = stats[key]
         if kernel_note:
             pruned["kernels"] = kernel_note
-        if dense_lat and pruned_lat:
-            pruned["speedup_p50"] = dense_lat["p50"] / pruned_lat["p50"]
+        if pruned_lat:
+            pruned["speedup_p50"] = report["latency"]["speedup_p50"]
         if outcome.search is not None:
             report["search"] = outcome.search
         if outcome.schedule:
             report["schedule"] = outcome.schedule
         report["pruned"] = pruned
         if rank_zero:
-            if cfg.stages.latency and cfg.latency.onnx:
-                pruned["latency_ms_onnx"] = onnx_latency(pruned_net, batch, out / "export" / "pruned.onnx", cfg.latency)
+            if batches is not None and cfg.latency.onnx:
+                pruned["latency_ms_onnx"] = onnx_latency(pruned_net, batches[cfg.latency.batch_size],
+                                                         out / "export" / "pruned.onnx", cfg.latency)
             files.update(save_pruned("channel" if method.startswith("channel") else method, pruned_net,
                                      out / "models", cfg.model.arch, cfg.model.num_classes))
     report["files"] = files
@@ -204,8 +241,10 @@ def _notes(report: dict, cfg: DictConfig) -> list[str]:
         )
     if p and p.get("method", "magnitude") == "magnitude" and p["ratio"] > 0:
         notes.append("Unstructured zeros run on dense kernels: expect no speedup from them, only smaller compressed files.")
-    if p and p.get("kernels"):
+    lat_notes = (report.get("latency") or {}).get("notes") or []
+    if p and p.get("kernels") and p["kernels"] not in lat_notes:
         notes.append(p["kernels"])
+    notes += lat_notes
     if report["device"]["type"] == "cpu":
         notes.append("Latency measured on the CPU; GPU figures need a run with trainer.accelerator=gpu.")
     return notes

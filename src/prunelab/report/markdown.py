@@ -71,7 +71,7 @@ def across_section(s: dict) -> list[str]:
     headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "p50 ms", "speedup", "MACs",
                "nonzero params", "bytes", "verdict", "front"]
     rows = [(c["method"], f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
-             _paired(c), _ms({"p": c.get("p50_ms")}, "p"),
+             _paired(c), f"{c['p50_ms']:.2f}" if c.get("p50_ms") is not None else "-",
              f"{c['speedup']:.2f}x" if c.get("speedup") else "-", _int(c.get("macs")), _int(c.get("params")),
              _int(c.get("bytes")), "pass" if c["passed"] else "fail", "*" if c.get("on_pareto_front") else "")
             for c in s["candidates"]]
@@ -94,6 +94,11 @@ def render(report: dict, plots: dict[str, str]) -> str:
         summary_table(report),
         "",
     ]
+    rt = (report.get("latency") or {}).get("runtime")
+    if rt:
+        lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}, batch "
+                  f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
+                  f"{rt.get('hardware') or rt.get('device')}; dense and pruned timed in turns.", ""]
     if report.get("notes"):
         lines += [f"- {n}" for n in report["notes"]] + [""]
     s = report.get("search")
