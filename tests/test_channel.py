@@ -70,7 +70,7 @@ def masked_dense(model, plan):
 @pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8])
 def test_pruned_equals_masked_dense(batch_norm, ratio):
     model = tiny_vgg(batch_norm)
-    plan = channel_plan(model, ratio)
+    plan = channel_plan(model, ratio, normalize="none", round_to=1)  # the exact global ranking
     pruned = prune_channels(model, plan, X[:1])
     with torch.no_grad():
         out = pruned(X)
@@ -83,7 +83,7 @@ def test_pruned_equals_masked_dense(batch_norm, ratio):
 def test_removes_exactly_the_lowest_ranked_and_keeps_original_rows():
     model = tiny_vgg()
     before = copy.deepcopy(model.state_dict())
-    plan = channel_plan(model, 0.4)
+    plan = channel_plan(model, 0.4, normalize="none", round_to=1)
     pruned = prune_channels(model, plan, X[:1])
     scores = {n: filter_importance(c) for n, c in convs(model).items()}
     removed = torch.cat([scores[n][idxs] for n, idxs in plan.items()])
@@ -121,7 +121,7 @@ def test_l2_ranking_and_bad_importance():
 @pytest.mark.parametrize("min_channels", [1, 3])
 def test_floor_holds_at_high_ratio(min_channels):
     model = tiny_vgg()
-    plan = channel_plan(model, 0.99, min_channels=min_channels)
+    plan = channel_plan(model, 0.99, min_channels=min_channels, normalize="none", round_to=1)
     pruned = prune_channels(model, plan, X[:1])
     for name, conv in convs(pruned).items():
         assert conv.out_channels == min_channels, name
@@ -168,7 +168,7 @@ def test_round_to_respects_floor_and_reports_removed_share():
     pruner = ChannelPruner(model, X, min_channels=1, round_to=8)
     pruned = pruner.finish(0.9)
     widths = [c.out_channels for c in convs(pruned).values()]
-    exact = [c.out_channels for c in convs(prune_channels(model, channel_plan(model, 0.9, normalize="mean"), X[:1])).values()]
+    exact = [c.out_channels for c in convs(prune_channels(model, channel_plan(model, 0.9, normalize="mean", round_to=1), X[:1])).values()]
     # the 8-wide layer keeps what the global ranking gave it; the wider ones stop at one multiple of 8
     assert widths == [exact[0], 8, 8, 8, 8] and exact[1:] != widths[1:]
     stats = pruner.stats()
@@ -180,7 +180,7 @@ def test_round_to_respects_floor_and_reports_removed_share():
 
 def test_channel_pruner_interface_and_stats():
     model = tiny_vgg()
-    pruner = ChannelPruner(model, X, importance="l1", min_channels=1)
+    pruner = ChannelPruner(model, X, importance="l1", min_channels=1, round_to=1)
     pruner.prepare([0.25, 0.5])
     dense = pruner.stats()
     small = pruner.apply(0.5)
@@ -208,7 +208,7 @@ def test_resnet18_prunes_only_independent_convs():
     x = torch.randn(1, 3, 32, 32)
     names = list(prunable_convs(model, x))
     assert names == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
-    pruned = prune_channels(model, channel_plan(model, 0.3, example_input=x), x)
+    pruned = prune_channels(model, channel_plan(model, 0.3, example_input=x, normalize="none", round_to=1), x)
     assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="tied"):
         prune_channels(model, {"layer1.0.conv2": [0]}, x)
@@ -218,7 +218,7 @@ def test_resnet18_prunes_only_independent_convs():
 def test_save_load_roundtrip(tmp_path, arch):
     model = torchvision.models.get_model(arch, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    pruned = prune_channels(model, channel_plan(model, 0.9, example_input=x[:1]), x[:1])
+    pruned = prune_channels(model, channel_plan(model, 0.9, example_input=x[:1], normalize="none", round_to=1), x[:1])
     del model
     save_channel_pruned(pruned, tmp_path, arch=arch, num_classes=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.safetensors", "pruned_channels.json"]

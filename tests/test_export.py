@@ -37,7 +37,7 @@ def test_fold_pool_matches_and_shrinks(batch_norm):
 
 def test_fold_pool_on_channel_pruned_and_refusals():
     model = tiny_vgg()
-    pruned = prune_channels(model, channel_plan(model, 0.5), X[:1])
+    pruned = prune_channels(model, channel_plan(model, 0.5, normalize="none", round_to=1), X[:1])
     folded = fold_pool(pruned)
     assert folded.classifier[0].in_features == pruned.features[12].out_channels
     with torch.no_grad():
@@ -137,7 +137,7 @@ def _vgg16_run(tmp_path, channel: bool):
     save_state_dict(tmp_path / "models" / "dense.pt", net.state_dict())
     if channel:
         x = torch.randn(1, 3, 32, 32)
-        save_channel_pruned(prune_channels(net, channel_plan(net, 0.5, example_input=x), x), tmp_path / "models")
+        save_channel_pruned(prune_channels(net, channel_plan(net, 0.5, example_input=x, normalize="none", round_to=1), x), tmp_path / "models")
     else:
         weights = prunable_weights(net)
         masks = magnitude_masks(weights, 0.9)

@@ -176,7 +176,8 @@ def run(cfg: DictConfig) -> dict:
                                   {"weights": digest, "val_images": dense_val[1],
                                    "val_correct": dense_val[0], "method": p.method},
                                   memory_format, trainer.loggers, rank_zero,
-                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, cfg.latency.batch_size, device))
+                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, cfg.latency.batch_size, device),
+                                  speeds_up=lambda m: speeds_up(m, device))
         method = outcome.method
         timing["search"] = outcome.seconds
         pruned_net = outcome.net.to(device, memory_format=memory_format)

@@ -98,7 +98,7 @@ def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
 
 def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
                    dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
-                   memory_format, loggers, rank_zero, time_pair) -> PruneOutcome:
+                   memory_format, loggers, rank_zero, time_pair, speeds_up) -> PruneOutcome:
     p, s = cfg.prune, cfg.search
     t0 = time.perf_counter()
     opts = pruner_options(cfg)
@@ -112,14 +112,22 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
                              full_curve=False, fast_eval=bool(s.fast_eval), memory_format=memory_format,
                              confidence=s.confidence)
 
+    methods, skipped = list(s.methods), {}
+    if s.objective == "latency" and not s.get("walk_all", False) and speeds_up is not None:
+        # A method that runs the dense kernels on this device cannot be the fastest model: walking
+        # it would only cost time (search.walk_all=true walks it anyway, for the Pareto front).
+        skipped = {m: "runs the dense kernels on this device: cannot be faster than the dense model"
+                   for m in methods if not speeds_up(m)}
+        methods = [m for m in methods if m not in skipped]
     dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
-    result = search_across(net, dm.val_set, device, list(s.methods), make_search, s.objective,
+    result = search_across(net, dm.val_set, device, methods, make_search, s.objective,
                            lambda method, c: candidate_figures(method, c, example, time_pair), dense, dense_hits,
                            dict(identity, objective=s.objective), loggers, rank_zero)
     dense_acc = dense.acc
     search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
                   threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
-                  schedule="oneshot", best_ratio=result.chosen["ratio"] if result.chosen else 0.0,
+                  schedule="oneshot", skipped_methods=skipped,
+                  best_ratio=result.chosen["ratio"] if result.chosen else 0.0,
                   best_method=result.chosen["method"] if result.chosen else None)
     if result.chosen is None:
         return PruneOutcome(net, 0.0, dense_val, sparsity(prunable_weights(net)), search, [],
@@ -136,9 +144,11 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
                     dense_val: tuple[int, int], journal_path: Path | None, identity: dict,
                     memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
                     rank_zero: bool = True, dense_hits: torch.Tensor | None = None,
-                    time_pair: Callable[[nn.Module, str], dict] | None = None) -> PruneOutcome:
+                    time_pair: Callable[[nn.Module, str], dict] | None = None,
+                    speeds_up: Callable[[str], bool] | None = None) -> PruneOutcome:
     """``time_pair(candidate, method)`` times a candidate in turns with the dense model in the
-    run's latency runtime (used when ``search.objective`` ranks by more than the ratio)."""
+    run's latency runtime (used when ``search.objective`` ranks by more than the ratio);
+    ``speeds_up(method)`` says whether a method's models can run faster than dense here."""
     p, s = cfg.prune, cfg.search
     if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
         if p.schedule == "iterative":
@@ -146,7 +156,7 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
                               "use prune.schedule=oneshot with it")
         return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
                               journal_path.parent if journal_path else None, identity, memory_format, loggers,
-                              rank_zero, time_pair)
+                              rank_zero, time_pair, speeds_up)
     t0 = time.perf_counter()
     opts = pruner_options(cfg)
     evaluate = _evaluate_fn(dm, device, precision)

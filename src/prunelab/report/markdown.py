@@ -68,6 +68,8 @@ def across_section(s: dict) -> list[str]:
         if lo <= 0.0 <= hi:
             lines += [f"The chosen model's drop is indistinguishable from zero on these images "
                       f"(95% paired interval {lo:+.2f} to {hi:+.2f} points).", ""]
+    for method, why in (s.get("skipped_methods") or {}).items():
+        lines += [f"- `{method}` not walked: {why} (`search.walk_all=true` walks it).", ""]
     headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "p50 ms", "speedup", "MACs",
                "nonzero params", "bytes", "verdict", "front"]
     rows = [(c["method"], f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",

@@ -41,6 +41,8 @@ class AcrossResult:
     def to_dict(self) -> dict:
         return {"objective": self.objective, "candidates": self.candidates, "pareto": self.pareto,
                 "chosen": self.chosen, "methods": list(self.walks),
+                # Each method's own answer to the sparsity question (its contiguous highest ratio).
+                "best_ratio_by_method": {m: w.best_ratio for m, w in self.walks.items()},
                 "images_evaluated": sum(w.images_evaluated for w in self.walks.values()),
                 "resumed_candidates": self.resumed}
 

@@ -1,0 +1,171 @@
+"""The fastest model within tolerance, measured: does ``search.objective=latency`` beat the dense
+model as the notebook runs it, and every single method's sparsity answer, on this machine?
+
+1. VGG16 fine-tuned on the shared CIFAR-10 subset as ``benchmarks.compare`` trains it (random init:
+   ImageNet weights cannot be downloaded here; ``+experiment=fast`` resolved for this machine),
+   cached under ``benchmarks/.cache``.
+2. prunelab's pipeline with ``search.objective=latency`` across magnitude, channel, 2:4 and
+   channel+2:4 (deploy runtime, batch 128), and, for the cost goal, today's magnitude sparsity search
+   on the same weights; wall time of both searches.
+3. In one process, every model taking turns each iteration: the dense model as the notebook runs it
+   (eager fp32, NCHW), the dense deploy form, the latency search's answer and each method's own
+   sparsity answer (its highest ratio within the tolerance) in the deploy form.
+
+    python -m benchmarks.fastest [--epochs 5] [--iters 10] [--quick]
+
+Results: benchmarks/results/<date>-fastest-<device>.{json,md}, with the CPU's capability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train
+from prunelab import hardware
+from prunelab.compose import compose
+from prunelab.io import load_state_dict, write_json, write_text
+from prunelab.latency import paired_stats, sample_batch, time_interleaved
+from prunelab.models.factory import build_from_state_dict
+from prunelab.pipeline import run
+from prunelab.pruning.registry import make_pruner
+from prunelab.report.markdown import table
+from prunelab.resolve import resolve_auto
+from prunelab.runtime import deploy_form, eager_form
+
+CACHE = REPO / "benchmarks" / ".cache"
+
+
+def _pipeline(overrides: list[str], work: Path) -> tuple[dict, float]:
+    cfg = compose(overrides, work)
+    t0 = time.perf_counter()
+    report = run(cfg)
+    return report, time.perf_counter() - t0
+
+
+def measure(args) -> dict:
+    root = (REPO / args.data_root).resolve()
+    real = (root / "cifar-10-batches-py").is_dir() and not args.quick
+    arch = "vgg16"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = {"work_dir": str(work), "data": "cifar10" if real else "synthetic", "data_root": str(root),
+                "train_size": 640, "test_size": 128, "arch": arch, "device": "cpu",
+                "epochs": 1 if args.quick else args.epochs, "cache_dir": str(CACHE / "finetune"),
+                "train_overrides": ["+experiment=fast"] + (["trainer.limit_train_batches=2"] if args.quick else []),
+                "threads": torch.get_num_threads()}
+        trained = child_train(spec)
+        data = ([f"data.root={root}", "data.download=false"] if real else
+                ["data=synthetic", "data.train_size=640", "data.test_size=128"])
+        base = [*data, f"model.arch={arch}", "model.weights=null", f"finetune.weights_path={trained['weights']}",
+                "trainer.accelerator=cpu", "callbacks=none", "logger=none", "latency.batch_size=128",
+                "latency.batch_sizes=[128]", f"latency.iters={args.search_iters}", "latency.warmup=2"]
+        if args.quick:
+            base += ["search.grid=[0.3,0.6]", "search.refine_step=null"]
+        fastest, fastest_s = _pipeline([*base, "search.objective=latency"], work / "latency")
+        sparsity, sparsity_s = _pipeline([*base, "search.objective=sparsity", "prune.method=magnitude",
+                                          "stages.latency=false"], work / "magnitude")
+        search = fastest["search"]
+        dense_sd = load_state_dict(trained["weights"])
+    dense = build_from_state_dict(arch, dense_sd).eval()
+    models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
+    cfg = compose([f"model.arch={arch}", "+experiment=fast"], REPO / "benchmarks" / ".cache" / "compose")
+    resolved = resolve_auto(cfg)
+    dtype = hardware.resolve_dtype("auto", hardware.detect("cpu")).value
+    layout = bool(cfg.model.channels_last)
+    batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(128, 3, 32, 32), torch.zeros(128)), 128)
+
+    def deploy(net):
+        return deploy_form(net, dtype=dtype, channels_last=layout, device="cpu", example_batch=batch)
+
+    models["dense_deploy"] = deploy(dense)
+    answers = {}
+    chosen = search.get("chosen")
+    if chosen:
+        answers["latency_search"] = (chosen["method"], chosen["ratio"])
+    for method, ratio in search["best_ratio_by_method"].items():
+        if ratio > 0:
+            answers[f"sparsity_{method}"] = (method, ratio)
+    for tag, (method, ratio) in answers.items():
+        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval())
+    x = models["dense_deploy"].prepare(batch)
+    samples = time_interleaved(models, x, "cpu", warmup=2, iters=args.iters)
+    base_tag = "dense_eager_fp32_nchw"
+    vs_notebook = {t: paired_stats(samples[base_tag], samples[t], 128) for t in models if t != base_tag}
+    speedups = {t: r["speedup_p50"] for t, r in vs_notebook.items()}
+    sparsity_best = max((v for k, v in speedups.items() if k.startswith("sparsity_")), default=None)
+    latency_x = speedups.get("latency_search_deploy")
+    return {
+        "what": "latency-objective search vs the notebook's dense model and each method's sparsity answer",
+        "date": dt.date.today().isoformat(), "hardware": hardware.detect("cpu").to_dict(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "deploy": {"dtype": str(dtype), "channels_last": layout,
+                                                        "resolved": {k: v for k, v in resolved.items() if k != "hardware"}},
+        "weights": trained, "data": spec["data"], "dense_val_acc": search["dense_val_acc"],
+        "tolerance": search["tolerance"], "chosen": chosen, "answers": {k: list(v) for k, v in answers.items()},
+        "candidates": search["candidates"], "pareto": search["pareto"],
+        "latency_ms_p50": {t: float(torch.tensor(s).median()) for t, s in samples.items()},
+        "speedup_vs_notebook_dense": speedups,
+        "speedup_vs_notebook_paired_5_95": {t: [r["paired_ratio"]["p5"], r["paired_ratio"]["p95"]]
+                                            for t, r in vs_notebook.items()},
+        "search_wall_s": {"latency_objective": fastest_s, "magnitude_sparsity": sparsity_s,
+                          "latency_search_stage": fastest["timing_s"]["search"],
+                          "magnitude_search_stage": sparsity["timing_s"]["search"]},
+        "goals": {
+            "latency answer >= 4x the notebook's dense": {"measured": latency_x, "met": bool(latency_x and latency_x >= 4)},
+            "latency answer faster than the best sparsity answer": {
+                "measured": [latency_x, sparsity_best],
+                "met": bool(latency_x and (sparsity_best is None or latency_x > sparsity_best))},
+            "latency search <= 3x the magnitude search's wall time": {
+                "measured": fastest["timing_s"]["search"] / sparsity["timing_s"]["search"],
+                "met": fastest["timing_s"]["search"] <= 3 * sparsity["timing_s"]["search"]},
+        },
+    }
+
+
+def render(res: dict) -> str:
+    hw = res["hardware"]
+    rows = [(t, f"{res['latency_ms_p50'][t]:.1f}", f"{res['speedup_vs_notebook_dense'].get(t, 1.0):.2f}x",
+             " / ".join(str(v) for v in res["answers"].get(t.removesuffix("_deploy"), [])) or "-")
+            for t in res["latency_ms_p50"]]
+    goals = [(k, v["measured"] if not isinstance(v["measured"], float) else f"{v['measured']:.2f}",
+              "met" if v["met"] else "NOT met") for k, v in res["goals"].items()]
+    return "\n".join([
+        f"# The fastest model within tolerance ({res['date']})", "",
+        f"Machine: {hw.get('name')} ({res['cpu_capability']}, native bf16: {hw.get('native_bf16')}), torch "
+        f"{res['torch']}, {res['threads']} threads. VGG16 fine-tuned on {res['data']} data (random init), dense val "
+        f"{res['dense_val_acc']:.2f}%, tolerance {res['tolerance']} points. Deploy form: {res['deploy']['dtype']}, "
+        f"channels_last={res['deploy']['channels_last']}, pool folded. Batch 128, all models in turns.", "",
+        table(["model", "p50 ms", "vs notebook dense", "method / ratio"], rows), "",
+        table(["goal", "measured", ""], goals), "",
+        f"Search wall time: latency objective {res['search_wall_s']['latency_search_stage']:.0f} s, magnitude "
+        f"sparsity {res['search_wall_s']['magnitude_search_stage']:.0f} s.", ""])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=DEFAULT_ROOT)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--iters", type=int, default=10, help="timed forwards per model in the final comparison")
+    p.add_argument("--search-iters", type=int, default=5, help="timed forwards per candidate in the search")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--quick", action="store_true", help="synthetic data, 1 short epoch, 2 ratios (a smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.search_iters = 2, 2
+    res = measure(args)
+    tag = f"{res['date']}-fastest-cpu{'-quick' if args.quick else ''}"
+    write_json(Path(args.out) / f"{tag}.json", res)
+    write_text(Path(args.out) / f"{tag}.md", render(res))
+    print(render(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
