@@ -15,14 +15,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from prunelab.callbacks import MaskKeeper
-from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
 from prunelab.pruning.channel import channel_stats, count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
-from prunelab.search.across import search_across
+from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
 from prunelab.search.oneshot import OneShotSearch
 from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
@@ -120,22 +119,42 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
                    for m in methods if not speeds_up(m)}
         methods = [m for m in methods if m not in skipped]
     dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
-    result = search_across(net, dm.val_set, device, methods, make_search, s.objective,
-                           lambda method, c: candidate_figures(method, c, example, time_pair), dense, dense_hits,
-                           dict(identity, objective=s.objective), loggers, rank_zero)
+    recovered: dict[tuple[str, float], nn.Module] = {}
+    if p.schedule == "iterative":
+        recover, evaluate = recover_fn(cfg, dm, device), _evaluate_fn(dm, device, precision)
+
+        def walk(method: str, start: nn.Module, measure):
+            # A recovered model cannot be rebuilt from a ranking: keep every passing one, so the
+            # chosen model is exactly the one measured.
+            _, result = iterative_search(start, method, s.grid, dense.acc, s.tolerance, recover, evaluate, opts,
+                                         measure=measure,
+                                         on_pass=lambda ratio, model: recovered.__setitem__((method, ratio), model))
+            return result, 0
+    else:
+        walk = oneshot_walk(make_search, dm.val_set, device, dense, dense_hits, dict(identity, objective=s.objective),
+                            loggers, rank_zero)
+    result = search_across(net, methods, walk, s.objective,
+                           lambda method, c: candidate_figures(method, c, example, time_pair))
     dense_acc = dense.acc
     search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
                   threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
-                  schedule="oneshot", skipped_methods=skipped,
+                  schedule=p.schedule, skipped_methods=skipped,
                   best_ratio=result.chosen["ratio"] if result.chosen else 0.0,
                   best_method=result.chosen["method"] if result.chosen else None)
     if result.chosen is None:
         return PruneOutcome(net, 0.0, dense_val, sparsity(prunable_weights(net)), search, [],
                             time.perf_counter() - t0, method=p.method)
     chosen = result.chosen
+    val = (round(chosen["val_acc"] * dense_val[1] / 100.0), dense_val[1])
+    if p.schedule == "iterative":
+        pruned = recovered[(chosen["method"], chosen["ratio"])]
+        recovered.clear()
+        stats = (channel_stats(pruned, net) if chosen["method"].startswith("channel")
+                 else sparsity(prunable_weights(pruned)))
+        return PruneOutcome(pruned.to(device, memory_format=memory_format), chosen["ratio"], val, stats, search, [],
+                            time.perf_counter() - t0, method=chosen["method"])
     pruner = make_pruner(chosen["method"], copy.deepcopy(net), **opts)
     pruned = pruner.finish(chosen["ratio"]).to(device, memory_format=memory_format)
-    val = (round(chosen["val_acc"] * dense_val[1] / 100.0), dense_val[1])
     return PruneOutcome(pruned, chosen["ratio"], val, pruner.stats(), search, [], time.perf_counter() - t0,
                         method=chosen["method"])
 
@@ -151,9 +170,6 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     ``speeds_up(method)`` says whether a method's models can run faster than dense here."""
     p, s = cfg.prune, cfg.search
     if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
-        if p.schedule == "iterative":
-            raise ConfigError("search.objective other than sparsity runs one-shot for now: "
-                              "use prune.schedule=oneshot with it")
         return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
                               journal_path.parent if journal_path else None, identity, memory_format, loggers,
                               rank_zero, time_pair, speeds_up)

@@ -47,37 +47,50 @@ class AcrossResult:
                 "resumed_candidates": self.resumed}
 
 
-def candidate_row(method: str, e: Evaluation, threshold: float) -> dict:
-    """One candidate as the report lists it (figures missing where it was not measured)."""
-    lo, hi = wilson_interval(e.correct, e.total)
-    row = {"method": method, "ratio": e.ratio, "val_acc": e.acc, "val_acc_ci95": [lo, hi],
-           "acc_is_bound": e.stopped, "seen": e.seen, "passed": e.passed(threshold), "paired": e.paired}
+Walk = Callable[[str, nn.Module, Callable[[nn.Module], dict]], tuple[SearchResult, int]]
+
+
+def candidate_row(method: str, e, threshold: float) -> dict:
+    """One candidate (an ``Evaluation``, or an iterative ``Step`` judged after recovery) as the
+    report lists it, figures missing where it was not measured."""
+    ev = getattr(e, "after", e)
+    lo, hi = wilson_interval(ev.correct, ev.total)
+    row = {"method": method, "ratio": e.ratio, "val_acc": ev.acc, "val_acc_ci95": [lo, hi],
+           "acc_is_bound": ev.stopped, "seen": e.seen, "passed": e.passed(threshold), "paired": ev.paired}
     for key in ("p50_ms", "p90_ms", "dense_p50_ms", "speedup", "speedup_beyond_noise", "timed", "bytes", "macs",
                 "params", "channels_removed"):
-        if key in e.extra:
-            row[key] = e.extra[key]
+        if key in ev.extra:
+            row[key] = ev.extra[key]
     return row
 
 
-def search_across(net: nn.Module, val_set: Dataset, device: torch.device, methods: list[str],
-                  make_search: Callable[[str], OneShotSearch], objective: str,
-                  measure: Callable[[str, nn.Module], dict], dense: Evaluation, dense_hits: torch.Tensor | None,
-                  identity: dict, loggers=(), rank_zero: bool = True) -> AcrossResult:
+def oneshot_walk(make_search: Callable[[str], OneShotSearch], val_set: Dataset, device: torch.device,
+                 dense: Evaluation, dense_hits: torch.Tensor | None, identity: dict, loggers=(),
+                 rank_zero: bool = True) -> Walk:
+    """The one-shot walk of each method, its passing candidates measured."""
+
+    def walk(method: str, net: nn.Module, measure) -> tuple[SearchResult, int]:
+        searcher = make_search(method)
+        searcher.measure = measure
+        result = searcher.run(net, val_set, device, dense=dense, identity=dict(identity, method=method),
+                              loggers=loggers, rank_zero=rank_zero, dense_hits=dense_hits)
+        return result, searcher.resumed
+
+    return walk
+
+
+def search_across(net: nn.Module, methods: list[str], walk: Walk, objective: str,
+                  measure: Callable[[str, nn.Module], dict]) -> AcrossResult:
     """Walk every method from a copy of ``net`` (left untouched); see the module docstring."""
     candidates: list[dict] = []
     walks: dict[str, SearchResult] = {}
     resumed = 0
     for method in methods:
-        searcher = make_search(method)
-        searcher.measure = lambda candidate, method=method: measure(method, candidate)
         # Masking pruners work in place and the walk leaves its answer applied: keep ``net`` whole.
-        result = searcher.run(copy.deepcopy(net), val_set, device, dense=dense,
-                              identity=dict(identity, method=method), loggers=loggers, rank_zero=rank_zero,
-                              dense_hits=dense_hits)
-        walks[method], resumed = result, resumed + searcher.resumed
+        result, reused = walk(method, copy.deepcopy(net), lambda candidate, method=method: measure(method, candidate))
+        walks[method], resumed = result, resumed + reused
         candidates += [candidate_row(method, e, result.threshold) for e in result.curve]
         log.info("%s: best ratio %.2f within tolerance", method, result.best_ratio)
-        del searcher
     passing = [c for c in candidates if c["passed"] and c["ratio"] > 0]
     if objective == "latency":
         # Faster only where the paired timing says so beyond its own noise: a candidate within the

@@ -84,8 +84,10 @@ def prune_step(method: str, net: nn.Module, target: float, original: dict[str, i
 
 
 def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Recover, evaluate: Evaluate,
-              options: dict, stop: Callable[[Step], bool] | None = None) -> tuple[nn.Module, list[Step]]:
+              options: dict, stop: Callable[[Step], bool] | None = None,
+              on_step: Callable[[Step, nn.Module], None] | None = None) -> tuple[nn.Module, list[Step]]:
     """Prune to each target in turn, recovering after each; stop early when ``stop(step)``.
+    ``on_step(step, recovered_net)`` sees every step (e.g. to measure the recovered model).
 
     Returns the network of the last step that did not stop the walk, and every step taken.
     """
@@ -102,6 +104,8 @@ def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Re
         step = Step(target, before, after, candidate_extra(method, stats))
         steps.append(step)
         log.info("ratio %.2f: val acc %.2f%% after pruning, %.2f%% after recovery", target, before.acc, after.acc)
+        if on_step is not None:
+            on_step(step, recovered)
         if stop is not None and stop(step):
             break
         kept = recovered
@@ -116,12 +120,25 @@ def schedule(target: float, steps: int) -> list[float]:
 
 
 def iterative_search(net: nn.Module, method: str, grid: Iterable[float], dense_acc: float, tolerance: float,
-                     recover: Recover, evaluate: Evaluate, options: dict) -> tuple[nn.Module, SearchResult]:
+                     recover: Recover, evaluate: Evaluate, options: dict,
+                     measure: Callable[[nn.Module], dict] | None = None,
+                     on_pass: Callable[[float, nn.Module], None] | None = None) -> tuple[nn.Module, SearchResult]:
     """Walk the grid upwards with recovery; the answer is the highest ratio whose recovered
-    accuracy passes, reached without any failure below it (the contiguous rule)."""
+    accuracy passes, reached without any failure below it (the contiguous rule). ``measure``
+    adds figures (latency, bytes) to each passing recovered model's evaluation; ``on_pass(ratio,
+    model)`` sees each passing recovered model (the walk never changes it afterwards)."""
     limit = pass_threshold(dense_acc, tolerance)
+
+    def on_step(step: Step, recovered: nn.Module) -> None:
+        if not step.passed(limit):
+            return
+        if measure is not None:
+            step.after.extra.update(measure(recovered))
+        if on_pass is not None:
+            on_pass(step.ratio, recovered)
+
     kept, steps = iterative(net, method, sorted(grid), recover, evaluate, options,
-                            stop=lambda s: not s.passed(limit))
+                            stop=lambda s: not s.passed(limit), on_step=on_step)
     verdicts = [(s.ratio, s.passed(limit)) for s in steps]
     best = {rule: pick(verdicts, rule) for rule in RULES}
     result = SearchResult(dense_acc=dense_acc, threshold=limit, tolerance=tolerance, rule="contiguous",
