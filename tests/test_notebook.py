@@ -174,3 +174,35 @@ def test_notebook_reports_missing_file(tmp_path, monkeypatch, python3_kernel):
                                      resources={"metadata": {"path": str(tmp_path)}})
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="No report at"):
         client.execute()
+
+
+def make_across_report() -> dict:
+    """The same run searched with search.objective=latency across magnitude and channel."""
+    report = make_report()
+    s = report["search"]
+    cands = []
+    for method, ratio, correct, p50, passed in [("magnitude", 0.3, 4560, 4.12, True), ("magnitude", 0.5, 4549, 4.12, True),
+                                                ("channel", 0.2, 4555, 3.1, True), ("channel", 0.4, 4540, 2.2, True),
+                                                ("channel", 0.6, 4380, None, False)]:
+        acc = _acc(correct, 5000)
+        cands.append({"method": method, "ratio": ratio, "val_acc": acc["value"], "val_acc_ci95": acc["ci95"],
+                      "passed": passed, "p50_ms": p50, "acc_is_bound": False, "seen": 5000, "paired": None})
+    front = [cands[3], cands[2], cands[0]]
+    report["search"] = {"objective": "latency", "methods": ["magnitude", "channel"], "candidates": cands,
+                        "pareto": front, "chosen": cands[3], "tolerance": s["tolerance"], "threshold": s["threshold"],
+                        "dense_val_acc": s["dense_val_acc"], "confidence": None}
+    report["pruned"].update(method="channel", ratio=0.4)
+    return report
+
+
+def test_fixture_across_matches_schema():
+    schema = pytest.importorskip("prunelab.report.schema")
+    assert schema.validate(make_across_report()) == []
+
+
+def test_notebook_shows_the_front_of_a_search_across_methods(tmp_path, monkeypatch, python3_kernel):
+    nb = _execute(make_across_report(), tmp_path, monkeypatch, python3_kernel)
+    text = "".join(_text(c) for c in nb.cells if c.cell_type == "code")
+    assert "Pareto front" in text and "channel                  ratio 0.40" in text
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # accuracy vs latency, latency, per-layer sparsity

@@ -18,6 +18,10 @@ REQUIRED = {
 # best_ratio_highest is present but null when the search stopped at the first failure (full_curve=false).
 SEARCH_REQUIRED = ["tolerance", "scope", "rule", "best_ratio", "best_ratio_highest", "curve"]
 CURVE_REQUIRED = ["ratio", "val_acc", "nonzero"]
+# A search across methods (search.objective other than sparsity) lists candidates instead of a curve.
+ACROSS_REQUIRED = ["tolerance", "objective", "methods", "candidates", "pareto", "chosen", "threshold",
+                   "dense_val_acc"]
+CANDIDATE_REQUIRED = ["method", "ratio", "val_acc", "val_acc_ci95", "passed"]
 ACC_REQUIRED = ["value", "n", "ci95"]
 
 
@@ -63,7 +67,11 @@ def validate(report: dict) -> list[str]:
         if k not in report:
             problems.append(f"missing {k!r}")
     search = report.get("search")
-    if search is not None:
+    if search is not None and "candidates" in search:
+        problems += [f"missing search.{k}" for k in ACROSS_REQUIRED if k not in search]
+        for i, c in enumerate(search["candidates"]):
+            problems += [f"missing search.candidates[{i}].{k}" for k in CANDIDATE_REQUIRED if k not in c]
+    elif search is not None:
         problems += [f"missing search.{k}" for k in SEARCH_REQUIRED if k not in search]
         for i, c in enumerate(search.get("curve", [])):
             problems += [f"missing search.curve[{i}].{k}" for k in CURVE_REQUIRED if k not in c]
