@@ -4,7 +4,7 @@ PYTHON ?= python
 # (GPU boxes carry their own torch 2.11 / torchvision 0.26, which the declared ranges admit).
 CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 || echo "-c constraints.txt")
 
-.PHONY: install test test-all smoke sweep lint bench clean
+.PHONY: install test test-all smoke sweep lint bench gpu-check clean
 
 install:
 	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
@@ -28,6 +28,10 @@ lint:
 
 bench:
 	$(PYTHON) -m benchmarks.compare
+
+# On a CUDA machine: gpu-marked tests + deploy-speed and fastest-model benchmarks (~8 min on an H100).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf logs build dist *.egg-info .pytest_cache

@@ -56,7 +56,7 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = {"work_dir": str(work), "data": "cifar10" if real else "synthetic", "data_root": str(root),
-                "train_size": 640, "test_size": 128, "arch": arch, "device": "cpu",
+                "train_size": 640, "test_size": 128, "arch": arch, "device": args.device,
                 "epochs": 1 if args.quick else args.epochs, "cache_dir": str(CACHE / "finetune"),
                 "train_overrides": ["+experiment=fast"] + (["trainer.limit_train_batches=2"] if args.quick else []),
                 "threads": torch.get_num_threads()}
@@ -64,7 +64,7 @@ def measure(args) -> dict:
         data = ([f"data.root={root}", "data.download=false"] if real else
                 ["data=synthetic", "data.train_size=640", "data.test_size=128"])
         base = [*data, f"model.arch={arch}", "model.weights=null", f"finetune.weights_path={trained['weights']}",
-                "trainer.accelerator=cpu", "callbacks=none", "logger=none", "latency.batch_size=128",
+                f"trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}", "callbacks=none", "logger=none", "latency.batch_size=128",
                 "latency.batch_sizes=[128]", f"latency.iters={args.search_iters}", "latency.warmup=2"]
         if args.quick:
             base += ["search.grid=[0.3,0.6]", "search.refine_step=null"]
@@ -73,16 +73,19 @@ def measure(args) -> dict:
                                           "stages.latency=false"], work / "magnitude")
         search = fastest["search"]
         dense_sd = load_state_dict(trained["weights"])
-    dense = build_from_state_dict(arch, dense_sd).eval()
+    device = torch.device(args.device)
+    dense = build_from_state_dict(arch, dense_sd).eval().to(device)
     models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
-    cfg = compose([f"model.arch={arch}", "+experiment=fast"], REPO / "benchmarks" / ".cache" / "compose")
+    cfg = compose([f"model.arch={arch}", "+experiment=fast",
+                   f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"], CACHE / "compose")
     resolved = resolve_auto(cfg)
-    dtype = hardware.resolve_dtype("auto", hardware.detect("cpu")).value
+    hw = hardware.detect(device.type)
+    dtype = hardware.resolve_dtype("auto", hw).value
     layout = bool(cfg.model.channels_last)
     batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(128, 3, 32, 32), torch.zeros(128)), 128)
 
     def deploy(net):
-        return deploy_form(net, dtype=dtype, channels_last=layout, device="cpu", example_batch=batch)
+        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch)
 
     models["dense_deploy"] = deploy(dense)
     answers = {}
@@ -95,7 +98,7 @@ def measure(args) -> dict:
     for tag, (method, ratio) in answers.items():
         models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval())
     x = models["dense_deploy"].prepare(batch)
-    samples = time_interleaved(models, x, "cpu", warmup=2, iters=args.iters)
+    samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=args.iters)
     base_tag = "dense_eager_fp32_nchw"
     vs_notebook = {t: paired_stats(samples[base_tag], samples[t], 128) for t in models if t != base_tag}
     speedups = {t: r["speedup_p50"] for t, r in vs_notebook.items()}
@@ -103,7 +106,7 @@ def measure(args) -> dict:
     latency_x = speedups.get("latency_search_deploy")
     return {
         "what": "latency-objective search vs the notebook's dense model and each method's sparsity answer",
-        "date": dt.date.today().isoformat(), "hardware": hardware.detect("cpu").to_dict(),
+        "date": dt.date.today().isoformat(), "hardware": hw.to_dict(), "device": str(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "deploy": {"dtype": str(dtype), "channels_last": layout,
                                                         "resolved": {k: v for k, v in resolved.items() if k != "hardware"}},
@@ -152,6 +155,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=DEFAULT_ROOT)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--iters", type=int, default=10, help="timed forwards per model in the final comparison")
     p.add_argument("--search-iters", type=int, default=5, help="timed forwards per candidate in the search")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -160,7 +164,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.iters, args.search_iters = 2, 2
     res = measure(args)
-    tag = f"{res['date']}-fastest-cpu{'-quick' if args.quick else ''}"
+    tag = f"{res['date']}-fastest-{args.device.replace(':', '')}{'-quick' if args.quick else ''}"
     write_json(Path(args.out) / f"{tag}.json", res)
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))

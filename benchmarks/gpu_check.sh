@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one command (`make gpu-check`), within ~8 minutes on one H100:
+# the gpu-marked tests, then the deploy-speed and fastest-model benchmarks on CUDA. Each step has
+# its own time limit; results land in benchmarks/results (and in $OUT when the device tool sets it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu-check-device.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$out/gpu-check-$name.log" 2>&1
+    echo "$name: exit $?" | tee -a "$out/gpu-check-summary.txt"
+    tail -5 "$out/gpu-check-$name.log"
+}
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider
+step deploy 120 python -m benchmarks.deploy_speed --device cuda --out "$out"
+step fastest 180 python -m benchmarks.fastest --device cuda --quick --out "$out"

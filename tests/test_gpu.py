@@ -1,0 +1,50 @@
+"""The pipeline on CUDA: every method, both latency runtimes, fp32 and bf16 training, and the
+deploy form's predictions checked (skipped without a CUDA device; `make gpu-check` runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from prunelab.pipeline import run
+
+pytestmark = pytest.mark.gpu
+
+SMALL = ["+experiment=smoke", "model=resnet18", "trainer.accelerator=gpu", "data.train_size=640",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=4", "latency.iters=5", "latency.warmup=2"]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("runtime", ["eager", "deploy"])
+@pytest.mark.parametrize("method", ["magnitude", "channel", "semi_structured"])
+def test_pipeline_on_cuda(tmp_path, method, runtime, precision):
+    if precision.startswith("bf16") and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs sm80+")
+    report = run(compose_cfg(tmp_path, [*SMALL, f"prune.method={method}", "prune.ratio=0.5",
+                                        f"latency.runtime={runtime}", f"trainer.precision={precision}"]))
+    assert report["device"]["type"] == "cuda"
+    lat = report["latency"]
+    assert lat["runtime"]["runtime"] == runtime and lat["runtime"]["device_kind"] == "cuda"
+    # dense and pruned were timed in turns, in the same runtime
+    assert report["dense"]["latency_ms"]["interleaved_with"] == ["pruned"]
+    if runtime == "deploy":
+        assert all(a["agreement"] >= 0.99 for a in lat["agreement"].values())
+    if method == "semi_structured" and torch.cuda.get_device_capability() >= (8, 0) and runtime == "deploy":
+        assert "sparse" in (lat.get("kernels") or "")
+
+
+def test_fast_experiment_resolves_bf16_and_compiles_on_cuda(tmp_path):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs sm80+")
+    report = run(compose_cfg(tmp_path, [*SMALL, "+experiment=fast", "stages.prune=false"]))
+    resolved = report["resolved"]
+    assert resolved["trainer.precision"]["value"] == "bf16-mixed"
+    assert resolved["model.compile"]["value"] is True and resolved["model.channels_last"]["value"] is True
+
+
+def test_latency_objective_on_cuda(tmp_path):
+    report = run(compose_cfg(tmp_path, [*SMALL, "search.objective=latency", "search.walk_all=true"]))
+    s = report["search"]
+    assert s["objective"] == "latency" and s["candidates"]
+    assert all(c.get("p50_ms") is not None for c in s["candidates"] if c["passed"])
