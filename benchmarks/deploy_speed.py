@@ -131,6 +131,12 @@ def measure(args) -> dict:
     }
 
 
+def _busy(setup: dict) -> bool:
+    """Other work shared the CPU: load above the threads used, or this process got far less than them."""
+    load = max(setup["load_avg_start"][0], setup["load_avg_end"][0])
+    return load > setup["threads"] + 0.5 or setup["cores_used"] < 0.75 * setup["threads"]
+
+
 def render(res: dict) -> str:
     s, d, head = res["setup"], res["deploy"], res["headline_batch_size"]
     lines = [f"# Deployed speed, {res['date']}, {s['hardware_summary']} ({s['cpu_model'] or s['device']})", "",
@@ -139,8 +145,9 @@ def render(res: dict) -> str:
              f"torch {s['torch']}, {s['threads']} threads, ATen CPU capability {s['cpu_capability']}, "
              f"CPU flags {', '.join(s['hardware']['cpu_flags']) or 'none of note'}. Wall {s['wall_s']} s, "
              f"cores used {s['cores_used']}, load {s['load_avg_start'][0]:.1f} -> {s['load_avg_end'][0]:.1f}"
-             + (" (a loaded machine: absolute times are inflated, the in-turn ratios much less)"
-                if s["load_avg_start"][0] > s["threads"] else "") + ".", "",
+             + (" (**a loaded machine**: other work shared the cores, so absolute times are inflated; the ratios "
+                "of models timed in turns much less, but contention also adds a per-op cost that favours the "
+                "models with fewer, larger ops)" if _busy(s) else "") + ".", "",
              f"Deploy dtype: **{d['dtype']}** ({d['dtype_reason']}). Layout: "
              f"{'channels_last' if d['channels_last'] else 'NCHW'} ({d['channels_last_reason']}).", ""]
     for b, t in sorted(res["timings"].items(), key=lambda kv: -int(kv[0])):
