@@ -14,6 +14,7 @@ raises ``DeployMismatchError`` when a form changes answers beyond rounding.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterable
@@ -140,7 +141,6 @@ class Deployed(Form):
         super().__init__(net, dtype, channels_last, device)
         self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
         self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
-        self.graph_requested = cuda_graph
         self.notes = list(notes)
         self.compile_s: dict[int, float] = {}
         self._graphs: dict[tuple, _Graph] = {}
@@ -178,7 +178,8 @@ class Deployed(Form):
                 try:
                     graph = self._graphs[key] = _Graph(self.net, x)
                 except RuntimeError as exc:  # an op the capture refuses: run eagerly and say so
-                    torch.cuda.synchronize(self.device)
+                    with contextlib.suppress(RuntimeError):
+                        torch.cuda.synchronize(self.device)
                     self.disable_graph(f"capture failed for batch shape {key} ({str(exc).splitlines()[0]})")
                     return self.net(x)
             return graph(x)
