@@ -3,7 +3,12 @@
 Images are held as one uint8 array (N, 32, 32, 3), like CIFAR-10's pickles, so the real and
 the generated data go through the same transforms and the same split. ``train_size`` and
 ``test_size`` keep only the first N images of each array (null: all), so a preset such as
-``+experiment=smoke`` sizes any data source. With ``on_device=True``
+``+experiment=smoke`` sizes any data source.
+
+The training order and every image's random flip and crop are functions of ``(seed, epoch)``
+alone (``EpochShuffle`` and ``SeededSamples``), never of the global RNG's history or of which
+loader worker reads the image: a fine-tune resumed at epoch k sees exactly the batches the
+uninterrupted one saw, with any ``num_workers``. With ``on_device=True``
 the loaders are ``DeviceLoader``s: the arrays stay resident on the trainer's device and batches
 are augmented there (see ``prunelab.data.on_device``); the PIL Datasets remain for everything
 else (evaluation, latency samples).
@@ -11,13 +16,15 @@ else (evaluation, latency samples).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 from lightning import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, random_split
 
-from prunelab.data.on_device import DeviceLoader
+from prunelab.data.on_device import DeviceLoader, epoch_seed
 from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, train_transform
 from prunelab.errors import ConfigError
 
@@ -42,6 +49,74 @@ class ArrayDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])
+
+
+class EpochShuffle(Sampler):
+    """A shuffling sampler whose order depends on ``(seed, epoch)`` only, yielding ``(index,
+    sample_seed)`` pairs for ``SeededSamples``.
+
+    A plain ``shuffle=True`` DataLoader draws each epoch's order from torch's global RNG, so a
+    resumed fine-tune (global RNG reseeded at start) replayed epoch 0's order and augmentations
+    in place of epoch k's. The epoch is the one ``set_epoch`` fixed (Lightning calls it before
+    every training epoch); else ``epoch_fn()``, the fit loop's epoch (a resumed fit with loader
+    workers draws its first order before Lightning's first ``set_epoch``, and a DDP sampler wrapper
+    takes those calls itself); else a counter that every pass advances, as a shuffling DataLoader
+    draws a new order per pass.
+    """
+
+    def __init__(self, n: int, seed: int, epoch_fn: Callable[[], int | None] | None = None):
+        self.n, self.seed, self.epoch_fn = n, seed, epoch_fn
+        self.epoch, self._fixed_epoch = 0, False
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._fixed_epoch = int(epoch), True
+
+    def _current_epoch(self) -> int:
+        if self._fixed_epoch:
+            return self.epoch
+        if self.epoch_fn is not None and (epoch := self.epoch_fn()) is not None:
+            return int(epoch)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self._current_epoch()))
+        order = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2**63 - 1, (self.n,), generator=g)
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
+
+
+class SeededSamples(Dataset):
+    """``dataset[(i, seed)]``: item ``i`` with its random transforms drawn after seeding torch's CPU
+    generator with ``seed``, which is restored afterwards (in the main process, with
+    ``num_workers=0``, the model's dropout draws from that same generator)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, seed = key
+        state = torch.get_rng_state()
+        # the CPU generator only: torch.manual_seed would also reseed CUDA's, which dropout uses on GPUs
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(state)
+
+
+def _fit_epoch(trainer) -> Callable[[], int]:
+    """The epoch the trainer's fit loop runs, or is about to run. Not ``trainer.current_epoch``: a
+    resumed fit creates its loader's iterator (a DataLoader with workers draws the epoch's order
+    right then) before the loop has moved past the checkpoint's last finished epoch, which
+    ``current_epoch`` still names; Lightning's own ``set_epoch`` calls pass this same count."""
+    return lambda: trainer.fit_loop.epoch_progress.current.processed
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -129,10 +204,15 @@ class ArrayDataModule(LightningDataModule):
         return x[:n], y[:n]
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            trainer = getattr(self, "trainer", None)
+            sampler = EpochShuffle(len(ds), self.seed, _fit_epoch(trainer) if trainer is not None else None)
+            ds = SeededSamples(ds)
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -179,7 +259,7 @@ class ArrayDataModule(LightningDataModule):
                 x_train, y_train, self.train_indices, self.batch_size, shuffle=True, augment=self.augment,
                 seed=self.seed, dataset=self.train_set,
                 # the trainer's epoch, so a resumed fit draws the plan the interrupted one would have
-                epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None, **common,
+                epoch_fn=_fit_epoch(trainer) if trainer is not None else None, **common,
             )
         if split == "val":
             return DeviceLoader(x_train, y_train, self.val_indices, self.eval_batch_size,

@@ -8,9 +8,10 @@ before normalisation, so a padded pixel becomes ``(0 - mean) / std``, and the fl
 the same (``x / 255``, then ``- mean``, then ``/ std`` in float32), so eval batches are bitwise
 equal to the PIL pipeline's.
 
-Random parameters (order, flips, crop offsets) come from a CPU ``torch.Generator`` seeded with
-``seed + epoch`` and are moved to the device once per epoch: the same seed gives the same batches
-on any device, and under DDP every rank draws the same epoch plan and takes a disjoint stride of it.
+Random parameters (order, flips, crop offsets) come from a CPU ``torch.Generator`` seeded from
+``(seed, epoch)`` (``epoch_seed``) and are moved to the device once per epoch: the same seed gives
+the same batches on any device, and under DDP every rank draws the same epoch plan and takes a
+disjoint stride of it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -59,13 +61,19 @@ def flip_crop(images: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left:
     return padded.view(b, hp * wp, c).gather(1, flat).view(b, h, w, c)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit seed for one epoch of a run seeded ``seed``, well mixed: ``seed + epoch`` gave seed
+    1's epoch 0 the batches of seed 0's epoch 1, correlating the runs of a seed sweep."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0])
+
+
 def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, augment: bool, padding: int = 4) -> dict[str, torch.Tensor]:
     """Order and augmentation parameters for one epoch of ``n`` samples, drawn on the CPU.
 
     Drawn for positions in the epoch's order, so a DDP rank's stride of the plan holds exactly the
     samples and augmentations a single process would have used at those positions.
     """
-    g = torch.Generator().manual_seed(seed + epoch)
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     plan = {"order": torch.randperm(n, generator=g) if shuffle else torch.arange(n)}
     if augment:
         plan["flip"] = torch.rand(n, generator=g) < 0.5
@@ -97,7 +105,7 @@ class DeviceLoader:
     with a DataLoader (under DDP too, where the loader itself yields only this rank's share).
 
     The epoch is the one ``set_epoch`` fixed; else ``epoch_fn()`` when given (the datamodule passes
-    the trainer's current epoch, so a resumed fit replays the same plan); else a counter that every
+    the fit loop's epoch, so a resumed fit replays the same plan); else a counter that every
     iteration advances by one, as a shuffling DataLoader draws a new order per pass.
     """
 

@@ -1,0 +1,243 @@
+"""Fine-tune checkpoints that a kill cannot break, and a resumed fine-tune equal to an uninterrupted one.
+
+- ``AtomicCheckpoint``, the ``ModelCheckpoint`` of ``conf/callbacks``: a checkpoint appears under
+  its name only complete (written to a temporary name beside it, then renamed), ``last.ckpt`` is
+  re-pointed by one rename, and a superseded checkpoint is deleted only after ``last.ckpt`` points
+  past it. Lightning's own order (save, delete the old file, then re-link) left ``last.ckpt``
+  dangling for a moment at every epoch; its writes went through a temporary file in the system
+  temp folder, copied over when that is another file system, and left behind there by a kill.
+- ``ResumeState``: seeds torch, numpy and random before every training batch from (seed, epoch,
+  batch), so dropout draws depend on where training is, not on the RNG's history (a resumed run's
+  history starts at the resume); it stamps each checkpoint with the training key that made it.
+- ``find_resume_checkpoint``: what ``ckpt_path=auto`` resumes: the most advanced complete
+  checkpoint of the same training key.
+
+The data side (order and augmentation per epoch) lives with the loaders, ``prunelab.data``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from weakref import proxy
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+STAMP = "prunelab"  # the checkpoint's top-level key for ResumeState's stamp
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+# .NAME.ckpt.HOST.PID.tmp: whether its writer still runs can be told for files of this host
+_TMP = re.compile(rf"^\.(?P<name>.+\.ckpt)\.{re.escape(_HOST)}\.(?P<pid>\d+)\.tmp$")
+
+
+def _tmp_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of checkpoint writes whose process is gone (killed mid-write);
+    files of live processes and of other hosts (a shared file system) are left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _TMP.match(path.name)
+        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _write_atomic(path: str | os.PathLike, write) -> None:
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (same arguments) whose files a kill never leaves torn or dangling: at
+    every moment ``last.ckpt``, when it exists, names a complete checkpoint."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._held: list[str] | None = None  # removals waiting until last.ckpt is re-pointed
+
+    # -- writing -------------------------------------------------------------------------------
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        plain = type(trainer.strategy.checkpoint_io) is TorchCheckpointIO and \
+            type(trainer.strategy).save_checkpoint is Strategy.save_checkpoint
+        if plain:  # one file, written here straight to its temporary name
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            if trainer.is_global_zero:
+                Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+                _write_atomic(filepath, lambda p: torch.save(checkpoint, p))
+            trainer.strategy.barrier("AtomicCheckpoint._save_checkpoint")
+        else:  # a strategy's own format (sharded, ...): written by it under the temporary name
+            tmp = _tmp_path(filepath)
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(tmp, filepath)
+            trainer.strategy.barrier("AtomicCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @staticmethod
+    def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)
+            tmp = _tmp_path(linkpath)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            except OSError:  # no symbolic links here (Windows without the right): a copy
+                shutil.copyfile(filepath, tmp)
+            os.replace(tmp, linkpath)  # the old link or the new one, never none
+        trainer.strategy.barrier()
+
+    # -- deleting ------------------------------------------------------------------------------
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if self._held is not None:
+            self._held.append(filepath)
+        else:
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _holding_removals(self, hook, trainer: Trainer, *args: Any) -> None:
+        """Run a saving hook with the deletions it asks for held back until it has re-pointed
+        ``last.ckpt``; an exception keeps the old files (a spare checkpoint costs only disk)."""
+        self._held = []
+        try:
+            hook(trainer, *args)
+            held = self._held
+        finally:
+            self._held = None
+        last = os.path.realpath(self.last_model_path) if self.last_model_path else None
+        for path in dict.fromkeys(held):
+            if os.path.realpath(path) != last:
+                super()._remove_checkpoint(trainer, path)
+
+    def on_train_batch_end(self, trainer, *args):
+        self._holding_removals(super().on_train_batch_end, trainer, *args)
+
+    def on_train_epoch_end(self, trainer, *args):
+        self._holding_removals(super().on_train_epoch_end, trainer, *args)
+
+    def on_validation_end(self, trainer, *args):
+        self._holding_removals(super().on_validation_end, trainer, *args)
+
+    def on_exception(self, trainer, *args):
+        self._holding_removals(super().on_exception, trainer, *args)
+
+    def on_train_end(self, trainer, *args):
+        self._holding_removals(super().on_train_end, trainer, *args)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed run writes its own run folder, so the checkpoint's other dirpath is expected,
+        # not worth Lightning's warning on every resume.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+
+
+def batch_seed(seed: int, epoch: int, batch_idx: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(batch_idx)]).generate_state(1, np.uint64)[0])
+
+
+class ResumeState(Callback):
+    """Seeds the global RNGs before every training batch from (seed, epoch, batch index), and
+    stamps every checkpoint with ``training_key`` and ``lineage`` (the key without the run's
+    length) so that ``ckpt_path=auto`` and the fine-tune cache can tell what made it."""
+
+    def __init__(self, seed: int, training_key: str, lineage: str):
+        self.seed, self.training_key, self.lineage = int(seed), training_key, lineage
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        s = batch_seed(self.seed, trainer.current_epoch, batch_idx)
+        torch.manual_seed(s)  # CPU and every CUDA device: dropout draws there
+        np.random.seed(s % 2**32)
+        random.seed(s)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STAMP] = {"training_key": self.training_key, "lineage": self.lineage, "seed": self.seed}
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's position and stamp (``epoch``, ``global_step``, ``lr_schedulers``,
+    ``training_key``, ``lineage``), or None when it is not a complete Lightning checkpoint
+    (truncated by a kill, a dangling link, anything else). Mapped, not read: cheap for 1 GB."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # a torn zip, a dangling link, a foreign pickle: not resumable
+        log.debug("not a complete checkpoint: %s (%s)", path, exc)
+        return None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        return None
+    stamp = ckpt.get(STAMP) if isinstance(ckpt.get(STAMP), dict) else {}
+    return {"epoch": ckpt.get("epoch"), "global_step": ckpt["global_step"],
+            "lr_schedulers": len(ckpt.get("lr_schedulers") or []),
+            "training_key": stamp.get("training_key"), "lineage": stamp.get("lineage")}
+
+
+def find_resume_checkpoint(folders: Iterable[str | os.PathLike], training_key: str) -> tuple[Path, dict] | None:
+    """The complete checkpoint stamped with ``training_key`` that is furthest into training
+    (newest file among equals) in ``folders`` and below them; None if there is none. Stale
+    temporary files of killed writers found on the way are deleted."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*.ckpt")):
+            real = os.path.realpath(path)
+            if os.path.isfile(real):  # a dangling last.ckpt is skipped here
+                seen.setdefault(real, Path(real))
+        for tmp_dir in {p.parent for p in folder.rglob(".*.tmp")}:
+            for gone in remove_stale_tmp(tmp_dir):
+                log.info("removed %s, left by a killed checkpoint write", gone)
+    best = None
+    for path in seen.values():
+        meta = read_checkpoint(path)
+        if meta is None:
+            log.warning("skipping %s: not a complete checkpoint (killed mid-write?)", path)
+            continue
+        if meta["training_key"] != training_key:
+            continue
+        rank = (meta["global_step"], path.stat().st_mtime)
+        if best is None or rank > best[0]:
+            best = (rank, path, meta)
+    return None if best is None else (best[1], best[2])
