@@ -31,7 +31,7 @@ from torch import nn
 from prunelab.errors import ConfigError
 from prunelab.hardware import detect, resolve_channels_last, resolve_dtype
 from prunelab.io import compressed_bytes, save_state_dict
-from prunelab.latency import LatencyMonitor, paired_stats, summarize, time_interleaved
+from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,6 @@ def _log(per: dict, head: int, loggers) -> None:
         metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
     for lg in loggers:
         lg.log_metrics(metrics, step=0)
-
-
-def time_as_deployed(method: str, net: nn.Module, batch: torch.Tensor, device, monitor: LatencyMonitor,
-                     loggers=(), dense: nn.Module | None = None) -> tuple[dict, str | None, dict | None]:
-    """Superseded by :func:`time_dense_and_pruned`; kept until the pipeline calls that. The eager
-    timing: pruned in turns with ``dense`` when it is a separate module, in the monitor's precision,
-    with 2:4 weights masked-dense (no more half-precision sparse against fp32 dense)."""
-    note = ("latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
-            if method == "semi_structured" else None)
-    if dense is not None and dense is not net:
-        both = monitor.measure_interleaved({"dense": dense, "pruned": net}, batch, device, loggers)
-        return both["pruned"], note, both["dense"]
-    return monitor.measure(net, batch, device, "pruned", loggers), note, None
 
 
 def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:
