@@ -13,11 +13,15 @@ import torch
 
 from conftest import FAST_LEARNER
 
+# One intra-op thread: on a loaded 2-core machine two threads spin-wait on each other and each step
+# of these runs took seconds instead of a tenth of one. (More kill points: test_kill_points.py.)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 
 def _spawn(args: list[str], tmp_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "prunelab.train", *args, f"paths.log_dir={tmp_path / 'logs'}"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
-                            start_new_session=True)
+                            start_new_session=True, env=dict(os.environ, **ONE_THREAD))
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300):
@@ -45,7 +49,7 @@ def test_finetune_killed_resumes_from_last_ckpt(run_cli, tmp_path):
     _kill(proc)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] < 48  # it really was interrupted
-    r = run_cli(*args, f"ckpt_path={ckpt}")
+    r = run_cli(*args, f"ckpt_path={ckpt}", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     last = sorted((tmp_path / "logs").rglob("checkpoints/last.ckpt"), key=os.path.getmtime)[-1]
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 48
@@ -68,14 +72,14 @@ def test_search_killed_resumes_from_journal_with_same_answer(run_cli, tmp_path):
     _kill(proc)
     done_before = len(json.loads(journal.read_text())["evaluations"])
     assert not list((tmp_path / "logs").rglob("report.json"))
-    r = run_cli(*args)
+    r = run_cli(*args, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = json.loads(next((tmp_path / "logs").rglob("report.json")).read_text())
     assert resumed["finetune"]["reused"] is True
     assert resumed["search"]["resumed_candidates"] >= done_before >= 2
     # a reference search from scratch on the same weights reaches the same answer
     ref = run_cli(*args, f"finetune.weights_path={resumed['finetune']['source']}", "finetune.cache=false",
-                  f"paths.log_dir={tmp_path / 'ref'}")
+                  f"paths.log_dir={tmp_path / 'ref'}", env=ONE_THREAD)
     assert ref.returncode == 0, ref.stderr[-3000:]
     reference = json.loads(next((tmp_path / "ref").rglob("report.json")).read_text())
     assert reference["search"]["best_ratio"] == resumed["search"]["best_ratio"]
