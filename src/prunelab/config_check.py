@@ -231,7 +231,7 @@ def check_values(cfg: DictConfig) -> None:
     devices = trainer.get("devices", 1)
     if p.get("schedule") == "iterative" and (trainer.get("strategy") == "ddp" or (_is_int(devices) and devices > 1)):
         raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
-    if cfg.get("ckpt_path") and cfg.finetune.get("weights_path"):
+    if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "auto" and cfg.finetune.get("weights_path"):
         raise ConfigError("ckpt_path and finetune.weights_path are both set, but a run starts from one of them; "
                           "set the other to null")
     model = cfg.get("model") or {}
@@ -255,7 +255,7 @@ def _check_ckpt(cfg: DictConfig) -> None:
 
     from prunelab.io import file_problem
 
-    if not cfg.get("ckpt_path"):
+    if not cfg.get("ckpt_path") or str(cfg.ckpt_path) == "auto":  # auto: the fine-tune finds the newest complete one
         return
     path = Path(cfg.ckpt_path).expanduser()
     problem = file_problem(path, inside=("checkpoints/last.ckpt", "last.ckpt"))
