@@ -42,6 +42,10 @@ _TRAINING_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "precision",
 # depends on the length), so a checkpoint of the shorter run is a valid start for the longer one.
 _LENGTH_KEYS = ("max_epochs", "max_steps")
 _DATA_IGNORED = ("num_workers", "eval_batch_size", "pin_memory", "_target_")
+# The training stream's version, part of every key: bumped when the same config trains to other
+# weights (2: order, augmentation and dropout seeded from (seed, epoch[, batch])), so a fine-tune
+# cached by older code is not reused as if this code had trained it.
+_STREAM = 2
 
 
 @dataclass
@@ -65,6 +69,7 @@ def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
                   if k not in ("compile", "fused_optimizer")},
         "trainer": {k: trainer.get(k) for k in trainer_keys},
         "seed": cfg.seed,
+        "stream": _STREAM,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
