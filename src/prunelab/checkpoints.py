@@ -36,6 +36,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 
+from prunelab.io import _atomic
+
 log = logging.getLogger(__name__)
 
 STAMP = "prunelab"  # the checkpoint's top-level key for ResumeState's stamp
@@ -75,15 +77,7 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
 
 
 def _write_atomic(path: str | os.PathLike, write) -> None:
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _atomic(path, write, _tmp_path(path))  # a tmp name with host and pid: remove_stale_tmp finds leftovers
 
 
 class AtomicCheckpoint(ModelCheckpoint):

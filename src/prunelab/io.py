@@ -28,20 +28,23 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def _atomic(path: str | os.PathLike, write: Callable[[Path], None], tmp: Path | None = None) -> Path:
+    """Write ``path`` through ``write(tmp)`` then one rename; ``tmp`` (default: a fresh name beside
+    ``path``) lets a caller name the temporary file so a later run can find and remove leftovers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any other file
-    tmp_path = Path(tmp)
+    if tmp is None:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any other file
+        tmp = Path(name)
     try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as fh:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        os.replace(tmp, path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
