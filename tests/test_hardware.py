@@ -30,7 +30,7 @@ MPS = Hardware("mps", "mps")
 
 # hw, native bf16, auto precision, auto dtype, auto channels_last, auto compile
 TABLE = [
-    (AVX2, False, "32-true", torch.float32, True, False),
+    (AVX2, False, "32-true", torch.float32, False, False),
     (AVX512, False, "32-true", torch.float32, True, False),
     (AVX512_BF16, True, "bf16-mixed", torch.bfloat16, True, False),
     (AMX, True, "bf16-mixed", torch.bfloat16, True, False),

@@ -18,7 +18,7 @@ FAST = ["+experiment=[smoke,fast]"]
 
 
 @pytest.mark.parametrize("hw,precision,channels_last,compile_", [
-    (AVX2, "32-true", True, False),
+    (AVX2, "32-true", False, False),
     (AVX512, "32-true", True, False),
     (AMX, "bf16-mixed", True, False),
     (T4, "16-mixed", True, True),

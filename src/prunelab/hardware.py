@@ -54,7 +54,7 @@ class Hardware:
 
     @property
     def wide_simd(self) -> bool:
-        """AVX512 or AMX: the widest oneDNN kernels (bf16 needs more: see native_bf16)."""
+        """AVX512 or AMX: oneDNN's blocked/NHWC convolutions pay off; AVX2-only they mostly do not."""
         return self.cpu_capability == "AVX512" or bool(self.cpu_flags & {"avx512f", "amx_tile"})
 
     def describe(self) -> str:
@@ -189,17 +189,11 @@ def _bool_auto(requested: bool | str, key: str) -> bool | None:
 
 
 def resolve_channels_last(requested: bool | str, hw: Hardware) -> Resolution:
-    """``model.channels_last``: auto is on for CUDA and for CPUs with AVX2 or wider, off elsewhere.
-
-    Measured in turns on a 2-core AVX2-only AMD EPYC (2026-11-27, fp32, VGG16): NHWC made a
-    training step 1.08x faster (batch 64) and the deployed forward 1.18x (batch 128); on AVX-512
-    and AMX machines (2026-11-25/26) NHWC was faster too. oneDNN's NHWC convolutions need AVX2.
-    """
+    """``model.channels_last``: auto is on for CUDA and AVX512/AMX CPUs, off on AVX2-only CPUs."""
     explicit = _bool_auto(requested, "model.channels_last")
     if explicit is not None:
         return Resolution(explicit, f"explicit model.channels_last={explicit} honoured")
-    value = hw.kind == "cuda" or (hw.kind == "cpu" and (hw.wide_simd or hw.cpu_capability == "AVX2"
-                                                        or "avx2" in hw.cpu_flags))
+    value = hw.kind == "cuda" or (hw.kind == "cpu" and hw.wide_simd)
     why = "NHWC convolutions are faster there" if value else "NHWC brings no reliable gain there"
     return Resolution(value, f"auto: {hw.describe()}: {why}; channels_last={value}")
 
