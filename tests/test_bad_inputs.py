@@ -117,6 +117,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["seed=-1"], ("seed",), None),
     (["trainer.max_epochs=-1"], ("trainer.max_epochs", ">= 1"), None),
     (["trainer.max_epochs=1.5"], ("trainer.max_epochs", "integer"), None),
+    (["~trainer.max_epochs"], ("trainer.max_epochs", "missing"), None),
     (["trainer.devices=0"], ("trainer.devices",), None),
     (["trainer.limit_train_batches=1.5"], ("trainer.limit_train_batches",), None),
     (["trainer.limit_val_batches=abc"], ("trainer.limit_val_batches",), None),

@@ -231,6 +231,9 @@ def check_values(cfg: DictConfig) -> None:
     devices = trainer.get("devices", 1)
     if p.get("schedule") == "iterative" and (trainer.get("strategy") == "ddp" or (_is_int(devices) and devices > 1)):
         raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
+    if cfg.trainer.get("max_epochs") is None:  # removed with ~trainer.max_epochs: Lightning would train 1000
+        raise ConfigError("trainer.max_epochs is missing; set it to the number of fine-tuning epochs, e.g. "
+                          "trainer.max_epochs=10")
     if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "auto" and cfg.finetune.get("weights_path"):
         raise ConfigError("ckpt_path and finetune.weights_path are both set, but a run starts from one of them; "
                           "set the other to null")
