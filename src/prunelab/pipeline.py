@@ -20,7 +20,7 @@ from torch import nn
 
 from prunelab import config_check
 from prunelab.deploy import onnx_latency, save_pruned, time_dense_and_pruned
-from prunelab.evaluation import count_correct, shard_loader
+from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, state_digest, write_json, write_text
 from prunelab.latency import latency_batches
@@ -52,10 +52,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _count(model, dataset, batch_size, device, precision) -> tuple[int, int]:
+def _count(model, dataset, batch_size, device, precision, record: bool = False) -> Count:
     loader, total = shard_loader(dataset, batch_size)
-    c = count_correct(model, loader, total, device=device, precision=precision)
-    return c.correct, c.total
+    return count_correct(model, loader, total, device=device, precision=precision, record=record)
 
 
 def kernel_family(method: str) -> str:
@@ -141,11 +140,11 @@ def run(cfg: DictConfig) -> dict:
     memory_format = module.memory_format
     timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last))
 
-    loader, total = shard_loader(dm.val_set, eval_bs)
     # Per-image correctness too: candidates are compared with the dense model on the same images.
-    dense_count = count_correct(net, loader, total, device=device, precision=precision, record=True)
+    dense_count = _count(net, dm.val_set, eval_bs, device, precision, record=True)
     dense_val = (dense_count.correct, dense_count.total)
-    dense_test = _count(net, dm.test_set, eval_bs, device, precision)
+    c = _count(net, dm.test_set, eval_bs, device, precision)
+    dense_test = (c.correct, c.total)
     t0 = time.perf_counter()
     # With a prune stage the dense model is timed in turns with the pruned one, below.
     alone = timer(net, None, None) if timer is not None and not cfg.stages.prune else None
@@ -181,7 +180,8 @@ def run(cfg: DictConfig) -> dict:
         method = outcome.method
         timing["search"] = outcome.seconds
         pruned_net = outcome.net.to(device, memory_format=memory_format)
-        pruned_test = _count(pruned_net, dm.test_set, eval_bs, device, precision)
+        c = _count(pruned_net, dm.test_set, eval_bs, device, precision)
+        pruned_test = (c.correct, c.total)
         t0 = time.perf_counter()
         pruned_lat = kernel_note = None
         if timer is not None:
