@@ -9,10 +9,11 @@ CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 
 install:
 	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
 
-# The suite CI runs (about 3 minutes on the idle 2-core CPU); test-all adds the slow end-to-end runs (3 minutes more)
-# (VGG16 smoke, DDP on two processes, joblib/submitit launchers, ONNX export of VGG16).
+# The suite CI runs, on two pytest-xdist workers (one torch thread each on a 2-core machine, see
+# tests/conftest.py); test-all adds the slow end-to-end runs (VGG16 smoke, DDP on two processes,
+# joblib/submitit launchers, ONNX export of VGG16, kill points, benchmarks in --quick mode), serially.
 test:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" -n 2
 
 test-all:
 	$(PYTHON) -m pytest -q

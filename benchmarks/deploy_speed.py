@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from prunelab.hardware import detect, resolve_channels_last, resolve_dtype
+from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.factory import build_classifier
@@ -70,7 +70,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     hw = detect(device)
     dtype_res = resolve_dtype("auto", hw)
-    cl_res = resolve_channels_last("auto", hw)
+    cl_res = resolve_deploy_layout("auto", hw)
     dtype, cl = dtype_res.value, bool(cl_res.value)
     load_start, wall0, cpu0 = os.getloadavg(), time.perf_counter(), _cpu_seconds()
 

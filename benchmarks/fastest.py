@@ -81,7 +81,7 @@ def measure(args) -> dict:
     resolved = resolve_auto(cfg)
     hw = hardware.detect(device.type)
     dtype = hardware.resolve_dtype("auto", hw).value
-    layout = bool(cfg.model.channels_last)
+    layout = bool(cfg.latency.channels_last)  # the deploy layout, resolved as the pipeline resolves it
     batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(128, 3, 32, 32), torch.zeros(128)), 128)
 
     def deploy(net):

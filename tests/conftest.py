@@ -17,7 +17,15 @@ CONF_DIR = Path(prunelab.__file__).parent / "conf"
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) the cores are shared out, one torch thread
+# per worker on a 2-core machine: two workers of two threads each on two cores made the
+# compute-heavy tests several times slower (OpenMP threads spinning against each other).
+# Subprocesses started by tests (the CLI) inherit the same share through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+torch.set_num_threads(THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):

@@ -3,8 +3,11 @@ timer, and the chained method leaves a 2:4 pattern in a channel-pruned network."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from test_channel import tiny_vgg
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -14,7 +17,6 @@ from prunelab.pruning.semi_structured import eligible, is_two_four
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.oneshot import OneShotSearch
 from prunelab.search.rules import Evaluation
-from test_channel import tiny_vgg
 
 DATA = TensorDataset(torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
                      torch.randint(0, 10, (48,), generator=torch.Generator().manual_seed(2)))
@@ -109,3 +111,111 @@ def test_iterative_schedule_with_an_objective_keeps_the_measured_recovered_model
     assert chosen is not None and chosen["params"] == min(c["params"] for c in s["candidates"] if c["passed"])
     assert report["pruned"]["method"] == chosen["method"] and report["pruned"]["ratio"] == chosen["ratio"]
     assert report["pruned"]["val_acc"]["value"] == pytest.approx(chosen["val_acc"], abs=1e-6)
+
+
+def test_shortlist_ranks_on_own_session_speedup_not_on_p50s_from_other_sessions():
+    from prunelab.search.across import shortlist
+
+    rows = [{"method": "channel", "ratio": 0.2, "val_acc": 90.0, "p50_ms": 5.0, "speedup": 1.2},
+            # the lowest p50, but timed in a quieter session: only 1.1x its own dense timing
+            {"method": "channel", "ratio": 0.3, "val_acc": 89.0, "p50_ms": 4.0, "speedup": 1.1},
+            {"method": "channel", "ratio": 0.4, "val_acc": 88.0, "p50_ms": 4.5, "speedup": 1.5},
+            {"method": "channel", "ratio": 0.5, "val_acc": 89.5, "p50_ms": 4.5, "speedup": 1.5}]
+    assert [r["ratio"] for r in shortlist(rows, 3)] == [0.5, 0.4, 0.2]  # tie on speedup: higher val_acc first
+    assert shortlist(rows, 0) == [] and len(shortlist(rows, 10)) == 4
+
+
+def together_result(p50s: dict, dense=10.0, beyond=True):
+    """deploy.time_together's shape for a fake final round."""
+    models = {"dense": {"p50": dense, "p90": dense}}
+    for name, p50 in p50s.items():
+        models[name] = {"p50": p50, "p90": p50, "speedup_p50": dense / p50,
+                        "paired_ratio": {"p5": dense / p50 - 0.05, "p50": dense / p50, "p95": dense / p50 + 0.05},
+                        "speedup_beyond_noise": beyond}
+    return {"models": models, "batch_size": 4, "iters": 3, "runtime": {"runtime": "deploy"}}
+
+
+def test_final_round_times_the_shortlist_together_and_its_fastest_wins():
+    """Own sessions say channel 0.5 is fastest (fake_timer); timed together, channel 0.25 is: the
+    final round's answer stands, and the report records the change."""
+    seen = []
+
+    def retime(rows):
+        seen.append([(r["method"], r["ratio"]) for r in rows])
+        return together_result({f"c{i}": (3.0 if r["ratio"] == 0.25 else 6.0) for i, r in enumerate(rows)})
+
+    walk = oneshot_walk(make_search(100.0), DATA, torch.device("cpu"), Evaluation(0.0, 5, 48, 48), None, {})
+
+    def measure(method, candidate):
+        width = float(sum(conv_channels(candidate).values()))  # magnitude: as fast as dense
+        return dict(fake_timer([])(method, candidate), speedup=1000.0 / width if method == "channel" else 1.0)
+
+    result = search_across(tiny_vgg(), ["magnitude", "channel"], walk, "latency", measure, retime=retime,
+                           final_round=3)
+    assert seen == [[("channel", 0.5), ("channel", 0.25)]]  # only those faster than dense, best speedup first
+    assert result.chosen["method"] == "channel" and result.chosen["ratio"] == 0.25
+    f = result.final_round
+    assert f["before"] == {"method": "channel", "ratio": 0.5} and f["chosen"] == {"method": "channel", "ratio": 0.25}
+    assert f["changed_choice"] is True and f["dense_p50_ms"] == 10.0
+    assert [c["p50_ms"] for c in f["shortlist"]] == [6.0, 3.0]
+    assert result.chosen["final_round"]["speedup"] == pytest.approx(10.0 / 3.0)
+    assert result.to_dict()["final_round"] is f
+
+    # final_round=1 (or no retime): no final round, the own-session p50 decides
+    result = search_across(tiny_vgg(), ["magnitude", "channel"], walk, "latency", measure, retime=retime,
+                           final_round=1)
+    assert len(seen) == 1 and result.final_round is None and result.chosen["ratio"] == 0.5
+
+
+def test_final_round_where_nothing_stays_faster_beyond_noise_leaves_the_dense_model():
+    walk = oneshot_walk(make_search(100.0), DATA, torch.device("cpu"), Evaluation(0.0, 5, 48, 48), None, {})
+    result = search_across(tiny_vgg(), ["channel"], walk, "latency", fake_timer([]),
+                           retime=lambda rows: together_result({f"c{i}": 9.9 for i in range(len(rows))}, beyond=False))
+    assert result.chosen is None and result.final_round["chosen"] is None
+    assert result.final_round["changed_choice"] is True
+
+
+def params_timer(models, batch, device, warmup, iters, include_transfer=False, precision=None):
+    """``time_interleaved`` on a fake clock: each form runs the batch once (so the real forms are
+    exercised), then "takes" a time proportional to its parameters, the same every iteration.
+    Makes the pipeline's choices deterministic on a machine whose load changes."""
+    out = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            model(batch)
+            out[name] = [sum(p.numel() for p in model.parameters()) / 1e5] * iters
+    return out
+
+
+def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(tmp_path, monkeypatch):
+    """search.objective=latency on the CPU, end to end: magnitude is not walked (dense kernels here),
+    channel's passing candidates are timed, the shortlist is timed together, and the chosen model
+    is the one the report prunes, tests and plots."""
+    from conftest import FAST_LEARNER, compose_cfg
+    from prunelab import deploy
+    from prunelab.pipeline import run
+
+    monkeypatch.setattr(deploy, "time_interleaved", params_timer)
+
+    cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                 "search.objective=latency", "search.methods=[magnitude,channel]",
+                                 "search.grid=[0.3,0.6]", "search.refine_step=null", "search.tolerance=100",
+                                 "latency.iters=4"])
+    report = run(cfg)
+    s = report["search"]
+    assert "magnitude" in s["skipped_methods"] and s["methods"] == ["channel"]
+    timed = [c for c in s["candidates"] if c["passed"]]
+    assert [c["ratio"] for c in timed] == [0.3, 0.6] and all(c["timed"] == "in turns with dense" for c in timed)
+    f = s["final_round"]
+    assert [c["ratio"] for c in f["shortlist"]] == [0.6, 0.3] and f["runtime"]["runtime"] == "deploy"
+    assert all(c["speedup_beyond_noise"] for c in f["shortlist"]) and f["changed_choice"] is False
+    chosen = s["chosen"]
+    assert chosen["ratio"] == 0.6 and chosen["params"] == min(c["params"] for c in timed)
+    assert f["chosen"] == {"method": chosen["method"], "ratio": chosen["ratio"]}
+    fastest = min((c for c in f["shortlist"] if c["speedup_beyond_noise"]), key=lambda c: c["p50_ms"])
+    assert chosen["ratio"] == fastest["ratio"] and chosen["final_round"]["p50_ms"] == fastest["p50_ms"]
+    assert report["pruned"]["method"] == "channel" and report["pruned"]["ratio"] == chosen["ratio"]
+    out = Path(cfg.paths.output_dir)
+    md = (out / "report.md").read_text()
+    assert "Final round" in md and "Pareto front" in md
+    assert any(out.rglob("*.png"))

@@ -109,6 +109,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["search.refine_step=0"], ("search.refine_step",), None),
     (["search.tolerance=abc"], ("search.tolerance",), None),
     (["search.tolerance=-1"], ("search.tolerance",), None),
+    (["search.final_round=-1"], ("search.final_round",), None),
     (["latency.iters=abc"], ("latency.iters",), None),
     (["latency.iters=0"], ("latency.iters",), None),
     (["latency.warmup=-1"], ("latency.warmup",), None),

@@ -14,6 +14,7 @@ from prunelab.hardware import (
     detect,
     resolve_channels_last,
     resolve_compile,
+    resolve_deploy_layout,
     resolve_dtype,
     resolve_precision,
 )
@@ -27,29 +28,33 @@ SM75 = Hardware("cuda", "Tesla T4", "AVX2", frozenset({"avx2"}), (7, 5))
 SM80 = Hardware("cuda", "NVIDIA A100", "AVX2", frozenset({"avx2"}), (8, 0))
 SM90 = Hardware("cuda", "NVIDIA H100", "AVX512", frozenset({"avx2", "avx512f"}), (9, 0))
 MPS = Hardware("mps", "mps")
+PLAIN = Hardware("cpu", "old CPU", "DEFAULT", frozenset())  # no vector unit ATen dispatches to
 
-# hw, native bf16, auto precision, auto dtype, auto channels_last, auto compile
+# hw, native bf16, auto precision, auto dtype, auto channels_last (training), auto compile,
+# auto latency.channels_last (deploy)
 TABLE = [
-    (AVX2, False, "32-true", torch.float32, False, False),
-    (AVX512, False, "32-true", torch.float32, True, False),
-    (AVX512_BF16, True, "bf16-mixed", torch.bfloat16, True, False),
-    (AMX, True, "bf16-mixed", torch.bfloat16, True, False),
-    (SM75, False, "16-mixed", torch.float16, True, True),
-    (SM80, True, "bf16-mixed", torch.bfloat16, True, True),
-    (SM90, True, "bf16-mixed", torch.bfloat16, True, True),
-    (MPS, False, "32-true", torch.float32, False, False),
+    (AVX2, False, "32-true", torch.float32, False, False, True),
+    (AVX512, False, "32-true", torch.float32, True, False, True),
+    (AVX512_BF16, True, "bf16-mixed", torch.bfloat16, True, False, True),
+    (AMX, True, "bf16-mixed", torch.bfloat16, True, False, True),
+    (SM75, False, "16-mixed", torch.float16, True, True, True),
+    (SM80, True, "bf16-mixed", torch.bfloat16, True, True, True),
+    (SM90, True, "bf16-mixed", torch.bfloat16, True, True, True),
+    (MPS, False, "32-true", torch.float32, False, False, False),
+    (PLAIN, False, "32-true", torch.float32, False, False, False),
 ]
-IDS = ["avx2", "avx512", "avx512_bf16", "amx", "sm75", "sm80", "sm90", "mps"]
+IDS = ["avx2", "avx512", "avx512_bf16", "amx", "sm75", "sm80", "sm90", "mps", "plain"]
 
 
-@pytest.mark.parametrize("hw,bf16,precision,dtype,channels_last,compile_", TABLE, ids=IDS)
-def test_auto_follows_the_hardware(hw, bf16, precision, dtype, channels_last, compile_):
+@pytest.mark.parametrize("hw,bf16,precision,dtype,channels_last,compile_,deploy_layout", TABLE, ids=IDS)
+def test_auto_follows_the_hardware(hw, bf16, precision, dtype, channels_last, compile_, deploy_layout):
     assert hw.native_bf16 is bf16
     for got, want in [
         (resolve_precision("auto", hw), precision),
         (resolve_dtype("auto", hw), dtype),
         (resolve_channels_last("auto", hw), channels_last),
         (resolve_compile("auto", hw), compile_),
+        (resolve_deploy_layout("auto", hw), deploy_layout),
     ]:
         assert got.value == want and type(got.value) is type(want)
         assert got.warning is None  # auto never picks something slow
@@ -138,6 +143,7 @@ def test_explicit_dtype_is_honoured_and_warned_when_slow(hw, requested, value, w
     (resolve_dtype, "int8", "latency.dtype"),
     (resolve_channels_last, "sometimes", "model.channels_last"),
     (resolve_compile, "maybe", "model.compile"),
+    (resolve_deploy_layout, "nhwc", "latency.channels_last"),
 ])
 def test_unknown_values_raise_naming_the_key(func, bad, key):
     with pytest.raises(ValueError, match=key) as err:
@@ -154,7 +160,7 @@ def test_unknown_precision_lists_the_allowed_values():
 
 
 def test_explicit_booleans_are_honoured():
-    for func in (resolve_channels_last, resolve_compile):
+    for func in (resolve_channels_last, resolve_compile, resolve_deploy_layout):
         for requested, value in [(True, True), (False, False), ("true", True), ("False", False)]:
             assert func(requested, AVX2).value is value
             assert func(requested, SM90).value is value

@@ -90,8 +90,8 @@ def test_bad_method_options(tmp_path, override, key):
 
 def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
     from prunelab.data import SyntheticDataModule
-    from prunelab.pruning.magnitude import MagnitudePruner
     from prunelab.prune_stage import recover_fn
+    from prunelab.pruning.magnitude import MagnitudePruner
 
     cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=1", "trainer.limit_train_batches=3",
                                          "model.weight_decay=0.05"])

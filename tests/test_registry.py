@@ -8,6 +8,7 @@ import inspect
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_channel import tiny_vgg
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -17,7 +18,6 @@ from prunelab.pruning import registry
 from prunelab.pruning.channel import ChannelPruner
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.search.oneshot import OneShotSearch
-from test_channel import tiny_vgg
 
 
 class FirstWeightsPruner:

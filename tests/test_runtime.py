@@ -176,6 +176,17 @@ def test_two_four_on_cpu_is_masked_dense_and_checked():
     assert res["agreement"]["pruned"]["agreement"] == 1.0 and res["agreement"]["dense"]["images"] == 4
 
 
+@pytest.mark.parametrize("requested", [True, False, "auto"])
+def test_deploy_layout_follows_latency_channels_last(requested):
+    from prunelab.hardware import detect, resolve_deploy_layout
+
+    res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], dtype="float32", channels_last=requested))
+    want = resolve_deploy_layout(requested, detect("cpu")).value
+    assert res["runtime"]["layout"] == ("channels_last" if want else "contiguous")
+    assert res["agreement"]["dense"]["agreement"] == 1.0
+
+
 def test_dense_alone_when_nothing_was_pruned():
     rec = Recorder()
     res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu", lat_cfg(batch_sizes=[4]), [rec])
@@ -270,3 +281,33 @@ def test_deploy_speed_benchmark_quick(tmp_path):
                                                                       "channel_0.5_deploy_vs_dense_deploy"}
     assert all(a["agreement"] == 1.0 for a in res["agreement"].values())
     assert res["setup"]["cpu_capability"] and res["deploy"]["dtype"] in ("float32", "bfloat16")
+
+
+def test_time_together_takes_turns_with_every_candidate():
+    from prunelab.deploy import time_together
+
+    CALLS.clear()
+    res = time_together(Tagged("d"), {"c0": (Tagged("a", seed=1), "channel"), "c1": (Tagged("b", seed=2), "magnitude")},
+                        torch.randn(4, 3, 8, 8), "cpu", lat_cfg(), channels_last=False)
+    w, n = 1, 3
+    # each deploy form runs its example batch and then the batch once, untimed; then warm-up and turns
+    assert CALLS == ["d", "a", "b"] * 2 + ["d"] * w + ["a"] * w + ["b"] * w + ["d", "a", "b"] * n
+    m = res["models"]
+    assert set(m) == {"dense", "c0", "c1"} and res["iters"] == n and res["batch_size"] == 4
+    assert m["c0"]["speedup_p50"] == pytest.approx(m["dense"]["p50"] / m["c0"]["p50"])
+    assert m["c1"]["speedup_beyond_noise"] is False  # unstructured zeros never count as faster
+    assert res["runtime"]["runtime"] == "deploy" and res["runtime"]["layout"] == "contiguous"
+    with pytest.raises(ValueError, match="at least one candidate"):
+        time_together(Tagged("d"), {}, torch.randn(4, 3, 8, 8), "cpu", lat_cfg())
+    dense = Tagged("d")
+    with pytest.raises(ValueError, match="dense module itself"):
+        time_together(dense, {"c0": (dense, "channel")}, torch.randn(4, 3, 8, 8), "cpu", lat_cfg())
+
+
+def test_time_together_runs_two_four_candidates_masked_dense_on_cpu_and_says_so():
+    from prunelab.deploy import time_together
+
+    dense = tiny_vgg()
+    two_four = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)
+    res = time_together(dense, {"c0": (two_four, "semi_structured")}, X[:4], "cpu", lat_cfg(dtype="float32"))
+    assert "masked-dense" in res["models"]["c0"]["kernels"]

@@ -146,6 +146,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("model.momentum", number(0, 1)),
         ("model.weight_decay", number(0)),
         ("model.channels_last", BOOL_AUTO),
+        ("latency.channels_last", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),
@@ -184,6 +185,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("search.objective", choice(*OBJECTIVES)),
         ("search.methods", list_of(method, "search.methods=[magnitude,channel+semi_structured]")),
         ("search.confidence", optional(number(0, 1, lo_open=True))),
+        ("search.final_round", integer(0)),
         # latency
         ("latency.batch_size", integer(1)),
         ("latency.batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),

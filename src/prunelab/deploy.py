@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError
-from prunelab.hardware import detect, resolve_channels_last, resolve_dtype
+from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import compressed_bytes, save_state_dict
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
@@ -37,8 +37,8 @@ from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, 
 log = logging.getLogger(__name__)
 
 # Code defaults equal conf/latency/default.yaml's, for callers passing a partial config.
-DEFAULTS = {"runtime": "deploy", "dtype": "auto", "batch_size": 128, "batch_sizes": [1, 128], "warmup": 5,
-            "iters": 30, "include_transfer": False, "compile": False, "cuda_graph": True}
+DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128, "batch_sizes": [1, 128],
+            "warmup": 5, "iters": 30, "include_transfer": False, "compile": False, "cuda_graph": True}
 MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
 TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
                  "convolutions); here they ran slower than the dense form")
@@ -49,31 +49,37 @@ def _setting(cfg, key: str):
     return DEFAULTS[key] if value is None else value
 
 
-def _forms(nets: dict, method, batches, head, device, cfg, precision, channels_last, hw):
-    """({tag: form}, runtime facts, kernel note, notes), one form per network in ``nets``."""
+EAGER_TWO_FOUR = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
+
+
+def _forms(nets: dict, two_four: set[str], batches, head, device, cfg, precision, channels_last, hw):
+    """({tag: form}, runtime facts, notes), one form per network in ``nets``, all in one runtime,
+    dtype and layout; the tags in ``two_four`` have 2:4 weights (sparse kernels where they exist)."""
     runtime = str(_setting(cfg, "runtime"))
     if runtime not in RUNTIMES:
         raise ConfigError(f"latency.runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}")
     notes: list[str] = []
-    two_four = method == "semi_structured" and "pruned" in nets
     if runtime == "eager":
-        kernels = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)" if two_four else None
         forms = {tag: eager_form(net, precision, channels_last) for tag, net in nets.items()}
-        return forms, {"runtime": runtime, "precision": precision}, kernels, notes
+        return forms, {"runtime": runtime, "precision": precision}, notes
     res = resolve_dtype(_setting(cfg, "dtype"), hw)
     if res.warning:
         notes.append(res.warning)
     opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
                 compile=bool(_setting(cfg, "compile")), example_batch=batches[head])
-    forms = {tag: deploy_form(net, two_four=two_four and tag == "pruned", **opts) for tag, net in nets.items()}
+    forms = {tag: deploy_form(net, two_four=tag in two_four, **opts) for tag, net in nets.items()}
     for bs in sorted(batches):  # capture/compile every shape before any timing
         for form in forms.values():
             form.warm(batches[bs])
-    if len({form.use_graph for form in forms.values()}) > 1:  # one runtime for both, or the ratio means nothing
+    if len({form.use_graph for form in forms.values()}) > 1:  # one runtime for all, or the ratios mean nothing
         for form in forms.values():
-            form.disable_graph("the other model could not be captured; both run the same way")
-    kernels = forms["pruned"].kernels if two_four else None
-    return forms, {"runtime": runtime, "dtype_reason": res.reason}, kernels, notes
+            form.disable_graph("another model could not be captured; all run the same way")
+    return forms, {"runtime": runtime, "dtype_reason": res.reason}, notes
+
+
+def _kernels(forms: dict, tag: str, runtime: str) -> str | None:
+    """What ran a 2:4 model's sparse layers (sparse kernels, or masked-dense and why)."""
+    return EAGER_TWO_FOUR if runtime == "eager" else forms[tag].kernels
 
 
 def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, method: str | None,
@@ -85,7 +91,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     ``batches``: {batch size: images} (``prunelab.latency.latency_batches``), including
     ``latency.batch_size``, whose speedup is the headline. ``pruned_net=None`` times the dense
     model alone (no pruning stage). ``precision``: the trainer's, used by ``latency.runtime=eager``
-    only. ``channels_last``: the layout both run in (None: the hardware's choice). ``check``: raise
+    only. ``channels_last``: the layout both run in (None: ``latency.channels_last``, auto = the
+    hardware's choice for inference). ``check``: raise
     ``DeployMismatchError`` when a deploy form changes top-1 answers beyond rounding on the headline
     batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
     ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
@@ -99,10 +106,11 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         raise ValueError(f"batches must include latency.batch_size={head}, got batch sizes {sorted(batches)}")
     hw = detect(device)
     if channels_last is None:
-        channels_last = bool(resolve_channels_last("auto", hw).value)
+        channels_last = bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
     nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
-    forms, facts, kernels, notes = _forms(nets, method, batches, head, device, latency_cfg, precision,
-                                          channels_last, hw)
+    two_four = {"pruned"} if method == "semi_structured" and pruned_net is not None else set()
+    forms, facts, notes = _forms(nets, two_four, batches, head, device, latency_cfg, precision, channels_last, hw)
+    kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
     if check and facts["runtime"] == "deploy":
         checked = {tag: check_agreement(agreement(nets[tag], form, [batches[head]], device), what=f"{tag} deploy form")
@@ -156,6 +164,43 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     if kernels and getattr(forms["pruned"], "sparse", False) and h["speedup_p50"] < 1.0:
         notes.append(f"{TWO_FOUR_SLOW} ({h['speedup_p50']:.2f}x at batch {head}).")
     return result
+
+
+def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module, str]], batch: torch.Tensor,
+                  device, latency_cfg, *, precision: str | None = None, channels_last: bool | None = None) -> dict:
+    """The dense model and several candidates, every one timed in turns with all the others in one
+    session, at ``batch``'s size: the final round of a latency search. Candidates each timed in
+    their own session against their own dense timing can be reordered by a drift in the machine
+    between sessions; here every iteration runs them all back to back, so their p50s compare.
+
+    ``candidates``: {name: (network, kernel family)} (the family says which run 2:4 kernels).
+    Returns {"models": {"dense": stats, name: stats + speedup_p50 + paired_ratio +
+    speedup_beyond_noise}, "runtime": facts, "notes": [...], "batch_size", "iters"}.
+    """
+    if not candidates or "dense" in candidates:
+        raise ValueError("time_together needs at least one candidate, none of them named 'dense'")
+    if any(net is dense_net for net, _ in candidates.values()):
+        raise ValueError("a candidate is the dense module itself (pruned in place): pass a separate dense copy")
+    device, bs = torch.device(device), int(batch.shape[0])
+    hw = detect(device)
+    if channels_last is None:
+        channels_last = bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
+    nets = {"dense": dense_net, **{name: net for name, (net, _) in candidates.items()}}
+    two_four = {name for name, (_, family) in candidates.items() if family == "semi_structured"}
+    forms, facts, notes = _forms(nets, two_four, {bs: batch}, bs, device, latency_cfg, precision, channels_last, hw)
+    warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
+    samples = time_interleaved(forms, forms["dense"].prepare(batch), device, warmup, iters, False, None)
+    models = {"dense": summarize(samples["dense"], bs)}
+    for name, (_, family) in candidates.items():
+        st = paired_stats(samples["dense"], samples[name], bs)
+        models[name] = dict(st["pruned"], speedup_p50=st["speedup_p50"], paired_ratio=st["paired_ratio"],
+                            speedup_beyond_noise=family != "magnitude" and st["paired_ratio"]["p5"] > 1.0)
+        if name in two_four:
+            models[name]["kernels"] = _kernels(forms, name, facts["runtime"])
+    d = forms["dense"].describe()
+    facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(f.describe()["graph"] for f in forms.values()),
+                 device=hw.name, device_kind=hw.kind, hardware=hw.describe())
+    return {"models": models, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
 
 
 def _log(per: dict, head: int, loggers) -> None:

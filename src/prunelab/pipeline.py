@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import config_check
-from prunelab.deploy import onnx_latency, save_pruned, time_dense_and_pruned
+from prunelab.deploy import onnx_latency, save_pruned, time_dense_and_pruned, time_together
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, state_digest, write_json, write_text
@@ -67,8 +67,8 @@ def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_l
     latency runtime (``deploy.time_dense_and_pruned``); None where latency is not timed."""
     if batches is None:
         return None
-    # The deploy runtime serves in the layout the hardware runs fastest; eager times the model as
-    # trained, in the layout it was trained in.
+    # The deploy runtime serves in latency.channels_last (resolved from the hardware's inference
+    # speed); eager times the model as trained, in the layout it was trained in.
     layout = None if cfg.latency.runtime == "deploy" else channels_last
 
     def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True) -> dict:
@@ -85,6 +85,21 @@ def speeds_up(method: str, device: torch.device) -> bool:
     timed, to be safe."""
     known = {"magnitude": False, "semi_structured": device.type == "cuda", "channel": True}
     return any(known.get(part, True) for part in method.split("+"))
+
+
+def _together_timer(dense: nn.Module | None, cfg: DictConfig, batches, device, precision: str, channels_last: bool):
+    """Times a latency search's shortlist all in turns with the dense model, at the headline batch
+    size, in the run's latency runtime (``deploy.time_together``); None where latency is not timed."""
+    if batches is None or dense is None:
+        return None
+    layout = None if cfg.latency.runtime == "deploy" else channels_last
+    head = batches[cfg.latency.batch_size]
+
+    def together(candidates: dict) -> dict:
+        return time_together(dense, {n: (net, kernel_family(m)) for n, (net, m) in candidates.items()}, head, device,
+                             cfg.latency, precision=precision, channels_last=layout)
+
+    return together
 
 
 def _pair_timer(dense: nn.Module | None, timer, head: int, device: torch.device):
@@ -176,7 +191,9 @@ def run(cfg: DictConfig) -> dict:
                                    "val_correct": dense_val[0], "method": p.method},
                                   memory_format, trainer.loggers, rank_zero,
                                   dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, cfg.latency.batch_size, device),
-                                  speeds_up=lambda m: speeds_up(m, device))
+                                  speeds_up=lambda m: speeds_up(m, device),
+                                  time_together=_together_timer(dense_timed, cfg, batches, device, precision,
+                                                                bool(cfg.model.channels_last)))
         method = outcome.method
         timing["search"] = outcome.seconds
         pruned_net = outcome.net.to(device, memory_format=memory_format)

@@ -97,7 +97,7 @@ def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
 
 def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
                    dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
-                   memory_format, loggers, rank_zero, time_pair, speeds_up) -> PruneOutcome:
+                   memory_format, loggers, rank_zero, time_pair, speeds_up, time_together) -> PruneOutcome:
     p, s = cfg.prune, cfg.search
     t0 = time.perf_counter()
     opts = pruner_options(cfg)
@@ -133,8 +133,20 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
     else:
         walk = oneshot_walk(make_search, dm.val_set, device, dense, dense_hits, dict(identity, objective=s.objective),
                             loggers, rank_zero)
+    def retime(rows: list[dict]) -> dict:
+        # The shortlist's models again, exactly as measured: rebuilt from the ranking (one-shot) or
+        # the recovered model kept by the iterative walk.
+        nets = {}
+        for i, c in enumerate(rows):
+            model = (recovered[(c["method"], c["ratio"])] if p.schedule == "iterative"
+                     else make_pruner(c["method"], copy.deepcopy(net), **opts).finish(c["ratio"]))
+            nets[f"c{i}"] = (model.to(device, memory_format=memory_format), c["method"])
+        return time_together(nets)
+
     result = search_across(net, methods, walk, s.objective,
-                           lambda method, c: candidate_figures(method, c, example, time_pair))
+                           lambda method, c: candidate_figures(method, c, example, time_pair),
+                           retime=retime if time_together is not None else None,
+                           final_round=int(s.get("final_round", 3)))
     dense_acc = dense.acc
     search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
                   threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
@@ -164,15 +176,18 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
                     memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
                     rank_zero: bool = True, dense_hits: torch.Tensor | None = None,
                     time_pair: Callable[[nn.Module, str], dict] | None = None,
-                    speeds_up: Callable[[str], bool] | None = None) -> PruneOutcome:
+                    speeds_up: Callable[[str], bool] | None = None,
+                    time_together: Callable[[dict], dict] | None = None) -> PruneOutcome:
     """``time_pair(candidate, method)`` times a candidate in turns with the dense model in the
     run's latency runtime (used when ``search.objective`` ranks by more than the ratio);
-    ``speeds_up(method)`` says whether a method's models can run faster than dense here."""
+    ``speeds_up(method)`` says whether a method's models can run faster than dense here;
+    ``time_together({name: (network, method)})`` times a latency search's shortlist all in turns
+    with the dense model in one session (``deploy.time_together``'s result)."""
     p, s = cfg.prune, cfg.search
     if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
         return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
                               journal_path.parent if journal_path else None, identity, memory_format, loggers,
-                              rank_zero, time_pair, speeds_up)
+                              rank_zero, time_pair, speeds_up, time_together)
     t0 = time.perf_counter()
     opts = pruner_options(cfg)
     evaluate = _evaluate_fn(dm, device, precision)

@@ -35,16 +35,17 @@ def run_device(cfg: DictConfig) -> str:
 
 
 def resolve_auto(cfg: DictConfig) -> dict:
-    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile and latency.dtype
-    with what this machine runs fastest; explicit values stay and are warned about when slow.
+    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype and
+    latency.channels_last with what this machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
     hw = hardware.detect(run_device(cfg))
     record: dict = {"hardware": hw.to_dict()}
     rules = [("trainer.precision", cfg.trainer, "precision", hardware.resolve_precision),
              ("model.channels_last", cfg.model, "channels_last", hardware.resolve_channels_last),
              ("model.compile", cfg.model, "compile", hardware.resolve_compile)]
-    if "latency" in cfg and "dtype" in cfg.latency:
-        rules.append(("latency.dtype", cfg.latency, "dtype", hardware.resolve_dtype))
+    if "latency" in cfg:
+        rules += [("latency.dtype", cfg.latency, "dtype", hardware.resolve_dtype),
+                  ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout)]
     for key, node, name, rule in rules:
         if name not in node:
             continue

@@ -66,10 +66,15 @@ class RunDirCheck(Callback):
 
 
 def _run(cfg: DictConfig) -> tuple[int, dict | None]:
-    from prunelab.pipeline import run
+    from prunelab.config_check import check_values
 
-    _one_console_handler()
     try:
+        # The values first, before Lightning is imported (about 8 s here): a mistyped override is
+        # answered in the time it takes to import torch.
+        check_values(cfg)
+        from prunelab.pipeline import run
+
+        _one_console_handler()
         return 0, run(cfg)
     except PrunelabError as exc:
         _fail(str(exc))  # one line, whatever the message holds: "one line naming what to change"

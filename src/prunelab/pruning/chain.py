@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from prunelab.pruning.channel import ChannelPruner, channel_stats
-
 # What a later link of a chain runs at: its largest ratio (2:4 on every eligible layer).
 FULL_EXTENT = {"semi_structured": 1.0}
 SEPARATOR = "+"
@@ -47,6 +45,10 @@ class ChainPruner:
 
     def stats(self) -> dict:
         model = self.current if self.current is not None else self.model
+        # Imported here: the method names above are read by the config check, before a run needs
+        # torchvision, Torch-Pruning or Lightning.
+        from prunelab.pruning.channel import ChannelPruner, channel_stats
+
         if isinstance(self.first, ChannelPruner):
             stats = channel_stats(model, self.model, self.first.example_input)
         else:

@@ -78,11 +78,29 @@ def across_section(s: dict) -> list[str]:
              _int(c.get("bytes")), "pass" if c["passed"] else "fail", "*" if c.get("on_pareto_front") else "")
             for c in s["candidates"]]
     lines += [table(headers, rows), ""]
+    final = s.get("final_round")
+    if final:
+        lines += _final_round(final)
     if s.get("pareto"):
         lines += ["Pareto front (validation accuracy against p50 latency; no other candidate is both more "
                   "accurate and faster): " + ", ".join(f"{c['method']} {c['ratio']:.2f} ({c['val_acc']:.2f}%, "
                                                        f"{c['p50_ms']:.2f} ms)" for c in s["pareto"]), ""]
     return lines
+
+
+def _final_round(f: dict) -> list[str]:
+    """The shortlist timed together in one session, and whether that changed the answer."""
+    rows = [(c["method"], f"{c['ratio']:.2f}", f"{c['p50_ms']:.2f}", f"{c['speedup']:.2f}x",
+             f"{c['paired_ratio_5_95'][0]:.2f}-{c['paired_ratio_5_95'][1]:.2f}",
+             "yes" if c["speedup_beyond_noise"] else "no") for c in f["shortlist"]]
+    before, chosen = f.get("before"), f.get("chosen")
+    verdict = ("it changed the answer from " + (f"{before['method']} {before['ratio']:.2f}" if before else "none")
+               + " to " + (f"{chosen['method']} {chosen['ratio']:.2f}" if chosen else "the dense model")
+               if f["changed_choice"] else "it confirmed the answer")
+    return [f"Final round: the {len(rows)} candidates with the best own-session speedup, timed together in turns "
+            f"with the dense model (p50 {f['dense_p50_ms']:.2f} ms) at batch {f['batch_size']}, {f['iters']} "
+            f"iterations; {verdict}.", "",
+            table(["method", "ratio", "p50 ms", "speedup", "paired 5-95%", "beyond noise"], rows), ""]
 
 
 def render(report: dict, plots: dict[str, str]) -> str:
