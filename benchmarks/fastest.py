@@ -111,7 +111,7 @@ def measure(args) -> dict:
         "threads": torch.get_num_threads(), "deploy": {"dtype": str(dtype), "channels_last": layout,
                                                         "resolved": {k: v for k, v in resolved.items() if k != "hardware"}},
         "weights": trained, "data": spec["data"], "dense_val_acc": search["dense_val_acc"],
-        "tolerance": search["tolerance"], "chosen": chosen, "answers": {k: list(v) for k, v in answers.items()},
+        "tolerance": search["tolerance"], "chosen": chosen, "final_round": search.get("final_round"), "answers": {k: list(v) for k, v in answers.items()},
         "candidates": search["candidates"], "pareto": search["pareto"],
         "latency_ms_p50": {t: float(torch.tensor(s).median()) for t, s in samples.items()},
         "speedup_vs_notebook_dense": speedups,
@@ -148,7 +148,17 @@ def render(res: dict) -> str:
         table(["model", "p50 ms", "vs notebook dense", "method / ratio"], rows), "",
         table(["goal", "measured", ""], goals), "",
         f"Search wall time: latency objective {res['search_wall_s']['latency_search_stage']:.0f} s, magnitude "
-        f"sparsity {res['search_wall_s']['magnitude_search_stage']:.0f} s.", ""])
+        f"sparsity {res['search_wall_s']['magnitude_search_stage']:.0f} s.", "", *_final(res.get("final_round"))])
+
+
+def _final(f: dict | None) -> list[str]:
+    if not f:
+        return ["No final round (fewer than two candidates faster than dense).", ""]
+    rows = [(c["method"], f"{c['ratio']:.2f}", f"{c['p50_ms']:.1f}", f"{c['speedup']:.2f}x",
+             "yes" if c["speedup_beyond_noise"] else "no") for c in f["shortlist"]]
+    return [f"Final round of the search (shortlist timed together with dense, p50 {f['dense_p50_ms']:.1f} ms): "
+            f"before {f['before']}, chosen {f['chosen']}, changed: {f['changed_choice']}.", "",
+            table(["method", "ratio", "p50 ms", "vs dense deploy", "beyond noise"], rows), ""]
 
 
 def main(argv=None) -> dict:

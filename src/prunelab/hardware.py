@@ -201,8 +201,9 @@ def resolve_channels_last(requested: bool | str, hw: Hardware) -> Resolution:
 def resolve_deploy_layout(requested: bool | str, hw: Hardware) -> Resolution:
     """``latency.channels_last``, the deploy runtime's layout: auto is on for CUDA and for CPUs with
     AVX2 or wider. Inference differs from training here: oneDNN's NHWC forward convolutions beat
-    NCHW even on an AVX2-only EPYC (VGG16 deploy form, batch 128: 1.18x), while its NHWC backward
-    lost (fine-tuning 0.85x), which is why ``model.channels_last`` stays off there."""
+    NCHW even on an AVX2-only EPYC (VGG16 deploy form: 1.48x at batch 128, 0.97x at batch 1, where
+    little is left to gain), while its NHWC backward lost (fine-tuning 0.85x), which is why
+    ``model.channels_last`` stays off there."""
     explicit = _bool_auto(requested, "latency.channels_last")
     if explicit is not None:
         return Resolution(explicit, f"explicit latency.channels_last={explicit} honoured")
