@@ -102,8 +102,8 @@ def measure(args) -> dict:
     base_tag = "dense_eager_fp32_nchw"
     vs_notebook = {t: paired_stats(samples[base_tag], samples[t], 128) for t in models if t != base_tag}
     speedups = {t: r["speedup_p50"] for t, r in vs_notebook.items()}
-    sparsity_best = max((v for k, v in speedups.items() if k.startswith("sparsity_")), default=None)
     latency_x = speedups.get("latency_search_deploy")
+    beats = beats_sparsity(answers, speedups, samples)
     return {
         "what": "latency-objective search vs the notebook's dense model and each method's sparsity answer",
         "date": dt.date.today().isoformat(), "hardware": hw.to_dict(), "device": str(device),
@@ -122,9 +122,7 @@ def measure(args) -> dict:
                           "magnitude_search_stage": sparsity["timing_s"]["search"]},
         "goals": {
             "latency answer >= 4x the notebook's dense": {"measured": latency_x, "met": bool(latency_x and latency_x >= 4)},
-            "latency answer faster than the best sparsity answer": {
-                "measured": [latency_x, sparsity_best],
-                "met": bool(latency_x and (sparsity_best is None or latency_x > sparsity_best))},
+            "latency answer faster than the best sparsity answer": beats,
             "latency search <= 3x the magnitude search's wall time": {
                 "measured": fastest["timing_s"]["search"] / sparsity["timing_s"]["search"],
                 "met": fastest["timing_s"]["search"] <= 3 * sparsity["timing_s"]["search"]},
@@ -132,13 +130,41 @@ def measure(args) -> dict:
     }
 
 
+def beats_sparsity(answers: dict, speedups: dict, samples: dict | None = None) -> dict:
+    """The goal "the latency answer is faster than the best single-method sparsity answer", judged
+    honestly: the same model is equal, not faster; different models must differ beyond the noise of
+    their own paired timing (the slow end, 5th percentile, of the per-iteration ratios above 1)."""
+    lat = answers.get("latency_search")
+    sparse = {k: tuple(v) for k, v in answers.items() if k.startswith("sparsity_")}
+    if lat is None:
+        return {"measured": None, "met": False, "why": "the latency search kept the dense model"}
+    if not sparse:
+        return {"measured": speedups.get("latency_search_deploy"), "met": True,
+                "why": "no method had a sparsity answer above 0"}
+    best = max(sparse, key=lambda k: speedups[f"{k}_deploy"])
+    measured = [speedups["latency_search_deploy"], speedups[f"{best}_deploy"]]
+    if tuple(lat) == sparse[best]:
+        return {"measured": measured, "met": False,
+                "why": f"the same model ({lat[0]} {lat[1]}) as the {best} answer: equal, not faster "
+                       "(the two figures are one model timed twice)"}
+    if samples is None:
+        return {"measured": measured, "met": False, "why": "no paired samples to judge the noise"}
+    pr = paired_stats(samples[f"{best}_deploy"], samples["latency_search_deploy"], 128)["paired_ratio"]
+    return {"measured": measured, "met": pr["p5"] > 1.0, "paired_5_95": [pr["p5"], pr["p95"]],
+            "why": f"{lat[0]} {lat[1]} against the {best} answer {sparse[best][0]} {sparse[best][1]}, in turns"}
+
+
 def render(res: dict) -> str:
     hw = res["hardware"]
     rows = [(t, f"{res['latency_ms_p50'][t]:.1f}", f"{res['speedup_vs_notebook_dense'].get(t, 1.0):.2f}x",
              " / ".join(str(v) for v in res["answers"].get(t.removesuffix("_deploy"), [])) or "-")
             for t in res["latency_ms_p50"]]
-    goals = [(k, v["measured"] if not isinstance(v["measured"], float) else f"{v['measured']:.2f}",
-              "met" if v["met"] else "NOT met") for k, v in res["goals"].items()]
+    def shown(v):
+        m = v["measured"]
+        m = f"{m:.2f}" if isinstance(m, float) else " vs ".join(f"{x:.2f}" for x in m) if isinstance(m, list) else m
+        return f"{m} ({v['why']})" if v.get("why") else m
+
+    goals = [(k, shown(v), "met" if v["met"] else "NOT met") for k, v in res["goals"].items()]
     return "\n".join([
         f"# The fastest model within tolerance ({res['date']})", "",
         f"Machine: {hw.get('name')} ({res['cpu_capability']}, native bf16: {hw.get('native_bf16')}), torch "

@@ -152,3 +152,21 @@ def test_pruning_pays_quick_runs_end_to_end(tmp_path):
     assert all(v < 1e-4 for v in res["onnx_max_abs_diff"].values())
     assert res["channel_0.5"]["macs"] < res["channel_0.5"]["dense_macs"]
     assert {"default", "fast"} == set(res["pipeline_channel_0.5"])
+
+
+def test_fastest_goal_is_not_met_by_the_same_model_timed_twice():
+    from benchmarks.fastest import beats_sparsity
+
+    answers = {"latency_search": ["channel", 0.04], "sparsity_channel": ["channel", 0.04],
+               "sparsity_magnitude": ["magnitude", 0.5]}
+    speedups = {"latency_search_deploy": 2.47, "sparsity_channel_deploy": 2.46, "sparsity_magnitude_deploy": 2.1}
+    goal = beats_sparsity(answers, speedups)
+    assert goal["met"] is False and "same model" in goal["why"]
+    # different models: met only when the paired per-iteration ratios beat 1 at their slow end
+    answers["latency_search"] = ["channel", 0.3]
+    speedups["latency_search_deploy"] = 3.0
+    faster = {"sparsity_channel_deploy": [10.0, 11.0, 10.5, 10.2], "latency_search_deploy": [8.0, 8.1, 8.2, 7.9]}
+    assert beats_sparsity(answers, speedups, faster)["met"] is True
+    noisy = {"sparsity_channel_deploy": [10.0, 8.0, 10.5, 7.5], "latency_search_deploy": [9.0, 9.1, 9.2, 8.9]}
+    assert beats_sparsity(answers, speedups, noisy)["met"] is False
+    assert beats_sparsity({"sparsity_channel": ["channel", 0.1]}, {"sparsity_channel_deploy": 1.2})["met"] is False
