@@ -200,7 +200,7 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                  "search.objective=latency", "search.methods=[magnitude,channel]",
                                  "search.grid=[0.3,0.6]", "search.refine_step=null", "search.tolerance=100",
-                                 "latency.iters=4"])
+                                 "latency.iters=4", "latency.agreement_images=40"])
     report = run(cfg)
     s = report["search"]
     assert "magnitude" in s["skipped_methods"] and s["methods"] == ["channel"]
@@ -215,6 +215,8 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     fastest = min((c for c in f["shortlist"] if c["speedup_beyond_noise"]), key=lambda c: c["p50_ms"])
     assert chosen["ratio"] == fastest["ratio"] and chosen["final_round"]["p50_ms"] == fastest["p50_ms"]
     assert report["pruned"]["method"] == "channel" and report["pruned"]["ratio"] == chosen["ratio"]
+    # the deploy forms' answers were checked on the first 40 validation images, not the timing batch
+    assert {a["images"] for a in report["latency"]["agreement"].values()} == {40}
     out = Path(cfg.paths.output_dir)
     md = (out / "report.md").read_text()
     assert "Final round" in md and "Pareto front" in md

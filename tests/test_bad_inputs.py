@@ -112,6 +112,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["search.final_round=-1"], ("search.final_round",), None),
     (["latency.iters=abc"], ("latency.iters",), None),
     (["latency.iters=0"], ("latency.iters",), None),
+    (["latency.agreement_images=-5"], ("latency.agreement_images",), None),
     (["latency.warmup=-1"], ("latency.warmup",), None),
     (["latency.batch_size=0"], ("latency.batch_size",), None),
     (["seed=abc"], ("seed=abc",), None),

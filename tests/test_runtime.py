@@ -187,6 +187,15 @@ def test_deploy_layout_follows_latency_channels_last(requested):
     assert res["agreement"]["dense"]["agreement"] == 1.0
 
 
+def test_agreement_is_checked_on_the_batches_given():
+    dense = tiny_vgg()
+    pruned = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)
+    check = [X[:3], X[3:]]
+    res = time_dense_and_pruned(dense, pruned, "semi_structured", {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], dtype="float32"), agreement_batches=check)
+    assert {tag: a["images"] for tag, a in res["agreement"].items()} == {"dense": 6, "pruned": 6}
+
+
 def test_dense_alone_when_nothing_was_pruned():
     rec = Recorder()
     res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu", lat_cfg(batch_sizes=[4]), [rec])

@@ -191,6 +191,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("latency.batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),
         ("latency.warmup", integer(0)),
         ("latency.iters", integer(1)),
+        ("latency.agreement_images", integer(0)),
         ("latency.runtime", choice("eager", "deploy")),
         ("latency.dtype", choice("auto", *hardware.DTYPES)),
     ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -37,8 +37,9 @@ from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, 
 log = logging.getLogger(__name__)
 
 # Code defaults equal conf/latency/default.yaml's, for callers passing a partial config.
-DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128, "batch_sizes": [1, 128],
-            "warmup": 5, "iters": 30, "include_transfer": False, "compile": False, "cuda_graph": True}
+DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128,
+            "batch_sizes": [1, 128], "agreement_images": 512, "warmup": 5, "iters": 30,
+            "include_transfer": False, "compile": False, "cuda_graph": True}
 MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
 TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
                  "convolutions); here they ran slower than the dense form")
@@ -85,7 +86,7 @@ def _kernels(forms: dict, tag: str, runtime: str) -> str | None:
 def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, method: str | None,
                           batches: Mapping[int, torch.Tensor], device, latency_cfg, loggers=(), *,
                           precision: str | None = None, channels_last: bool | None = None,
-                          check: bool = True) -> dict:
+                          check: bool = True, agreement_batches: Iterable[torch.Tensor] | None = None) -> dict:
     """Dense and pruned latency, timed in turns in one runtime, per batch size; see the module doc.
 
     ``batches``: {batch size: images} (``prunelab.latency.latency_batches``), including
@@ -93,8 +94,9 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     model alone (no pruning stage). ``precision``: the trainer's, used by ``latency.runtime=eager``
     only. ``channels_last``: the layout both run in (None: ``latency.channels_last``, auto = the
     hardware's choice for inference). ``check``: raise
-    ``DeployMismatchError`` when a deploy form changes top-1 answers beyond rounding on the headline
-    batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
+    ``DeployMismatchError`` when a deploy form changes top-1 answers beyond rounding on
+    ``agreement_batches`` (the pipeline passes ``latency.agreement_images`` validation images), else
+    on the headline batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
     ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
     """
     if dense_net is pruned_net:
@@ -113,7 +115,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
     if check and facts["runtime"] == "deploy":
-        checked = {tag: check_agreement(agreement(nets[tag], form, [batches[head]], device), what=f"{tag} deploy form")
+        on = list(agreement_batches) if agreement_batches is not None else [batches[head]]
+        checked = {tag: check_agreement(agreement(nets[tag], form, on, device), what=f"{tag} deploy form")
                    for tag, form in forms.items()}
 
     warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))

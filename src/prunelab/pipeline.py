@@ -62,9 +62,20 @@ def kernel_family(method: str) -> str:
     return "semi_structured" if "semi_structured" in method.split("+") else method
 
 
-def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_last: bool):
+def _agreement_batches(dataset, images: int, batch_size: int) -> list[torch.Tensor] | None:
+    """The first ``images`` validation images in batches: what the deploy forms' answers are
+    checked on (None for 0: the headline timing batch instead)."""
+    n = min(int(images), len(dataset))
+    if n <= 0:
+        return None
+    xs = torch.stack([dataset[i][0] for i in range(n)])
+    return list(xs.split(batch_size))
+
+
+def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_last: bool, check_batches=None):
     """``time(dense, pruned, method, sizes=None) -> dict``: dense and pruned in turns in the run's
-    latency runtime (``deploy.time_dense_and_pruned``); None where latency is not timed."""
+    latency runtime (``deploy.time_dense_and_pruned``); None where latency is not timed. The
+    logged (final) timings first check the deploy forms' answers on ``check_batches``."""
     if batches is None:
         return None
     # The deploy runtime serves in latency.channels_last (resolved from the hardware's inference
@@ -74,7 +85,8 @@ def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_l
     def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True) -> dict:
         chosen = batches if sizes is None else {b: batches[b] for b in sizes}
         return time_dense_and_pruned(dense, pruned, method, chosen, device, cfg.latency, loggers if log else (),
-                                     precision=precision, channels_last=layout, check=log)
+                                     precision=precision, channels_last=layout, check=log,
+                                     agreement_batches=check_batches)
 
     return time
 
@@ -153,7 +165,9 @@ def run(cfg: DictConfig) -> dict:
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
     batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
-    timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last))
+    check_batches = (_agreement_batches(dm.val_set, cfg.latency.get("agreement_images", 0), eval_bs)
+                     if batches is not None and cfg.latency.runtime == "deploy" else None)
+    timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last), check_batches)
 
     # Per-image correctness too: candidates are compared with the dense model on the same images.
     dense_count = _count(net, dm.val_set, eval_bs, device, precision, record=True)
