@@ -219,5 +219,5 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     assert {a["images"] for a in report["latency"]["agreement"].values()} == {40}
     out = Path(cfg.paths.output_dir)
     md = (out / "report.md").read_text()
-    assert "Final round" in md and "Pareto front" in md
+    assert "Final round" in md and "Pareto front" in md and "/40 (0 beyond rounding)" in md
     assert any(out.rglob("*.png"))

@@ -119,6 +119,11 @@ def render(report: dict, plots: dict[str, str]) -> str:
         lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
                   f"{rt.get('hardware') or rt.get('device')}; dense and pruned timed in turns.", ""]
+        agreed = report["latency"].get("agreement") or {}
+        if agreed:
+            lines += ["Deploy forms' top-1 answers against the eager fp32 model: " + ", ".join(
+                f"{tag} {a['agree']}/{a['images']} ({a['flips_beyond_rounding']} beyond rounding)"
+                for tag, a in agreed.items()) + ".", ""]
     if report.get("notes"):
         lines += [f"- {n}" for n in report["notes"]] + [""]
     s = report.get("search")
