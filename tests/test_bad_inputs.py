@@ -113,6 +113,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["latency.iters=abc"], ("latency.iters",), None),
     (["latency.iters=0"], ("latency.iters",), None),
     (["latency.agreement_images=-5"], ("latency.agreement_images",), None),
+    (["trainer.check_val_every_n_epoch=0"], ("trainer.check_val_every_n_epoch",), None),
     (["latency.warmup=-1"], ("latency.warmup",), None),
     (["latency.batch_size=0"], ("latency.batch_size",), None),
     (["seed=abc"], ("seed=abc",), None),

@@ -155,6 +155,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("trainer.num_nodes", integer(1)),
         ("trainer.precision", PRECISION),
         ("trainer.max_epochs", integer(1)),
+        ("trainer.check_val_every_n_epoch", optional(integer(1))),
         ("trainer.max_steps", either(integer(1), choice(-1))),
         ("trainer.log_every_n_steps", optional(integer(1))),
         ("trainer.num_sanity_val_steps", integer(-1)),
