@@ -125,14 +125,16 @@ def test_shortlist_ranks_on_own_session_speedup_not_on_p50s_from_other_sessions(
     assert shortlist(rows, 0) == [] and len(shortlist(rows, 10)) == 4
 
 
-def together_result(p50s: dict, dense=10.0, beyond=True):
-    """deploy.time_together's shape for a fake final round."""
+def together_result(p50s: dict, dense=10.0, beyond=True, samples=None):
+    """deploy.time_together's shape for a fake final round (constant per-iteration times unless
+    ``samples`` says otherwise)."""
     models = {"dense": {"p50": dense, "p90": dense}}
+    samples = samples or {name: [p50] * 5 for name, p50 in p50s.items()}
     for name, p50 in p50s.items():
         models[name] = {"p50": p50, "p90": p50, "speedup_p50": dense / p50,
                         "paired_ratio": {"p5": dense / p50 - 0.05, "p50": dense / p50, "p95": dense / p50 + 0.05},
                         "speedup_beyond_noise": beyond}
-    return {"models": models, "batch_size": 4, "iters": 3, "runtime": {"runtime": "deploy"}}
+    return {"models": models, "samples": samples, "batch_size": 4, "iters": 3, "runtime": {"runtime": "deploy"}}
 
 
 def test_final_round_times_the_shortlist_together_and_its_fastest_wins():
@@ -167,6 +169,36 @@ def test_final_round_times_the_shortlist_together_and_its_fastest_wins():
     assert len(seen) == 1 and result.final_round is None and result.chosen["ratio"] == 0.5
 
 
+def test_final_round_prefers_the_more_accurate_when_the_fastest_is_within_noise():
+    from prunelab.search.across import run_final_round
+
+    rows = [{"method": "channel", "ratio": 0.6, "val_acc": 80.0, "p50_ms": 4.0, "speedup": 2.5, "passed": True,
+             "speedup_beyond_noise": True},
+            {"method": "channel", "ratio": 0.4, "val_acc": 85.0, "p50_ms": 5.0, "speedup": 2.0, "passed": True,
+             "speedup_beyond_noise": True},
+            {"method": "channel", "ratio": 0.2, "val_acc": 88.0, "p50_ms": 8.0, "speedup": 1.3, "passed": True,
+             "speedup_beyond_noise": True}]
+    # c0 (0.6) and c1 (0.4) swap places iteration by iteration: within each other's noise; c2 is slower
+    noisy = {"c0": [4.0, 5.2, 4.1, 5.3, 4.0], "c1": [5.0, 4.1, 5.1, 4.2, 5.0], "c2": [8.0] * 5}
+    chosen, record = run_final_round(rows, 3, lambda short: together_result(
+        {"c0": 4.1, "c1": 5.0, "c2": 8.0}, samples=noisy))
+    assert chosen["ratio"] == 0.4  # as fast within the noise, 5 points more accurate
+    assert record["fastest"] == {"method": "channel", "ratio": 0.6}
+    assert record["within_noise_of_fastest"] == [{"method": "channel", "ratio": 0.4}]
+    assert rows[2]["final_round"]["vs_fastest_p5"] > 1.0  # 0.2 is slower beyond the noise
+    # the same finalists timed cleanly apart: the fastest wins
+    chosen, record = run_final_round(rows, 3, lambda short: together_result({"c0": 4.0, "c1": 5.0, "c2": 8.0}))
+    assert chosen["ratio"] == 0.6 and record["within_noise_of_fastest"] == []
+
+
+def test_shortlist_takes_a_candidate_without_a_speedup_figure():
+    from prunelab.search.across import shortlist
+
+    rows = [{"ratio": 0.2, "val_acc": 90.0, "speedup": None, "speedup_beyond_noise": True},
+            {"ratio": 0.4, "val_acc": 89.0, "speedup": 1.4}]
+    assert [r["ratio"] for r in shortlist(rows, 2)] == [0.4, 0.2]
+
+
 def test_final_round_where_nothing_stays_faster_beyond_noise_leaves_the_dense_model():
     walk = oneshot_walk(make_search(100.0), DATA, torch.device("cpu"), Evaluation(0.0, 5, 48, 48), None, {})
     result = search_across(tiny_vgg(), ["channel"], walk, "latency", fake_timer([]),
@@ -175,7 +207,7 @@ def test_final_round_where_nothing_stays_faster_beyond_noise_leaves_the_dense_mo
     assert result.final_round["changed_choice"] is True
 
 
-def params_timer(models, batch, device, warmup, iters, include_transfer=False, precision=None):
+def params_timer(models, batch, device, warmup, iters, include_transfer=False, precision=None, rotate=False):
     """``time_interleaved`` on a fake clock: each form runs the batch once (so the real forms are
     exercised), then "takes" a time proportional to its parameters, the same every iteration.
     Makes the pipeline's choices deterministic on a machine whose load changes."""
@@ -200,7 +232,7 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                  "search.objective=latency", "search.methods=[magnitude,channel]",
                                  "search.grid=[0.3,0.6]", "search.refine_step=null", "search.tolerance=100",
-                                 "latency.iters=4", "latency.agreement_images=40"])
+                                 "latency.iters=4", "latency.agreement_images=64"])
     report = run(cfg)
     s = report["search"]
     assert "magnitude" in s["skipped_methods"] and s["methods"] == ["channel"]
@@ -215,9 +247,9 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     fastest = min((c for c in f["shortlist"] if c["speedup_beyond_noise"]), key=lambda c: c["p50_ms"])
     assert chosen["ratio"] == fastest["ratio"] and chosen["final_round"]["p50_ms"] == fastest["p50_ms"]
     assert report["pruned"]["method"] == "channel" and report["pruned"]["ratio"] == chosen["ratio"]
-    # the deploy forms' answers were checked on the first 40 validation images, not the timing batch
-    assert {a["images"] for a in report["latency"]["agreement"].values()} == {40}
+    # the deploy forms' answers were checked on the first 64 validation images (two timed batches of 32)
+    assert {a["images"] for a in report["latency"]["agreement"].values()} == {64}
     out = Path(cfg.paths.output_dir)
     md = (out / "report.md").read_text()
-    assert "Final round" in md and "Pareto front" in md and "/40 (0 beyond rounding)" in md
+    assert "Final round" in md and "Pareto front" in md and "/64 (0 beyond rounding)" in md
     assert any(out.rglob("*.png"))

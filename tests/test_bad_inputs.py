@@ -114,6 +114,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["latency.iters=0"], ("latency.iters",), None),
     (["latency.agreement_images=-5"], ("latency.agreement_images",), None),
     (["trainer.check_val_every_n_epoch=0"], ("trainer.check_val_every_n_epoch",), None),
+    (["prune.schedule=iterative", "trainer.devices=2"], ("prune.schedule=iterative", "trainer.devices=1"), None),
+    (["search.objective=latency", "trainer.devices=2"], ("search.objective=latency", "trainer.devices=1"), None),
     (["latency.warmup=-1"], ("latency.warmup",), None),
     (["latency.batch_size=0"], ("latency.batch_size",), None),
     (["seed=abc"], ("seed=abc",), None),

@@ -176,24 +176,28 @@ def test_two_four_on_cpu_is_masked_dense_and_checked():
     assert res["agreement"]["pruned"]["agreement"] == 1.0 and res["agreement"]["dense"]["images"] == 4
 
 
-@pytest.mark.parametrize("requested", [True, False, "auto"])
+@pytest.mark.parametrize("requested", [True, False])
 def test_deploy_layout_follows_latency_channels_last(requested):
-    from prunelab.hardware import detect, resolve_deploy_layout
-
     res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu",
                                 lat_cfg(batch_sizes=[4], dtype="float32", channels_last=requested))
-    want = resolve_deploy_layout(requested, detect("cpu")).value
-    assert res["runtime"]["layout"] == ("channels_last" if want else "contiguous")
+    assert res["runtime"]["layout"] == ("channels_last" if requested else "contiguous")
     assert res["agreement"]["dense"]["agreement"] == 1.0
+    # the eager runtime times the model as trained: NCHW unless the caller says otherwise
+    res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], runtime="eager", channels_last=requested))
+    assert res["runtime"]["layout"] == "contiguous"
 
 
 def test_agreement_is_checked_on_the_batches_given():
     dense = tiny_vgg()
     pruned = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)
-    check = [X[:3], X[3:]]
+    check = [X[:3], X[3:], X[:3]]  # 9 images: checked as two batches of 4 (the timed shape), one left out
     res = time_dense_and_pruned(dense, pruned, "semi_structured", {4: X[:4]}, "cpu",
                                 lat_cfg(batch_sizes=[4], dtype="float32"), agreement_batches=check)
-    assert {tag: a["images"] for tag, a in res["agreement"].items()} == {"dense": 6, "pruned": 6}
+    assert {tag: a["images"] for tag, a in res["agreement"].items()} == {"dense": 8, "pruned": 8}
+    res = time_dense_and_pruned(dense, pruned, "semi_structured", {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], dtype="float32"), agreement_batches=[X[:3]])
+    assert res["agreement"]["dense"]["images"] == 4  # fewer than one batch: the timing batch
 
 
 def test_dense_alone_when_nothing_was_pruned():
@@ -299,12 +303,14 @@ def test_time_together_takes_turns_with_every_candidate():
     res = time_together(Tagged("d"), {"c0": (Tagged("a", seed=1), "channel"), "c1": (Tagged("b", seed=2), "magnitude")},
                         torch.randn(4, 3, 8, 8), "cpu", lat_cfg(), channels_last=False)
     w, n = 1, 3
-    # each deploy form runs its example batch and then the batch once, untimed; then warm-up and turns
-    assert CALLS == ["d", "a", "b"] * 2 + ["d"] * w + ["a"] * w + ["b"] * w + ["d", "a", "b"] * n
+    # each deploy form runs its example batch and then the batch once, untimed; then warm-up, then
+    # turns whose order rotates every iteration
+    assert CALLS == ["d", "a", "b"] * 2 + ["d"] * w + ["a"] * w + ["b"] * w + ["d", "a", "b", "a", "b", "d", "b", "d", "a"]
     m = res["models"]
     assert set(m) == {"dense", "c0", "c1"} and res["iters"] == n and res["batch_size"] == 4
     assert m["c0"]["speedup_p50"] == pytest.approx(m["dense"]["p50"] / m["c0"]["p50"])
     assert m["c1"]["speedup_beyond_noise"] is False  # unstructured zeros never count as faster
+    assert {k: len(v) for k, v in res["samples"].items()} == {"dense": n, "c0": n, "c1": n}
     assert res["runtime"]["runtime"] == "deploy" and res["runtime"]["layout"] == "contiguous"
     with pytest.raises(ValueError, match="at least one candidate"):
         time_together(Tagged("d"), {}, torch.randn(4, 3, 8, 8), "cpu", lat_cfg())

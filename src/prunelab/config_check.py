@@ -233,8 +233,15 @@ def check_values(cfg: DictConfig) -> None:
     # rules that involve two keys
     p, trainer = cfg.prune, cfg.trainer
     devices = trainer.get("devices", 1)
-    if p.get("schedule") == "iterative" and (trainer.get("strategy") == "ddp" or (_is_int(devices) and devices > 1)):
+    several = trainer.get("strategy") == "ddp" or (_is_int(devices) and (devices > 1 or devices == -1)) or \
+        (isinstance(devices, (list, ListConfig)) and len(devices) > 1) or (trainer.get("num_nodes") or 1) > 1
+    if p.get("schedule") == "iterative" and several:
         raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
+    if several and p.get("ratio") is None and (cfg.get("search") or {}).get("objective") == "latency":
+        # Latency is timed on rank zero alone (ranks sharing a machine would skew it), so the other
+        # ranks could not agree on the fastest model.
+        raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
+                          "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
     if cfg.trainer.get("max_epochs") is None:  # removed with ~trainer.max_epochs: Lightning would train 1000
         raise ConfigError("trainer.max_epochs is missing; set it to the number of fine-tuning epochs, e.g. "
                           "trainer.max_epochs=10")

@@ -78,6 +78,18 @@ def _forms(nets: dict, two_four: set[str], batches, head, device, cfg, precision
     return forms, {"runtime": runtime, "dtype_reason": res.reason}, notes
 
 
+def _chunks(batches: Iterable[torch.Tensor] | None, size: int) -> list[torch.Tensor]:
+    """``batches`` regrouped into batches of exactly ``size`` images (a remainder is left out)."""
+    if batches is None:
+        return []
+    parts = list(batches)
+    if not parts:
+        return []
+    images = torch.cat(parts)
+    full = images.shape[0] // size * size
+    return list(images[:full].split(size)) if full else []
+
+
 def _kernels(forms: dict, tag: str, runtime: str) -> str | None:
     """What ran a 2:4 model's sparse layers (sparse kernels, or masked-dense and why)."""
     return EAGER_TWO_FOUR if runtime == "eager" else forms[tag].kernels
@@ -108,14 +120,16 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         raise ValueError(f"batches must include latency.batch_size={head}, got batch sizes {sorted(batches)}")
     hw = detect(device)
     if channels_last is None:
-        channels_last = bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
+        channels_last = _layout(latency_cfg, hw)
     nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
     two_four = {"pruned"} if method == "semi_structured" and pruned_net is not None else set()
     forms, facts, notes = _forms(nets, two_four, batches, head, device, latency_cfg, precision, channels_last, hw)
     kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
     if check and facts["runtime"] == "deploy":
-        on = list(agreement_batches) if agreement_batches is not None else [batches[head]]
+        # Checked in headline-sized chunks only: the forms were captured/compiled for the timed
+        # shapes, and a new shape would capture (or compile) again, for one form perhaps not the other.
+        on = _chunks(agreement_batches, head) or [batches[head]]
         checked = {tag: check_agreement(agreement(nets[tag], form, on, device), what=f"{tag} deploy form")
                    for tag, form in forms.items()}
 
@@ -176,9 +190,11 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     their own session against their own dense timing can be reordered by a drift in the machine
     between sessions; here every iteration runs them all back to back, so their p50s compare.
 
-    ``candidates``: {name: (network, kernel family)} (the family says which run 2:4 kernels).
+    ``candidates``: {name: (network, kernel family)} (the family says which run 2:4 kernels). The
+    order rotates every iteration, so no model always runs right after the same one.
     Returns {"models": {"dense": stats, name: stats + speedup_p50 + paired_ratio +
-    speedup_beyond_noise}, "runtime": facts, "notes": [...], "batch_size", "iters"}.
+    speedup_beyond_noise}, "samples": {name: ms per iteration}, "runtime": facts, "notes": [...],
+    "batch_size", "iters"}.
     """
     if not candidates or "dense" in candidates:
         raise ValueError("time_together needs at least one candidate, none of them named 'dense'")
@@ -187,12 +203,14 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     device, bs = torch.device(device), int(batch.shape[0])
     hw = detect(device)
     if channels_last is None:
-        channels_last = bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
+        channels_last = _layout(latency_cfg, hw)
     nets = {"dense": dense_net, **{name: net for name, (net, _) in candidates.items()}}
     two_four = {name for name, (_, family) in candidates.items() if family == "semi_structured"}
     forms, facts, notes = _forms(nets, two_four, {bs: batch}, bs, device, latency_cfg, precision, channels_last, hw)
     warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
-    samples = time_interleaved(forms, forms["dense"].prepare(batch), device, warmup, iters, False, None)
+    transfer = bool(_setting(latency_cfg, "include_transfer"))
+    x = batch if transfer else forms["dense"].prepare(batch)
+    samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
     models = {"dense": summarize(samples["dense"], bs)}
     for name, (_, family) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
@@ -203,7 +221,16 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     d = forms["dense"].describe()
     facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(f.describe()["graph"] for f in forms.values()),
                  device=hw.name, device_kind=hw.kind, hardware=hw.describe())
-    return {"models": models, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
+    facts["include_transfer"] = transfer
+    return {"models": models, "samples": samples, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
+
+
+def _layout(latency_cfg, hw) -> bool:
+    """The layout both forms run in when the caller does not say: the deploy runtime's
+    ``latency.channels_last``; the eager runtime times the model as trained (NCHW unless told)."""
+    if str(_setting(latency_cfg, "runtime")) == "eager":
+        return False
+    return bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
 
 
 def _log(per: dict, head: int, loggers) -> None:

@@ -69,11 +69,14 @@ def time_interleaved(
     iters: int = 30,
     include_transfer: bool = False,
     precision: str | None = None,
+    rotate: bool = False,
 ) -> dict[str, list[float]]:
     """Milliseconds per forward pass for each model, the models taking turns every iteration.
 
     Taking turns makes a drift in machine load (another job, clock changes) hit every model
-    alike, so ratios between them stay honest where back-to-back runs would not.
+    alike, so ratios between them stay honest where back-to-back runs would not. ``rotate``: each
+    iteration starts one model later, so no model always runs right after the same one (with more
+    than two models, a fixed order could favour a position).
     """
     if iters < 1 or warmup < 0:
         raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
@@ -85,8 +88,10 @@ def time_interleaved(
         for m in models.values():
             for _ in range(warmup):
                 _one_forward(m, host, on_device, device, include_transfer)
-        for _ in range(iters):
-            for k, m in models.items():
+        order = list(models.items())
+        for i in range(iters):
+            shift = i % len(order) if rotate else 0
+            for k, m in order[shift:] + order[:shift]:
                 samples[k].append(_one_forward(m, host, on_device, device, include_transfer))
     return samples
 

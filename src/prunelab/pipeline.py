@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import config_check
-from prunelab.deploy import onnx_latency, save_pruned, time_dense_and_pruned, time_together
+from prunelab.deploy import DEFAULTS, onnx_latency, save_pruned, time_dense_and_pruned, time_together
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, state_digest, write_json, write_text
@@ -64,7 +64,7 @@ def kernel_family(method: str) -> str:
 
 def _agreement_batches(dataset, images: int, batch_size: int) -> list[torch.Tensor] | None:
     """The first ``images`` validation images in batches: what the deploy forms' answers are
-    checked on (None for 0: the headline timing batch instead)."""
+    checked on, in chunks of the headline batch size (None for 0: the headline timing batch)."""
     n = min(int(images), len(dataset))
     if n <= 0:
         return None
@@ -165,7 +165,8 @@ def run(cfg: DictConfig) -> dict:
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
     batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
-    check_batches = (_agreement_batches(dm.val_set, cfg.latency.get("agreement_images", 0), eval_bs)
+    check_batches = (_agreement_batches(dm.val_set, cfg.latency.get("agreement_images", DEFAULTS["agreement_images"]),
+                                        eval_bs)
                      if batches is not None and cfg.latency.runtime == "deploy" else None)
     timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last), check_batches)
 

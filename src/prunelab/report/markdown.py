@@ -94,9 +94,18 @@ def _final_round(f: dict) -> list[str]:
              f"{c['paired_ratio_5_95'][0]:.2f}-{c['paired_ratio_5_95'][1]:.2f}",
              "yes" if c["speedup_beyond_noise"] else "no") for c in f["shortlist"]]
     before, chosen = f.get("before"), f.get("chosen")
-    verdict = ("it changed the answer from " + (f"{before['method']} {before['ratio']:.2f}" if before else "none")
-               + " to " + (f"{chosen['method']} {chosen['ratio']:.2f}" if chosen else "the dense model")
-               if f["changed_choice"] else "it confirmed the answer")
+    if chosen is None and before is None:
+        verdict = "nothing was faster than the dense model beyond the noise: the dense model stands"
+    elif f["changed_choice"]:
+        verdict = ("it changed the answer from " + (f"{before['method']} {before['ratio']:.2f}" if before else
+                                                     "the dense model")
+                   + " to " + (f"{chosen['method']} {chosen['ratio']:.2f}" if chosen else "the dense model"))
+    else:
+        verdict = "it confirmed the answer"
+    tied = f.get("within_noise_of_fastest") or []
+    if tied and chosen and f.get("fastest") != chosen:
+        verdict += (f" ({chosen['method']} {chosen['ratio']:.2f} is within this timing's noise of the fastest, "
+                    f"{f['fastest']['method']} {f['fastest']['ratio']:.2f}, and more accurate)")
     return [f"Final round: the {len(rows)} candidates with the best own-session speedup, timed together in turns "
             f"with the dense model (p50 {f['dense_p50_ms']:.2f} ms) at batch {f['batch_size']}, {f['iters']} "
             f"iterations; {verdict}.", "",

@@ -13,7 +13,8 @@ Under ``latency`` each candidate was timed in its own session against its own de
 drift in the machine between sessions can reorder close candidates. The final round
 (``search.final_round``) takes the best few by their own-session speedup (a ratio, robust to
 drift) and times them all together in turns with the dense model in one session (``retime``);
-the answer is the fastest of them there.
+the answer is the fastest of them there (or, among those within that timing's noise of the
+fastest, the most accurate).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -94,30 +96,49 @@ def shortlist(candidates: list[dict], k: int) -> list[dict]:
     val_acc, then lower ratio, then input order). Ranked on the ratio to the dense model timed in
     the same session, not on absolute p50s from different sessions, which drift."""
     order = sorted(enumerate(candidates),
-                   key=lambda ic: (-ic[1].get("speedup", 0.0), -ic[1].get("val_acc", 0.0), ic[1].get("ratio", 0.0), ic[0]))
+                   key=lambda ic: (-(ic[1].get("speedup") or 0.0), -(ic[1].get("val_acc") or 0.0),
+                                   ic[1].get("ratio") or 0.0, ic[0]))
     return [c for _, c in order[:max(k, 0)]]
 
 
 def run_final_round(passing: list[dict], k: int, retime: Retime) -> tuple[dict | None, dict]:
     """(chosen, record): the shortlist timed together by ``retime`` (which returns
     ``deploy.time_together``'s result with the candidates named ``c0``, ``c1``, ... in shortlist
-    order); the chosen one is the lowest p50 there among those faster than dense beyond the noise
-    of that final timing. ``before`` is what the own-session timings alone would have chosen."""
+    order); among those faster than dense beyond the noise of that final timing, the fastest by p50,
+    unless others are not slower than it beyond their paired noise: then the most accurate of
+    those (a speed difference within the noise is no reason to lose accuracy). ``before`` is what
+    the own-session timings alone would have chosen."""
     first = choose([c for c in passing if c.get("speedup_beyond_noise")], "latency")
     short = shortlist(passing, k)
     timed = retime(short)
+    samples = timed.get("samples") or {}
     for i, c in enumerate(short):
         m = timed["models"][f"c{i}"]
         pr = m["paired_ratio"]
         c["final_round"] = {"p50_ms": m["p50"], "p90_ms": m["p90"], "speedup": m["speedup_p50"],
                             "paired_ratio_5_95": [pr["p5"], pr["p95"]], "speedup_beyond_noise": m["speedup_beyond_noise"]}
-    chosen = choose([c for c in short if c["final_round"]["speedup_beyond_noise"]], "latency",
-                    key=lambda c: c["final_round"]["p50_ms"])
+    beyond = [(i, c) for i, c in enumerate(short) if c["final_round"]["speedup_beyond_noise"]]
+    fastest = choose([c for _, c in beyond], "latency", key=lambda c: c["final_round"]["p50_ms"])
+    chosen, tied = fastest, []
+    if fastest is not None:
+        f = next(i for i, c in beyond if c is fastest)
+        for i, c in beyond:
+            if c is not fastest and f"c{i}" in samples and f"c{f}" in samples:
+                # per-iteration c / fastest: its slow end (5th percentile) not above 1 means c is not
+                # slower than the fastest beyond the noise of this very timing
+                lo = float(np.percentile(np.asarray(samples[f"c{i}"]) / np.asarray(samples[f"c{f}"]), 5))
+                c["final_round"]["vs_fastest_p5"] = lo
+                if lo <= 1.0:
+                    tied.append(c)
+        if tied:
+            chosen = max([fastest, *tied], key=lambda c: (c["val_acc"], -c["final_round"]["p50_ms"]))
     record = {"batch_size": timed["batch_size"], "iters": timed["iters"], "runtime": timed["runtime"],
               "dense_p50_ms": timed["models"]["dense"]["p50"],
               "shortlist": [{"method": c["method"], "ratio": c["ratio"], **c["final_round"]} for c in short],
               "before": {"method": first["method"], "ratio": first["ratio"]} if first else None,
               "chosen": {"method": chosen["method"], "ratio": chosen["ratio"]} if chosen else None,
+              "fastest": {"method": fastest["method"], "ratio": fastest["ratio"]} if fastest else None,
+              "within_noise_of_fastest": [{"method": c["method"], "ratio": c["ratio"]} for c in tied],
               "changed_choice": chosen is not first}
     return chosen, record
 
