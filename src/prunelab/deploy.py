@@ -148,12 +148,9 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
             per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
     _log(per, head, loggers)
 
-    desc = {tag: form.describe() for tag, form in forms.items()}
-    d = desc["dense"]
-    facts.update(dtype=d["dtype"], layout=d["layout"], folded={t: x["folded"] for t, x in desc.items()},
-                 graph=all(x["graph"] for x in desc.values()), compile=d["compile"],
-                 compile_s={t: x["compile_s"] for t, x in desc.items()}, batch_sizes=sorted(batches),
-                 device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
+    desc = _describe(forms, facts, hw, transfer)
+    facts.update(folded={t: x["folded"] for t, x in desc.items()}, compile=desc["dense"]["compile"],
+                 compile_s={t: x["compile_s"] for t, x in desc.items()}, batch_sizes=sorted(batches))
     for tag, x in desc.items():
         notes += [f"{tag}: {n}" for n in x["notes"]]
     h = per[head]
@@ -164,8 +161,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         return result
     ratio = h["paired_ratio"]
     result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
-                  # A speedup is claimed only where even the slow end of the paired ratios beats 1.
-                  speedup_beyond_noise=method != "magnitude" and ratio["p5"] > 1.0)
+                  speedup_beyond_noise=_beyond_noise(method, ratio))
     if method == "magnitude":
         within = ratio["p5"] <= 1.0 <= ratio["p95"]
         result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
@@ -215,14 +211,26 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     for name, (_, family) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
         models[name] = dict(st["pruned"], speedup_p50=st["speedup_p50"], paired_ratio=st["paired_ratio"],
-                            speedup_beyond_noise=family != "magnitude" and st["paired_ratio"]["p5"] > 1.0)
+                            speedup_beyond_noise=_beyond_noise(family, st["paired_ratio"]))
         if name in two_four:
             models[name]["kernels"] = _kernels(forms, name, facts["runtime"])
-    d = forms["dense"].describe()
-    facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(f.describe()["graph"] for f in forms.values()),
-                 device=hw.name, device_kind=hw.kind, hardware=hw.describe())
-    facts["include_transfer"] = transfer
+    _describe(forms, facts, hw, transfer)
     return {"models": models, "samples": samples, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
+
+
+def _beyond_noise(family: str | None, paired_ratio: dict) -> bool:
+    """A speedup is claimed only where even the slow end (5th percentile) of the per-iteration
+    paired ratios beats 1, and never for unstructured zeros (the same dense kernels)."""
+    return family != "magnitude" and paired_ratio["p5"] > 1.0
+
+
+def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
+    """Adds what every timing reports of its runtime to ``facts``; returns each form's description."""
+    desc = {tag: form.describe() for tag, form in forms.items()}
+    d = desc["dense"]
+    facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(x["graph"] for x in desc.values()),
+                 device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
+    return desc
 
 
 def _layout(latency_cfg, hw) -> bool:

@@ -62,14 +62,18 @@ def kernel_family(method: str) -> str:
     return "semi_structured" if "semi_structured" in method.split("+") else method
 
 
-def _agreement_batches(dataset, images: int, batch_size: int) -> list[torch.Tensor] | None:
-    """The first ``images`` validation images in batches: what the deploy forms' answers are
-    checked on, in chunks of the headline batch size (None for 0: the headline timing batch)."""
+def _agreement_images(dataset, images: int) -> list[torch.Tensor] | None:
+    """The first ``images`` validation images, what the deploy forms' answers are checked on
+    (``deploy`` regroups them into the timed batch size); None for 0: the headline timing batch."""
     n = min(int(images), len(dataset))
-    if n <= 0:
-        return None
-    xs = torch.stack([dataset[i][0] for i in range(n)])
-    return list(xs.split(batch_size))
+    return [torch.stack([dataset[i][0] for i in range(n)])] if n > 0 else None
+
+
+def _layout(cfg: DictConfig, channels_last: bool) -> bool | None:
+    """The layout latency is timed in: the deploy runtime serves in latency.channels_last (None:
+    resolved from the hardware's inference speed); eager times the model as trained, in the layout
+    it was trained in."""
+    return None if cfg.latency.runtime == "deploy" else channels_last
 
 
 def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_last: bool, check_batches=None):
@@ -78,9 +82,7 @@ def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_l
     logged (final) timings first check the deploy forms' answers on ``check_batches``."""
     if batches is None:
         return None
-    # The deploy runtime serves in latency.channels_last (resolved from the hardware's inference
-    # speed); eager times the model as trained, in the layout it was trained in.
-    layout = None if cfg.latency.runtime == "deploy" else channels_last
+    layout = _layout(cfg, channels_last)
 
     def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True) -> dict:
         chosen = batches if sizes is None else {b: batches[b] for b in sizes}
@@ -104,7 +106,7 @@ def _together_timer(dense: nn.Module | None, cfg: DictConfig, batches, device, p
     size, in the run's latency runtime (``deploy.time_together``); None where latency is not timed."""
     if batches is None or dense is None:
         return None
-    layout = None if cfg.latency.runtime == "deploy" else channels_last
+    layout = _layout(cfg, channels_last)
     head = batches[cfg.latency.batch_size]
 
     def together(candidates: dict) -> dict:
@@ -165,8 +167,7 @@ def run(cfg: DictConfig) -> dict:
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
     batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
-    check_batches = (_agreement_batches(dm.val_set, cfg.latency.get("agreement_images", DEFAULTS["agreement_images"]),
-                                        eval_bs)
+    check_batches = (_agreement_images(dm.val_set, cfg.latency.get("agreement_images", DEFAULTS["agreement_images"]))
                      if batches is not None and cfg.latency.runtime == "deploy" else None)
     timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last), check_batches)
 

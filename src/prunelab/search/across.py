@@ -24,11 +24,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from prunelab.latency import percentiles
 from prunelab.report.stats import wilson_interval
 from prunelab.search.oneshot import OneShotSearch
 from prunelab.search.pareto import choose, pareto_front
@@ -126,7 +126,7 @@ def run_final_round(passing: list[dict], k: int, retime: Retime) -> tuple[dict |
             if c is not fastest and f"c{i}" in samples and f"c{f}" in samples:
                 # per-iteration c / fastest: its slow end (5th percentile) not above 1 means c is not
                 # slower than the fastest beyond the noise of this very timing
-                lo = float(np.percentile(np.asarray(samples[f"c{i}"]) / np.asarray(samples[f"c{f}"]), 5))
+                lo = percentiles([a / b for a, b in zip(samples[f"c{i}"], samples[f"c{f}"], strict=True)], (5,))["p5"]
                 c["final_round"]["vs_fastest_p5"] = lo
                 if lo <= 1.0:
                     tied.append(c)
