@@ -114,6 +114,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["latency.iters=0"], ("latency.iters",), None),
     (["latency.agreement_images=-5"], ("latency.agreement_images",), None),
     (["trainer.check_val_every_n_epoch=0"], ("trainer.check_val_every_n_epoch",), None),
+    (["callbacks.model_checkpoint.min_interval_s=-5"], ("callbacks.model_checkpoint.min_interval_s",), None),
     (["prune.schedule=iterative", "trainer.devices=2"], ("prune.schedule=iterative", "trainer.devices=1"), None),
     (["search.objective=latency", "trainer.devices=2"], ("search.objective=latency", "trainer.devices=1"), None),
     (["latency.warmup=-1"], ("latency.warmup",), None),

@@ -43,7 +43,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def test_finetune_killed_resumes_from_last_ckpt(run_cli, tmp_path):
     args = ["+experiment=smoke", "model=resnet18", "trainer.max_epochs=12", "trainer.limit_train_batches=4",
-            "stages.prune=false", "stages.latency=false", "finetune.cache=false"]
+            "stages.prune=false", "stages.latency=false", "finetune.cache=false",
+            "callbacks.model_checkpoint.min_interval_s=0"]  # every (second-long) epoch saved, so a kill finds one
     proc = _spawn(args, tmp_path)
     ckpt = _wait_for(lambda: next((tmp_path / "logs").rglob("checkpoints/last.ckpt"), None), proc)
     _kill(proc)

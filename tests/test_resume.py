@@ -33,7 +33,9 @@ from prunelab.trainer import build, build_trainer
 # mobilenet_v3_small: small, and its head has dropout, the model-side randomness a resume must replay.
 TINY = ["+experiment=smoke", "model.arch=mobilenet_v3_small", "data.train_size=64", "data.batch_size=8",
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "stages.prune=false",
-        "stages.latency=false", "logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=3"]
+        "stages.latency=false", "logger=none", "trainer.enable_progress_bar=false", "trainer.max_epochs=3",
+        # every epoch checkpointed: these epochs take a second, the default cadence would save only the last
+        "callbacks.model_checkpoint.min_interval_s=0"]
 # The default path with a loader worker: its RNG is seeded once per process, so only per-sample
 # seeds make a resumed run's augmentations equal the uninterrupted run's.
 PATHS = {"default": ["data.num_workers=1"], "on_device": ["data.on_device=true"]}
@@ -190,10 +192,65 @@ def test_dropout_draws_of_a_resumed_fit_are_those_of_the_uninterrupted_one(tmp_p
     _assert_same_weights(fit("resumed", 3, tmp_path / "part" / "last.ckpt"), full)
 
 
-def _checkpoint(folder: Path, keep: int = 1) -> AtomicCheckpoint:
-    """As conf/callbacks/model_checkpoint.yaml configures it."""
+def _checkpoint(folder: Path, keep: int = 1, min_interval_s: float = 0) -> AtomicCheckpoint:
+    """As conf/callbacks/model_checkpoint.yaml configures it (every epoch unless told)."""
     return AtomicCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-                            save_last="link", save_top_k=keep)
+                            save_last="link", save_top_k=keep, min_interval_s=min_interval_s)
+
+
+class _Clock:
+    """A fake monotonic clock that advances ``step`` seconds at every training batch."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Tick(Callback):
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+
+    def on_train_batch_end(self, *args):
+        self.clock.now += self.clock.step
+
+
+def _saved_epochs(folder: Path, interval: float, seconds_per_batch: float, epochs: int = 6, **fit) -> list[int]:
+    """Epochs whose end wrote a checkpoint, with a fake clock (4 batches an epoch)."""
+    ckpt = _checkpoint(folder, keep=-1, min_interval_s=interval)
+    ckpt._clock = clock = _Clock(seconds_per_batch)
+    _tiny_fit(folder, epochs, [_Tick(clock), ckpt], **fit)
+    return sorted(int(p.stem.removeprefix("epoch")) for p in folder.glob("epoch*.ckpt"))
+
+
+@pytest.mark.parametrize(("interval", "per_batch", "epochs"), [
+    (0, 1.0, [0, 1, 2, 3, 4, 5]),  # 0: every epoch, as Lightning
+    (10, 1.0, [2, 5]),  # 4 s an epoch: the first epoch end 10 s past the fit's start (12 s), then 12 s past it, and the last
+    (10, 0.5, [4, 5]),  # 2 s an epoch: 10 s reached at epoch 4's end; the last epoch is always saved
+    (10, 5.0, [0, 1, 2, 3, 4, 5]),  # epochs longer than the interval: each is saved
+    (1000, 1.0, [5]),  # a fit shorter than the interval: only the last epoch
+])
+def test_checkpoint_cadence_follows_fitting_time_and_always_saves_the_last_epoch(tmp_path, interval, per_batch, epochs):
+    assert _saved_epochs(tmp_path, interval, per_batch) == epochs
+    assert os.readlink(tmp_path / "last.ckpt") == "epoch005.ckpt"
+
+
+def test_a_stop_requested_mid_fit_still_leaves_a_checkpoint_of_the_last_epoch(tmp_path):
+    class StopAt(Callback):
+        def on_train_epoch_end(self, trainer, *args):
+            trainer.should_stop = trainer.current_epoch == 2
+
+    ckpt = _checkpoint(tmp_path, keep=-1, min_interval_s=1000)
+    ckpt._clock = _Clock(0.0)
+    _tiny_fit(tmp_path, 6, [StopAt(), ckpt])  # callbacks run before ModelCheckpoint, as Lightning orders them
+    assert [p.name for p in sorted(tmp_path.glob("epoch*.ckpt"))] == ["epoch002.ckpt"]
+
+
+@pytest.mark.parametrize("bad", [-1, "300", True])
+def test_checkpoint_interval_is_checked_when_built(tmp_path, bad):
+    with pytest.raises(ValueError, match="min_interval_s"):
+        _checkpoint(tmp_path, min_interval_s=bad)
 
 
 def test_last_ckpt_names_a_complete_checkpoint_after_every_file_operation(tmp_path, monkeypatch):

@@ -166,6 +166,7 @@ def rules() -> list[tuple[str, Spec]]:
                                                          words="a number of batches >= 0 or a fraction in [0, 1]")))
           for s in ("train", "val", "test")),
         ("finetune.weights_path", optional(TEXT)),
+        ("callbacks.model_checkpoint.min_interval_s", number(0)),
         # prune
         ("prune.method", method),
         ("prune.ratio", optional(FRACTION)),
