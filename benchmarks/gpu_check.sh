@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
+# A GPU image without the package registry: the wheels benchmarks/gpu_bundle.sh prepared.
+if [ -d wheels ] && ! python -c "import hydra, omegaconf, torch_pruning" 2>/dev/null; then
+    python -m pip install -q --no-index --no-deps wheels/*.whl > "$out/gpu-check-wheels.log" 2>&1 || {
+        echo "gpu-check: installing wheels/ failed, see $out/gpu-check-wheels.log"; exit 1; }
+fi
+python -c "import hydra, omegaconf, torch_pruning, lightning" || {
+    echo "gpu-check: hydra-core, omegaconf, torch-pruning or lightning missing: run benchmarks/gpu_bundle.sh where pip can download and carry wheels/"; exit 1; }
+# The real subset when it travelled with the checkout (gpu_bundle.sh), else synthetic data.
+if [ -d data/cifar10-subset/cifar-10-batches-py ]; then fastest=(--data-root data/cifar10-subset --epochs 5); else fastest=(--quick); fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu-check-device.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
@@ -17,4 +26,4 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step tests 240 python -m pytest -q -m gpu -p no:cacheprovider
 step deploy 120 python -m benchmarks.deploy_speed --device cuda --out "$out"
-step fastest 180 python -m benchmarks.fastest --device cuda --quick --out "$out"
+step fastest 180 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prepare, on a machine with the package registry, what a GPU machine without it needs for
+# `make gpu-check`: wheels of the pure-Python dependencies its image lacks (wheels/) and the shared
+# CIFAR-10 subset (data/cifar10-subset). Both folders are git-ignored: hand them to the GPU machine
+# with the checkout (the device tool's `carry: ["wheels", "data"]`). The GPU image's own torch,
+# torchvision and lightning are used as they are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+subset="${1:-../shared/data/cifar10-subset}"
+rm -rf wheels && mkdir -p wheels
+# antlr4-python3-runtime 4.9.3 (hydra-core's pin) publishes no wheel: pip builds one here.
+python -m pip wheel -q --no-deps -w wheels hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
+    torch-pruning==1.6.1
+if [ -d "$subset/cifar-10-batches-py" ]; then
+    mkdir -p data/cifar10-subset && cp -r "$subset/cifar-10-batches-py" data/cifar10-subset/
+else
+    echo "gpu_bundle: no CIFAR-10 subset at $subset (pass its folder as the first argument); the fastest-model step will use synthetic data" >&2
+fi
+ls wheels && du -sh wheels data 2>/dev/null || true
