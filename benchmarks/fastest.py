@@ -58,7 +58,9 @@ def measure(args) -> dict:
         spec = {"work_dir": str(work), "data": "cifar10" if real else "synthetic", "data_root": str(root),
                 "train_size": 640, "test_size": 128, "arch": arch, "device": args.device,
                 "epochs": 1 if args.quick else args.epochs, "cache_dir": str(CACHE / "finetune"),
-                "train_overrides": ["+experiment=fast"] + (["trainer.limit_train_batches=2"] if args.quick else []),
+                "train_overrides": ["+experiment=fast"] + (["trainer.limit_train_batches=2"] if args.quick else [])
+                # fast compiles on CUDA: for a few short epochs the compile would outlast the training
+                + (["model.compile=false"] if args.device.startswith("cuda") else []),
                 "threads": torch.get_num_threads()}
         trained = child_train(spec)
         data = ([f"data.root={root}", "data.download=false"] if real else
@@ -84,8 +86,11 @@ def measure(args) -> dict:
     layout = bool(cfg.latency.channels_last)  # the deploy layout, resolved as the pipeline resolves it
     batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(128, 3, 32, 32), torch.zeros(128)), 128)
 
-    def deploy(net):
-        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch)
+    def deploy(net, method: str | None = None):
+        # A 2:4 answer runs its 2:4 layers on the sparse kernels, as the search timed it (CUDA sm80+).
+        two_four = method is not None and "semi_structured" in method.split("+")
+        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch,
+                           two_four=two_four)
 
     models["dense_deploy"] = deploy(dense)
     answers = {}
@@ -96,7 +101,8 @@ def measure(args) -> dict:
         if ratio > 0:
             answers[f"sparsity_{method}"] = (method, ratio)
     for tag, (method, ratio) in answers.items():
-        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval())
+        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval(),
+                                         method)
     x = models["dense_deploy"].prepare(batch)
     samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=args.iters)
     base_tag = "dense_eager_fp32_nchw"

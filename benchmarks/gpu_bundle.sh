@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 subset="${1:-../shared/data/cifar10-subset}"
 rm -rf wheels && mkdir -p wheels
-# antlr4-python3-runtime 4.9.3 (hydra-core's pin) publishes no wheel: pip builds one here.
+# antlr4-python3-runtime 4.9.3 (hydra-core's pin) publishes no wheel: pip builds one here. pytest
+# and its pure-Python dependencies too: the GPU image has no test runner.
 python -m pip wheel -q --no-deps -w wheels hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
-    torch-pruning==1.6.1
+    torch-pruning==1.6.1 pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0 pygments==2.20.0
 if [ -d "$subset/cifar-10-batches-py" ]; then
     mkdir -p data/cifar10-subset && cp -r "$subset/cifar-10-batches-py" data/cifar10-subset/
 else

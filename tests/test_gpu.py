@@ -11,8 +11,12 @@ from prunelab.pipeline import run
 
 pytestmark = pytest.mark.gpu
 
-SMALL = ["+experiment=smoke", "model=resnet18", "trainer.accelerator=gpu", "data.train_size=640",
-         "trainer.max_epochs=1", "trainer.limit_train_batches=4", "latency.iters=5", "latency.warmup=2"]
+# Without the experiment and model: each test names its own (+experiment=x twice is refused by Hydra).
+BASE = ["trainer.accelerator=gpu", "data.train_size=640", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+        "latency.iters=5", "latency.warmup=2"]
+SMALL = ["+experiment=smoke", "model=resnet18", *BASE]
+# VGG16 (random init) for 2:4: ResNet-18's only Linear is the head, which is never made 2:4.
+SMALL_VGG = ["+experiment=smoke", "model=vgg16", "model.weights=null", *BASE]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -21,23 +25,28 @@ SMALL = ["+experiment=smoke", "model=resnet18", "trainer.accelerator=gpu", "data
 def test_pipeline_on_cuda(tmp_path, method, runtime, precision):
     if precision.startswith("bf16") and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs sm80+")
-    report = run(compose_cfg(tmp_path, [*SMALL, f"prune.method={method}", "prune.ratio=0.5",
+    small = SMALL_VGG if method == "semi_structured" else SMALL
+    report = run(compose_cfg(tmp_path, [*small, f"prune.method={method}", "prune.ratio=0.5",
                                         f"latency.runtime={runtime}", f"trainer.precision={precision}"]))
     assert report["device"]["type"] == "cuda"
     lat = report["latency"]
     assert lat["runtime"]["runtime"] == runtime and lat["runtime"]["device_kind"] == "cuda"
     # dense and pruned were timed in turns, in the same runtime
     assert report["dense"]["latency_ms"]["interleaved_with"] == ["pruned"]
-    if runtime == "deploy":
-        assert all(a["agreement"] >= 0.99 for a in lat["agreement"].values())
+    if runtime == "deploy":  # flips beyond bf16/fp16 rounding, as the pipeline's own check counts them
+        assert all(a["agreement_beyond_rounding"] >= 0.99 for a in lat["agreement"].values())
     if method == "semi_structured" and torch.cuda.get_device_capability() >= (8, 0) and runtime == "deploy":
-        assert "sparse" in (lat.get("kernels") or "")
+        kernels = lat.get("kernels") or ""
+        if "16" in str(lat["runtime"]["dtype"]):  # VGG16's classifier.3 (4096x4096) on the sparse kernels
+            assert "2:4 kernels in" in kernels and "classifier.3" in kernels, kernels
+        else:
+            assert "take only float16/bfloat16" in kernels, kernels
 
 
 def test_fast_experiment_resolves_bf16_and_compiles_on_cuda(tmp_path):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs sm80+")
-    report = run(compose_cfg(tmp_path, [*SMALL, "+experiment=fast", "stages.prune=false"]))
+    report = run(compose_cfg(tmp_path, ["+experiment=[smoke,fast]", "model=resnet18", *BASE, "stages.prune=false"]))
     resolved = report["resolved"]
     assert resolved["trainer.precision"]["value"] == "bf16-mixed"
     assert resolved["model.compile"]["value"] is True and resolved["model.channels_last"]["value"] is True

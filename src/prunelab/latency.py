@@ -81,7 +81,8 @@ def time_interleaved(
     if iters < 1 or warmup < 0:
         raise ValueError(f"latency.iters must be >= 1 and latency.warmup >= 0, got {iters}, {warmup}")
     device = torch.device(device)
-    host = batch.pin_memory() if include_transfer and device.type == "cuda" else batch
+    # A batch already on the GPU has nothing to pin (pin_memory raises there); it is timed as it is.
+    host = batch.pin_memory() if include_transfer and device.type == "cuda" and batch.device.type == "cpu" else batch
     on_device = batch.to(device)
     samples: dict[str, list[float]] = {k: [] for k in models}
     with eval_mode(*models.values()), autocast_for(device, precision):

@@ -32,7 +32,8 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, chann
 
     One pass converts and lays the batch out (NCHW-contiguous like the PIL pipeline's batches, or
     channels-last for NHWC models, saving them a copy); the arithmetic then runs in place, in
-    torchvision's order (/255, -mean, /std), so results are bitwise equal.
+    torchvision's order (/255, -mean, /std), so results are bitwise equal on the CPU (on CUDA a
+    division by a scalar may round one ulp apart).
     """
     b, h, w, c = images.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format

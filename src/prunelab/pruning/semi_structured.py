@@ -204,8 +204,13 @@ def to_sparse_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> t
         try:
             # cuSPARSELt missing: to_sparse_semi_structured would still pick it, so go to CUTLASS directly.
             sparse = cls.from_dense(dense) if force_cutlass else to_sparse_semi_structured(dense)
+            # A trial product: conversion can succeed where the matmul cannot run (PyTorch's CUTLASS
+            # 2:4 kernels are built for sm8x only), and a layer that fails here stays dense.
+            trial = torch.zeros(max(limits.dense_min_rows, 8), cols, dtype=dtype, device=device)
+            nn.functional.linear(trial, sparse)
+            torch.cuda.synchronize(device)
         except RuntimeError as exc:
-            skipped.append(f"{name} ({exc})")
+            skipped.append(f"{name} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
             continue
         m.weight = nn.Parameter(sparse, requires_grad=False)
         converted.append(name)
