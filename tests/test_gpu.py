@@ -19,12 +19,14 @@ SMALL = ["+experiment=smoke", "model=resnet18", *BASE]
 SMALL_VGG = ["+experiment=smoke", "model=vgg16", "model.weights=null", *BASE]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("runtime", ["eager", "deploy"])
 @pytest.mark.parametrize("method", ["magnitude", "channel", "semi_structured"])
 def test_pipeline_on_cuda(tmp_path, method, runtime, precision):
     if precision.startswith("bf16") and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs sm80+")
+    if precision == "16-mixed" and method != "semi_structured":
+        pytest.skip("fp16 training is checked with 2:4 alone (the issue's every-precision case), to keep the run short")
     small = SMALL_VGG if method == "semi_structured" else SMALL
     report = run(compose_cfg(tmp_path, [*small, f"prune.method={method}", "prune.ratio=0.5",
                                         f"latency.runtime={runtime}", f"trainer.precision={precision}"]))
