@@ -326,3 +326,15 @@ def test_time_together_runs_two_four_candidates_masked_dense_on_cpu_and_says_so(
     two_four = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)
     res = time_together(dense, {"c0": (two_four, "semi_structured")}, X[:4], "cpu", lat_cfg(dtype="float32"))
     assert "masked-dense" in res["models"]["c0"]["kernels"]
+
+
+def test_deploy_speed_renders_absolute_cuda_goals_and_what_the_2_4_form_ran_on():
+    from benchmarks.deploy_speed import _goal_row, _kernels
+
+    assert _goal_row("dense_deploy_p50_ms_batch128", {"goal_ms": 0.5, "measured_ms": 0.61, "met": False}) == \
+        ("dense_deploy_p50_ms_batch128", "<= 0.5 ms", "0.610 ms", "no")
+    assert _goal_row("dense_deploy_vs_dense_eager_fp32", {"goal": 2.5, "measured": 3.0, "met": True})[1:] == \
+        (">= 2.5x", "3.00x", "yes")
+    assert _kernels({"deploy": {"forms": {"dense_deploy": {}}}}) == []  # no 2:4 form timed (CPU)
+    note = _kernels({"deploy": {"forms": {"semi_deploy": {"kernels": "1 Linear layer(s) on cusparselt: classifier.3"}}}})
+    assert "classifier.3" in note[0] and "convolutions" in note[0]
