@@ -4,7 +4,7 @@ PYTHON ?= python
 # (GPU boxes carry their own torch 2.11 / torchvision 0.26, which the declared ranges admit).
 CONSTRAINTS := $(shell $(PYTHON) -c "import torch, torchvision" >/dev/null 2>&1 || echo "-c constraints.txt")
 
-.PHONY: install test test-all smoke sweep lint bench gpu-check clean
+.PHONY: install test test-all smoke sweep lint bench gpu-check gpu-scale clean
 
 install:
 	$(PYTHON) -m pip install $(CONSTRAINTS) -e ".[dev]"
@@ -33,6 +33,11 @@ bench:
 # On a CUDA machine: gpu-marked tests + deploy-speed and fastest-model benchmarks (~8 min on an H100).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# On a CUDA machine, a second call: whole-epoch fine-tune speed at CIFAR-10 scale (40k/10k generated
+# images, VGG16, 2 epochs) for the notebook's loop, the defaults and +experiment=fast (~4-6 min).
+gpu-scale:
+	PYTHONPATH=src $(PYTHON) -m benchmarks.finetune_scale --device cuda --epochs 2 $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf logs build dist *.egg-info .pytest_cache

@@ -23,8 +23,10 @@ the answer is read with either rule, the notebook's own ``highest`` always recor
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -273,3 +275,37 @@ def finetune_throughput(arch: str, weights_path: str, train_set: Dataset, device
         raise RuntimeError(f"training split too small for {warmup} + {batches} batches of {batch_size}")
     seconds = time.perf_counter() - t0
     return {"images_per_s": seen / seconds, "images": seen, "seconds": seconds, "warmup_batches": warmup}
+
+
+def train_epochs(arch: str, train_set: Dataset, val_set: Dataset, device: torch.device, epochs: int,
+                 batch_size: int = 128, num_workers: int = 2, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 5e-4) -> dict:
+    """The notebook's fine-tune cell as it runs: per epoch its training loop (a loss ``.item()`` per
+    batch) then its validation loop, then one ``torch.save`` at the end. Returns the wall time of
+    each epoch (training + validation, from the epoch's first loader fetch) and of the save."""
+    model = build_model(arch).to(device)
+    trainloader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers)
+    valloader = val_loader(val_set, batch_size, num_workers)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    epoch_s, images = [], 0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        running_loss = 0.0
+        for inputs, labels in trainloader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            images += labels.size(0)
+        evaluate(model, valloader, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model.state_dict(), Path(tmp) / "vgg16_cifar10.pth")
+    return {"epoch_s": epoch_s, "save_s": time.perf_counter() - t0, "train_images": images}

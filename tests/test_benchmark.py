@@ -170,3 +170,26 @@ def test_fastest_goal_is_not_met_by_the_same_model_timed_twice():
     noisy = {"sparsity_channel_deploy": [10.0, 8.0, 10.5, 7.5], "latency_search_deploy": [9.0, 9.1, 9.2, 8.9]}
     assert beats_sparsity(answers, speedups, noisy)["met"] is False
     assert beats_sparsity({"sparsity_channel": ["channel", 0.1]}, {"sparsity_channel_deploy": 1.2})["met"] is False
+
+
+def test_finetune_scale_separates_the_first_epoch_from_the_steady_state():
+    from benchmarks.finetune_scale import summarize
+
+    s = summarize({"epoch_s": [10.0, 2.0, 4.0, 2.0], "fit_s": 20.0, "train_images": 400}, per_epoch=100)
+    assert s["first_epoch_images_per_s"] == 10.0  # compile and warm-up land in epoch 1
+    assert s["steady_images_per_s"] == 50.0  # the median of the later epochs: 50, 25, 50
+    assert s["fit_images_per_s"] == 20.0
+    assert summarize({"epoch_s": [4.0], "fit_s": 4.0, "train_images": 100}, 100)["steady_images_per_s"] == 25.0
+
+
+@pytest.mark.slow
+def test_finetune_scale_quick_runs_every_procedure_for_whole_epochs(tmp_path):
+    from benchmarks.finetune_scale import PROCEDURES, main
+
+    res = main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    assert tuple(res["procedures"]) == PROCEDURES
+    for name, r in res["procedures"].items():
+        assert len(r["epoch_s"]) == 2 and all(t > 0 for t in r["epoch_s"]), name
+    assert res["procedures"]["fast"]["settings"]["on_device"] and not res["procedures"]["defaults"]["settings"]["on_device"]
+    assert res["goal"]["applies"] is False and res["goal"]["met"] is None  # the 10x goal is an H100 goal

@@ -1,0 +1,191 @@
+"""Fine-tuning at full CIFAR-10 scale: the notebook's loop, prunelab's defaults and ``+experiment=fast``.
+
+Each procedure runs whole epochs, as a user's fine-tune does (every epoch's validation, prunelab's
+checkpoint cadence and the notebook's final save included), in its own fresh process, on generated
+data of CIFAR-10's size (``data=synthetic``: 40,000 training and 10,000 validation images, the
+same uint8 arrays and transforms as the real set, which cannot be downloaded offline):
+
+- ``notebook``: its cell (DataLoader with 2 workers, ``.item()`` per batch, validation every epoch);
+- ``defaults``: ``prunelab.finetune`` with the config's defaults (callbacks included);
+- ``fast``: the same with ``+experiment=fast`` resolved for this machine.
+
+Reports per procedure the wall time of each epoch, images/s of the first epoch (compile and
+warm-up included) and of the later ones (the median: the steady state), and the whole fit.
+On CUDA it judges the deployed-speed issue's goal: fast >= 10x the notebook loop's images/s.
+
+    python -m benchmarks.finetune_scale --device cuda            # VGG16, 40k/10k, 3 epochs
+    python -m benchmarks.finetune_scale --train-size 1280 --epochs 2   # a CPU-sized run
+    python -m benchmarks.finetune_scale --quick                  # ResNet-18, 320 images (the test)
+
+Results: benchmarks/results/<date>-finetune-scale-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.compare import DEFAULT_OUT, run_child
+from prunelab import hardware
+from prunelab.io import write_json, write_text
+from prunelab.report.markdown import table
+
+GOAL = 10.0  # fast / notebook images/s, steady state, at full scale on an H100
+PROCEDURES = ("notebook", "defaults", "fast")
+
+
+def _cfg(spec: dict, fast: bool):
+    from prunelab.compose import compose
+    from prunelab.resolve import resolve_auto
+
+    overrides = ["data=synthetic", f"data.train_size={spec['train_size']}", "data.test_size=64",
+                 # the real set's loader (CIFAR10DataModule's default); generated data defaults to 0
+                 f"data.num_workers={spec['num_workers']}", f"model.arch={spec['arch']}", "model.weights=null",
+                 f"trainer.max_epochs={spec['epochs']}", "logger=none", "trainer.enable_progress_bar=false",
+                 f"trainer.accelerator={'gpu' if spec['device'].startswith('cuda') else 'cpu'}",
+                 "finetune.cache=false", *(["+experiment=fast"] if fast else [])]
+    cfg = compose(overrides, Path(spec["work_dir"]) / ("fast" if fast else "defaults"))
+    resolve_auto(cfg)
+    return cfg
+
+
+def child_prunelab(spec: dict) -> dict:
+    """prunelab's fine-tune stage as the pipeline runs it, with a clock at every epoch start."""
+    from lightning import Callback
+
+    from prunelab.finetune import finetune
+    from prunelab.trainer import build, build_trainer
+
+    device = torch.device(spec["device"])
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    class EpochClock(Callback):
+        def __init__(self):
+            self.starts: list[float] = []
+            self.end: float | None = None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.starts.append(now())
+
+        def on_train_end(self, trainer, pl_module):  # after the last epoch's validation and checkpoint
+            self.end = now()
+
+    cfg = _cfg(spec, spec["procedure"] == "fast")
+    dm, module = build(cfg.data, "data"), build(cfg.model, "model")
+    dm.setup("fit")
+    clock = EpochClock()
+    trainer = build_trainer(cfg, callbacks=[clock], enable_model_summary=False)
+    t0 = time.perf_counter()
+    finetune(cfg, trainer, module, dm)
+    fit_s = time.perf_counter() - t0
+    marks = [*clock.starts, clock.end]
+    return {"epoch_s": [b - a for a, b in zip(marks, marks[1:], strict=False)], "fit_s": fit_s,
+            "train_images": len(dm.train_set) * spec["epochs"],
+            "settings": {"precision": str(cfg.trainer.precision), "channels_last": bool(cfg.model.channels_last),
+                         "compile": bool(cfg.model.compile), "on_device": bool(cfg.data.on_device),
+                         "checkpoint_min_interval_s": cfg.callbacks.get("model_checkpoint", {}).get("min_interval_s"),
+                         "check_val_every_n_epoch": cfg.trainer.check_val_every_n_epoch}}
+
+
+def child_notebook(spec: dict) -> dict:
+    from benchmarks import notebook_procedure as nb
+    from prunelab.trainer import build
+
+    cfg = _cfg(spec, False)
+    dm = build(cfg.data, "data")
+    dm.setup("fit")
+    t0 = time.perf_counter()
+    r = nb.train_epochs(spec["arch"], dm.train_set, dm.val_set, torch.device(spec["device"]), spec["epochs"],
+                        num_workers=spec["num_workers"])
+    return dict(r, fit_s=time.perf_counter() - t0, settings={"precision": "32-true", "num_workers": spec["num_workers"]})
+
+
+def summarize(r: dict, per_epoch: int) -> dict:
+    ips = [per_epoch / s for s in r["epoch_s"]]
+    later = ips[1:] or ips
+    return {"first_epoch_images_per_s": ips[0], "steady_images_per_s": statistics.median(later),
+            "fit_images_per_s": r["train_images"] / r["fit_s"], "epoch_s": r["epoch_s"], "fit_s": r["fit_s"]}
+
+
+def measure(args) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        spec = {"work_dir": work, "train_size": args.train_size, "arch": args.arch, "epochs": args.epochs,
+                "device": args.device, "num_workers": args.num_workers, "threads": torch.get_num_threads()}
+        train_images = int(args.train_size * 0.8)  # data.val_fraction 0.2
+        raw, out = {}, {}
+        for name in PROCEDURES:
+            target = "benchmarks.finetune_scale:" + ("child_notebook" if name == "notebook" else "child_prunelab")
+            raw[name] = run_child(target, dict(spec, procedure=name))
+            out[name] = dict(summarize(raw[name], train_images), settings=raw[name]["settings"])
+            print(f"{name}: {out[name]['steady_images_per_s']:.0f} images/s steady, fit {raw[name]['fit_s']:.1f} s",
+                  flush=True)
+    nb = out["notebook"]["steady_images_per_s"]
+    ratios = {k: v["steady_images_per_s"] / nb for k, v in out.items() if k != "notebook"}
+    cuda = args.device.startswith("cuda")
+    return {
+        "what": "whole-epoch fine-tune speed at CIFAR-10 scale: notebook loop, prunelab defaults, +experiment=fast",
+        "date": dt.date.today().isoformat(), "device": args.device,
+        "hardware": hardware.detect(args.device).to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "loadavg_end": os.getloadavg(),
+        "setup": {"arch": args.arch, "train_images": train_images, "val_images": args.train_size - train_images,
+                  "epochs": args.epochs, "data": "synthetic (CIFAR-10-shaped uint8, same transforms)"},
+        "procedures": out, "steady_vs_notebook": ratios,
+        "goal": {"fast_vs_notebook_steady": ratios["fast"], "target": GOAL, "applies": cuda,
+                 "met": (ratios["fast"] >= GOAL) if cuda else None},
+    }
+
+
+def render(res: dict) -> str:
+    s, hw = res["setup"], res["hardware"]
+    rows = [(k, f"{v['first_epoch_images_per_s']:.0f}", f"{v['steady_images_per_s']:.0f}",
+             f"{res['steady_vs_notebook'].get(k, 1.0):.2f}x", f"{v['fit_s']:.1f}",
+             ", ".join(f"{a}={b}" for a, b in v["settings"].items()))
+            for k, v in res["procedures"].items()]
+    g = res["goal"]
+    verdict = ("met" if g["met"] else "NOT met") if g["applies"] else "judged on CUDA only"
+    return "\n".join([
+        f"# Fine-tuning at scale ({res['date']})", "",
+        f"Device: {hw.get('name')} ({res['device']}; CPU capability {res['cpu_capability']}), torch {res['torch']}, "
+        f"{res['threads']} threads. {s['arch']}, {s['train_images']:,} training + {s['val_images']:,} validation "
+        f"images ({s['data']}), {s['epochs']} epochs per procedure, each in a fresh process.", "",
+        table(["procedure", "epoch 1 images/s", "later epochs images/s (median)", "vs notebook", "fit s", "settings"],
+              rows), "",
+        f"Goal (H100): fast >= {GOAL:.0f}x the notebook loop's images/s at full scale: "
+        f"{g['fast_vs_notebook_steady']:.2f}x, {verdict}.", ""])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="vgg16")
+    p.add_argument("--train-size", type=int, default=50_000, help="images before the 80/20 train/val split")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers (the notebook's and the real set's 2)")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--quick", action="store_true", help="ResNet-18, 320 images, 2 epochs (a smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.arch, args.train_size, args.epochs = "resnet18", 320, 2
+    res = measure(args)
+    tag = f"{res['date']}-finetune-scale-{args.device.replace(':', '')}{'-quick' if args.quick else ''}"
+    write_json(Path(args.out) / f"{tag}.json", res)
+    write_text(Path(args.out) / f"{tag}.md", render(res))
+    print(render(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
