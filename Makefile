@@ -35,9 +35,10 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # On a CUDA machine, a second call: whole-epoch fine-tune speed at CIFAR-10 scale (40k/10k generated
-# images, VGG16, 2 epochs) for the notebook's loop, the defaults and +experiment=fast (~4-6 min).
+# images, VGG16, 3 epochs) for the notebook's loop, the defaults and +experiment=fast (~4-6 min).
 gpu-scale:
-	PYTHONPATH=src $(PYTHON) -m benchmarks.finetune_scale --device cuda --epochs 2 $(if $(OUT),--out $(OUT))
+	bash benchmarks/gpu_wheels.sh $(or $(OUT),benchmarks/results)
+	PYTHONPATH=src $(PYTHON) -m benchmarks.finetune_scale --device cuda --epochs 3 $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf logs build dist *.egg-info .pytest_cache

@@ -190,7 +190,7 @@ def render(res: dict) -> str:
             lines.append(f"- {pair}: **{r['speedup_p50']:.2f}x** (per-iteration paired ratio p50 {pr['p50']:.2f}, "
                          f"5-95% {pr['p5']:.2f}-{pr['p95']:.2f})")
         lines.append("")
-    lines += [f"## Goals (batch {head})", "",
+    lines += [f"## Goals (ratios at batch {head}; CUDA ms goals at the batch they name)", "",
               table(["goal", "target", "measured", "met"],
                     [_goal_row(k, g) for k, g in res["goals"].items()]), "",
               *_kernels(res),  "## Agreement with eager fp32 (top-1)", "",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one command (`make gpu-check`), within ~9.5 minutes on one H100 (the device tool's 10-minute limit per command):
+# Everything a GPU session checks, in one command (`make gpu-check`), within ~9 minutes on one H100 (the device tool's 10-minute limit per command):
 # the gpu-marked tests, then the deploy-speed and fastest-model benchmarks on CUDA. Each step has
 # its own time limit; results land in benchmarks/results (and in $OUT when the device tool sets it).
 set -uo pipefail
@@ -7,18 +7,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
-# A GPU image without the package registry: install each missing module from the wheel
-# benchmarks/gpu_bundle.sh prepared (--no-deps: nothing already installed is replaced).
-for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime torch_pruning:torch_pruning \
-            pytest:pytest pluggy:pluggy iniconfig:iniconfig pygments:pygments; do
-    mod=${pair%%:*} whl=${pair#*:}
-    python -c "import $mod" 2>/dev/null && continue
-    ls wheels/${whl}-*.whl >/dev/null 2>&1 || { echo "gpu-check: $mod is missing and wheels/ has no ${whl} wheel: run benchmarks/gpu_bundle.sh where pip can download and carry wheels/"; exit 1; }
-    python -m pip install -q --no-index --no-deps wheels/${whl}-*.whl >> "$out/gpu-check-wheels.log" 2>&1 || {
-        echo "gpu-check: installing wheels/${whl} failed, see $out/gpu-check-wheels.log"; exit 1; }
-done
-python -c "import hydra, omegaconf, yaml, torch_pruning, lightning, pytest, matplotlib, safetensors" || {
-    echo "gpu-check: a dependency is missing (see the import error above)"; exit 1; }
+bash benchmarks/gpu_wheels.sh "$out" || exit 1
 # The real subset when it travelled with the checkout (gpu_bundle.sh), else synthetic data.
 if [ -d data/cifar10-subset/cifar-10-batches-py ]; then fastest=(--data-root data/cifar10-subset --epochs 5); else fastest=(--quick); fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu-check-device.txt" 2>&1
@@ -31,6 +20,6 @@ step() {  # step NAME SECONDS COMMAND...
 }
 # Only the files with gpu-marked tests: others import test-only packages (hypothesis) the image lacks.
 mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/*.py)
-step tests 270 python -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}"
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}"
 step deploy 110 python -m benchmarks.deploy_speed --device cuda --out "$out"
 step fastest 180 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"

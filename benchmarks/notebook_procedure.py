@@ -282,7 +282,8 @@ def train_epochs(arch: str, train_set: Dataset, val_set: Dataset, device: torch.
                  weight_decay: float = 5e-4) -> dict:
     """The notebook's fine-tune cell as it runs: per epoch its training loop (a loss ``.item()`` per
     batch) then its validation loop, then one ``torch.save`` at the end. Returns the wall time of
-    each epoch (training + validation, from the epoch's first loader fetch) and of the save."""
+    each epoch (training + validation, from the epoch's first loader fetch; the last epoch's
+    includes the save, as prunelab's last epoch includes its final checkpoint) and of the save."""
     model = build_model(arch).to(device)
     trainloader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers)
     valloader = val_loader(val_set, batch_size, num_workers)
@@ -308,4 +309,6 @@ def train_epochs(arch: str, train_set: Dataset, val_set: Dataset, device: torch.
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(model.state_dict(), Path(tmp) / "vgg16_cifar10.pth")
-    return {"epoch_s": epoch_s, "save_s": time.perf_counter() - t0, "train_images": images}
+    save_s = time.perf_counter() - t0
+    epoch_s[-1] += save_s
+    return {"epoch_s": epoch_s, "save_s": save_s, "train_images": images}

@@ -169,12 +169,21 @@ class _Tiny(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def _tiny_fit(folder: Path, epochs: int, callbacks: list, ckpt_path=None) -> Trainer:
+class _TinyVal(_Tiny):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+
+def _tiny_fit(folder: Path, epochs: int, callbacks: list, ckpt_path=None, val_every: int | None = None) -> Trainer:
+    """4 training batches an epoch; with ``val_every``, a validation every that many epochs."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g))
+    extra = {"check_val_every_n_epoch": val_every, "num_sanity_val_steps": 0} if val_every else {}
     trainer = Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=folder, callbacks=callbacks, accelerator="cpu")
-    trainer.fit(_Tiny(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+                      default_root_dir=folder, callbacks=callbacks, accelerator="cpu", **extra)
+    loaders = {"val_dataloaders": DataLoader(data, batch_size=8)} if val_every else {}
+    trainer.fit(_TinyVal() if val_every else _Tiny(), DataLoader(data, batch_size=8), ckpt_path=ckpt_path, **loaders)
     return trainer
 
 
@@ -234,6 +243,14 @@ def _saved_epochs(folder: Path, interval: float, seconds_per_batch: float, epoch
 def test_checkpoint_cadence_follows_fitting_time_and_always_saves_the_last_epoch(tmp_path, interval, per_batch, epochs):
     assert _saved_epochs(tmp_path, interval, per_batch) == epochs
     assert os.readlink(tmp_path / "last.ckpt") == "epoch005.ckpt"
+
+
+@pytest.mark.parametrize(("interval", "epochs"), [(0, [1, 2]), (1000, [2])])
+def test_last_epoch_is_saved_where_lightning_saves_at_validation_end_and_it_has_none(tmp_path, interval, epochs):
+    """Validation every 2nd epoch: Lightning saves at validation end (epoch 1), so a 3-epoch fit's
+    last epoch, which does not validate, would go unsaved; with a long interval it would save nothing."""
+    assert _saved_epochs(tmp_path, interval, 1.0, epochs=3, val_every=2) == epochs
+    assert os.readlink(tmp_path / "last.ckpt") == "epoch002.ckpt"
 
 
 def test_a_stop_requested_mid_fit_still_leaves_a_checkpoint_of_the_last_epoch(tmp_path):

@@ -54,8 +54,9 @@ def test_parallel_launcher_jobs_finetune_once(run_cli, tmp_path, launcher):
 
 @pytest.mark.slow
 def test_ddp_checkpoint_cadence_agrees_across_ranks(run_cli, tmp_path):
-    """Epochs of a second with the default min_interval_s (300): both ranks skip the same epoch-end
-    saves (rank zero decides, the decision is broadcast) and the last epoch alone is saved."""
+    """Epochs of a second with the default min_interval_s (300) under DDP: the skip decisions are
+    collective (a broadcast per epoch end on every rank), the fit ends without a hang, and the last
+    epoch alone is saved."""
     r = run_cli(*SMOKE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=3",
                 "stages.prune=false", "finetune.cache=false", f"paths.log_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
