@@ -121,3 +121,21 @@ def test_multirun_ratio_grid_finetunes_once(run_cli, tmp_path):
     assert [j["finetune_reused"] for j in jobs] == [False, True, True]
     assert len({j["finetune_source"] for j in jobs[1:]}) == 1
     assert (summaries[0].parent / "summary.md").is_file()
+
+
+def test_nothing_within_tolerance_keeps_dense_and_times_it_alone(tmp_path):
+    """Every candidate fails (99% of the weights gone, no tolerance): the dense model stands. It is
+    not timed against itself (two timings of one model differ only by noise), no speedup or
+    unstructured-zeros note is reported, and the report says why the pruned column repeats dense."""
+    cfg = compose_cfg(tmp_path, FAST_LEARNER + ["search.grid=[0.99]", "search.refine_step=null",
+                                                "search.tolerance=0", "latency.iters=3", "latency.warmup=1"])
+    report = run(cfg)
+    p = report["pruned"]
+    assert report["search"]["best_ratio"] == 0 and p["ratio"] == 0
+    assert p["latency_ms"] is None and "speedup_p50" not in p
+    assert report["dense"]["latency_ms"]["p50"] > 0 and report["dense"]["latency_ms"].get("interleaved_with") in (None, [])
+    notes = " ".join(report["notes"])
+    assert "the dense model stands" in notes and "at or above" not in notes and "Unstructured zeros" not in notes
+    md = (Path(cfg.paths.output_dir) / "report.md").read_text()
+    assert "method: none (nothing within the tolerance" in md and "the dense model timed alone" in md
+    assert validate(json.loads((Path(cfg.paths.output_dir) / "report.json").read_text())) == []

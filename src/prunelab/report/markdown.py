@@ -117,7 +117,9 @@ def render(report: dict, plots: dict[str, str]) -> str:
     lines = [
         "# prunelab report",
         "",
-        f"Device: {report['device']['name']} · method: {p.get('method', '-')} · scope: {p.get('scope', '-')}"
+        f"Device: {report['device']['name']} · method: "
+        f"{p.get('method', '-') if p.get('ratio', 1) else 'none (nothing within the tolerance: the dense model stands)'}"
+        f" · scope: {p.get('scope', '-')}"
         f" · fine-tune: {'reused ' + report['finetune']['source'] if report['finetune']['reused'] else 'trained in this run'}",
         "",
         summary_table(report),
@@ -127,7 +129,8 @@ def render(report: dict, plots: dict[str, str]) -> str:
     if rt:
         lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
-                  f"{rt.get('hardware') or rt.get('device')}; dense and pruned timed in turns.", ""]
+                  f"{rt.get('hardware') or rt.get('device')}; "
+                  + ("dense and pruned timed in turns." if p.get("latency_ms") else "the dense model timed alone."), ""]
         agreed = report["latency"].get("agreement") or {}
         if agreed:
             lines += ["Deploy forms' top-1 answers against the eager fp32 model: " + ", ".join(
