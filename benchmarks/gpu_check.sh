@@ -21,5 +21,5 @@ step() {  # step NAME SECONDS COMMAND...
 # Only the files with gpu-marked tests: others import test-only packages (hypothesis) the image lacks.
 mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/*.py)
 step tests 240 python -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}"
-step deploy 110 python -m benchmarks.deploy_speed --device cuda --out "$out"
-step fastest 180 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"
+step deploy 90 python -m benchmarks.deploy_speed --device cuda --out "$out"
+step fastest 220 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"
