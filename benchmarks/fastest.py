@@ -71,6 +71,11 @@ def measure(args) -> dict:
         if args.quick:
             base += ["search.grid=[0.3,0.6]", "search.refine_step=null"]
         fastest, fastest_s = _pipeline([*base, "search.objective=latency"], work / "latency")
+        # Kept as soon as it exists: a time-limited run (make gpu-check) that ends before the final
+        # comparison still leaves the search's candidates, front and answer.
+        write_json(Path(args.out) / f"{_tag(args)}-search-partial.json",
+                   {"date": dt.date.today().isoformat(), "device": args.device, "weights": trained,
+                    "search": fastest["search"], "latency": fastest.get("latency"), "wall_s": fastest_s})
         sparsity, sparsity_s = _pipeline([*base, "search.objective=sparsity", "prune.method=magnitude",
                                           "stages.latency=false"], work / "magnitude")
         search = fastest["search"]
@@ -193,6 +198,10 @@ def _final(f: dict | None) -> list[str]:
             table(["method", "ratio", "p50 ms", "vs dense deploy", "beyond noise"], rows), ""]
 
 
+def _tag(args) -> str:
+    return f"{dt.date.today().isoformat()}-fastest-{args.device.replace(':', '')}{'-quick' if args.quick else ''}"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=DEFAULT_ROOT)
@@ -206,8 +215,9 @@ def main(argv=None) -> dict:
     if args.quick:
         args.iters, args.search_iters = 2, 2
     res = measure(args)
-    tag = f"{res['date']}-fastest-{args.device.replace(':', '')}{'-quick' if args.quick else ''}"
+    tag = _tag(args)
     write_json(Path(args.out) / f"{tag}.json", res)
+    (Path(args.out) / f"{tag}-search-partial.json").unlink(missing_ok=True)  # the whole result supersedes it
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))
     return res

@@ -20,6 +20,6 @@ step() {  # step NAME SECONDS COMMAND...
 }
 # Only the files with gpu-marked tests: others import test-only packages (hypothesis) the image lacks.
 mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/*.py)
-step tests 240 python -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}"
+step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --durations=20 "${gpu_tests[@]}"
 step deploy 90 python -m benchmarks.deploy_speed --device cuda --out "$out"
 step fastest 220 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"

@@ -194,3 +194,17 @@ def test_finetune_scale_quick_runs_every_procedure_for_whole_epochs(tmp_path):
         assert len(r["epoch_s"]) == 2 and all(t > 0 for t in r["epoch_s"]), name
     assert res["procedures"]["fast"]["settings"]["on_device"] and not res["procedures"]["defaults"]["settings"]["on_device"]
     assert res["goal"]["applies"] is False and res["goal"]["met"] is None  # the 10x goal is an H100 goal
+
+
+@pytest.mark.slow
+def test_fastest_quick_runs_end_to_end_and_replaces_its_partial_result(tmp_path):
+    from benchmarks.fastest import main
+
+    res = main(["--quick", "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and all("-fastest-cpu-quick." in n for n in names)  # the partial file is gone
+    assert set(res["goals"]) == {"latency answer >= 4x the notebook's dense",
+                                 "latency answer faster than the best sparsity answer",
+                                 "latency search <= 3x the magnitude search's wall time"}
+    assert res["latency_ms_p50"]["dense_eager_fp32_nchw"] > 0 and "dense_deploy" in res["latency_ms_p50"]
+    assert res["candidates"] and all("passed" in c for c in res["candidates"])
