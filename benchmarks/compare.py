@@ -499,8 +499,10 @@ def build_spec(args: argparse.Namespace, work_dir: str) -> dict:
         "latency_iters": args.latency_iters or (3 if q else 30),
         "cache_dir": cache,
         "work_dir": work_dir,
-        # Training the benchmark's weights uses prunelab's fast settings (it is not what is measured).
-        "train_overrides": ["+experiment=fast"],
+        # Training the benchmark's weights uses prunelab's fast settings (it is not what is measured);
+        # on CUDA without compile: for a few short epochs the compile outlasts the training (the
+        # deployed-speed issue saw compare.py time out 170 s into this phase on an H100).
+        "train_overrides": ["+experiment=fast"] + (["model.compile=false"] if str(device).startswith("cuda") else []),
     }
 
 
