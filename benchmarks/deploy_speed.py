@@ -93,20 +93,19 @@ def measure(args) -> dict:
     head = max(args.batch_sizes)
     layouts = {cl: "", not cl: "_nhwc" if not cl else "_nchw"}
     models, built = {"dense_eager": eager_form(dense, None, channels_last=False)}, {}
-    for layout, suffix in layouts.items():
-        for name, net in (("dense", dense), ("channel", channel)):
-            form = deploy_form(net, dtype=dtype, channels_last=layout, device=device, cuda_graph=True,
-                               example_batch=batches[head])
-            for b in batches.values():
-                form.warm(b)
-            models[f"{name}_deploy{suffix}"] = form
-            built[f"{name}_deploy{suffix}"] = form.describe()
-    if semi is not None:
-        form = deploy_form(semi, dtype=dtype, channels_last=cl, device=device, cuda_graph=True,
-                           example_batch=batches[head], two_four=True)
+
+    def add(name: str, net, layout: bool, two_four: bool = False) -> None:
+        form = deploy_form(net, dtype=dtype, channels_last=layout, device=device, cuda_graph=True,
+                           example_batch=batches[head], two_four=two_four)
         for b in batches.values():
             form.warm(b)
-        models["semi_deploy"], built["semi_deploy"] = form, form.describe()
+        models[name], built[name] = form, form.describe()
+
+    for layout, suffix in layouts.items():
+        for name, net in (("dense", dense), ("channel", channel)):
+            add(f"{name}_deploy{suffix}", net, layout)
+    if semi is not None:
+        add("semi_deploy", semi, cl, two_four=True)
     eager_of = {"dense": dense, "channel": channel, "semi": semi}
     checks = {name: agreement(eager_of[name.split("_")[0]], form, [batches[head]], device)
               for name, form in models.items() if name != "dense_eager"}

@@ -117,18 +117,17 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._since = self._clock()
         super().on_train_start(trainer, *args)
 
-    def _too_soon(self, trainer: Trainer, at_validation: bool = False) -> bool:
+    def _too_soon(self, trainer: Trainer) -> bool:
         """Skip this save? Decided on rank zero and broadcast, so every rank agrees (a save is
-        collective). A validation inside the last epoch (``val_check_interval < 1``) is not its end."""
+        collective). The last epoch is saved apart, in ``on_train_epoch_end``."""
         if self.min_interval_s <= 0 or self._since is None or trainer.sanity_checking:
             return False
-        last = final_epoch(trainer) and (not at_validation or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-        skip = not last and self._clock() - self._since < self.min_interval_s
-        return bool(trainer.strategy.broadcast(skip))
+        return bool(trainer.strategy.broadcast(self._clock() - self._since < self.min_interval_s))
 
     def _save_final(self, trainer: Trainer) -> None:
         candidates = self._monitor_candidates(trainer)
-        if self.monitor is None:  # a monitored metric may be absent from an epoch without validation
+        # A monitored metric may be absent from an epoch without validation: then last.ckpt alone.
+        if self.monitor is None or self.monitor in candidates:
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
@@ -196,13 +195,13 @@ class AtomicCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, *args):
         if not self._too_soon(trainer):
             self._holding_removals(super().on_train_epoch_end, trainer, *args)
-        # Where Lightning saves at validation end (validation not every epoch), a last epoch
-        # without validation would end the fit unsaved: the last epoch is always saved.
+        # The last epoch is always saved: its save may have been skipped as too soon, and where
+        # Lightning saves at validation end (validation not every epoch) it may have none.
         if final_epoch(trainer) and not self._should_skip_saving_checkpoint(trainer):
             self._holding_removals(self._save_final, trainer)
 
     def on_validation_end(self, trainer, *args):
-        if not self._too_soon(trainer, at_validation=True):
+        if not self._too_soon(trainer):
             self._holding_removals(super().on_validation_end, trainer, *args)
 
     def on_exception(self, trainer, *args):
