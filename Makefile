@@ -37,8 +37,7 @@ gpu-check:
 # On a CUDA machine, a second call: whole-epoch fine-tune speed at CIFAR-10 scale (40k/10k generated
 # images, VGG16, 3 epochs) for the notebook's loop, the defaults and +experiment=fast (~4-6 min).
 gpu-scale:
-	bash benchmarks/gpu_wheels.sh $(or $(OUT),benchmarks/results)
-	PYTHONPATH=src $(PYTHON) -m benchmarks.finetune_scale --device cuda --epochs 3 $(if $(OUT),--out $(OUT))
+	bash benchmarks/gpu_check.sh scale
 
 clean:
 	rm -rf logs build dist *.egg-info .pytest_cache

@@ -1,25 +1,63 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one command (`make gpu-check`), within ~9 minutes on one H100 (the device tool's 10-minute limit per command):
-# the gpu-marked tests, then the deploy-speed and fastest-model benchmarks on CUDA. Each step has
-# its own time limit; results land in benchmarks/results (and in $OUT when the device tool sets it).
+# Everything a GPU session checks, in one command: `bash benchmarks/gpu_check.sh [STEP ...]`.
+#   tests    the gpu-marked tests (pytest-xdist workers where the image has it)
+#   deploy   benchmarks.deploy_speed --device cuda (dense eager / deploy / channel / 2:4, in turns)
+#   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
+#   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
+# Default (`make gpu-check`): tests deploy fastest; `make gpu-scale`: scale. Each step has its own
+# time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
+# Results land in benchmarks/results; when the device tool sets $OUT (which returns at most 8
+# files), they are also packed after every step into $OUT/gpu-check.tar.gz, so a step killed at its
+# limit still leaves the earlier steps' results (and its own partial ones) behind.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
-bash benchmarks/gpu_wheels.sh "$out" || exit 1
-# The real subset when it travelled with the checkout (gpu_bundle.sh), else synthetic data.
-if [ -d data/cifar10-subset/cifar-10-batches-py ]; then fastest=(--data-root data/cifar10-subset --epochs 5); else fastest=(--quick); fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu-check-device.txt" 2>&1
-step() {  # step NAME SECONDS COMMAND...
-    local name=$1 limit=$2; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$out/gpu-check-$name.log" 2>&1
-    echo "$name: exit $?" | tee -a "$out/gpu-check-summary.txt"
-    tail -5 "$out/gpu-check-$name.log"
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests deploy fastest)
+res=benchmarks/results
+mkdir -p "$res"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src" PYTHONUNBUFFERED=1
+stamp="$(date -u +%Y-%m-%d)"
+summary="$res/$stamp-gpu-check-summary.txt"
+logs="$res/.gpu-check-logs"  # step logs: packed into $OUT, not committed
+mkdir -p "$logs"
+pack() {
+    [ -n "${OUT:-}" ] || return 0
+    # every result file this run wrote (newer than the marker) plus the logs
+    find "$res" -maxdepth 1 -type f -newer "$logs/.start" -print0 | tar -czf "$OUT/gpu-check.tar.gz.tmp" \
+        --null -T - "$logs" 2>/dev/null && mv "$OUT/gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
+    cp "$summary" "$OUT/" 2>/dev/null || true
 }
-# Only the files with gpu-marked tests: others import test-only packages (hypothesis) the image lacks.
-mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/*.py)
-step tests 240 python -m pytest -q -m gpu -p no:cacheprovider --durations=20 "${gpu_tests[@]}"
-step deploy 90 python -m benchmarks.deploy_speed --device cuda --out "$out"
-step fastest 220 python -m benchmarks.fastest --device cuda "${fastest[@]}" --out "$out"
+touch "$logs/.start"
+sleep 1  # files written from here on are newer than the marker
+bash benchmarks/gpu_wheels.sh "$logs" || { pack; exit 1; }
+{
+    echo "date: $(date -u +%FT%TZ)  git: $(git rev-parse --short HEAD 2>/dev/null || echo '?')  steps: ${steps[*]}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+    python -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)" 2>&1
+} >> "$summary"
+step() {  # step NAME DEFAULT_SECONDS COMMAND...
+    local name=$1 var="LIMIT_$1" limit t0 rc; limit=${!var:-$2}; shift 2
+    echo "== $name (limit ${limit}s)"
+    t0=$(date +%s)
+    timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+    rc=$?
+    echo "$name: exit $rc$([ $rc = 124 ] && echo ' (killed at its time limit)') after $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+    tail -5 "$logs/$name.log"
+    pack
+}
+for s in "${steps[@]}"; do
+    case $s in
+        tests)
+            # Only the files with gpu-marked tests: others import test-only packages an image may lack.
+            mapfile -t files < <(grep -l "pytest.mark.gpu" tests/*.py)
+            workers=(); python -c "import xdist" 2>/dev/null && workers=(-n 4)
+            step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" "${files[@]}" ;;
+        deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
+        scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
+        fastest)
+            if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
+            else args=(--quick); fi
+            step fastest 220 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, scale, fastest)"; exit 2 ;;
+    esac
+done

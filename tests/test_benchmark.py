@@ -196,6 +196,27 @@ def test_finetune_scale_quick_runs_every_procedure_for_whole_epochs(tmp_path):
     assert res["goal"]["applies"] is False and res["goal"]["met"] is None  # the 10x goal is an H100 goal
 
 
+def test_finetune_scale_records_a_failed_procedure_and_saves_after_each(monkeypatch, tmp_path):
+    import argparse
+
+    from benchmarks import finetune_scale as fs
+
+    def fake_child(target, spec):
+        if spec["procedure"] == "fast":
+            raise RuntimeError("child failed (exit code 1):\nTraceback ...\nRuntimeError: no kernel image")
+        return {"epoch_s": [4.0, 2.0, 2.0], "fit_s": 8.0, "train_images": 240, "settings": {}}
+
+    monkeypatch.setattr(fs, "run_child", fake_child)
+    saved = []
+    args = argparse.Namespace(device="cpu", train_size=100, arch="resnet18", epochs=3, num_workers=0)
+    res = fs.measure(args, save=lambda r: saved.append(sorted(r["procedures"]) + sorted(r["errors"])))
+    assert saved == [["notebook"], ["notebook", "fast"], ["defaults", "notebook", "fast"]]
+    assert "no kernel image" in res["errors"]["fast"] and res["goal"]["fast_vs_notebook_steady"] is None
+    assert res["steady_vs_notebook"] == {"defaults": 1.0}
+    md = fs.render(res)
+    assert "fast failed" in md and "RuntimeError: no kernel image" in md and "not measured" in md
+
+
 @pytest.mark.slow
 def test_fastest_quick_runs_end_to_end_and_replaces_its_partial_result(tmp_path):
     from benchmarks.fastest import main

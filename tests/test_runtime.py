@@ -236,6 +236,7 @@ def test_compiled_form_agrees_and_reports_its_compile_time():
 @pytest.mark.gpu
 def test_cuda_graph_form_equals_eager_per_batch_size():
     net = tiny_vgg().cuda()
+    autotune_before = torch.backends.cudnn.benchmark
     form = deploy_form(net, dtype=torch.float32, channels_last=True, device="cuda", example_batch=X[:4])
     assert isinstance(form, Deployed) and form.use_graph and form.batch_size == 4
     x = X.cuda()
@@ -243,10 +244,21 @@ def test_cuda_graph_form_equals_eager_per_batch_size():
         ref = net(x)
         out4, out6 = form(x[:4]), form(x)  # a second shape: a second graph
         again = form(x[:4])
-    assert form.batch_sizes == [4, 6] and form.describe()["graph"]
+    assert form.batch_sizes == [4, 6] and form.describe()["graph"] and form.describe()["cudnn_autotune"]
+    assert torch.backends.cudnn.benchmark == autotune_before  # autotuned inside the capture only
     for got, want in ((out4, ref[:4]), (out6, ref), (again, ref[:4])):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
     assert check_agreement(agreement(net, form, [x], "cuda"))["agreement"] == 1.0
+
+
+def test_cudnn_autotune_is_restored_even_when_the_block_raises():
+    from prunelab.runtime import _cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    with pytest.raises(RuntimeError), _cudnn_autotune():
+        assert torch.backends.cudnn.benchmark is True
+        raise RuntimeError("capture failed")
+    assert torch.backends.cudnn.benchmark == before
 
 
 def _two_four_mlp():

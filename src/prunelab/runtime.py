@@ -3,7 +3,8 @@
 ``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
 VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
 layout, optionally moves 2:4 Linear weights onto the sparse kernels, and on CUDA replays the
-forward from a CUDA graph per batch shape (or runs it through ``torch.compile``). ``eager_form``
+forward from a CUDA graph per batch shape, captured after cuDNN autotuning picked each
+convolution's algorithm (or runs it through ``torch.compile``). ``eager_form``
 is the model as trained under autocast, the ``latency.runtime=eager`` timing. Both are
 ``nn.Module``s, so the interleaved timer takes them as they are, and neither ever runs a sparse
 model under autocast (autocast's ``to.dtype`` is not implemented for semi-structured tensors).
@@ -102,6 +103,17 @@ def eager_form(net: nn.Module, precision: str | None = None, channels_last: bool
     return Eager(net, precision, channels_last)
 
 
+@contextlib.contextmanager
+def _cudnn_autotune():
+    """``torch.backends.cudnn.benchmark`` on for the block, restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 class _Graph:
     """One captured forward: a static input buffer, the graph, and its static output."""
 
@@ -114,13 +126,17 @@ class _Graph:
             # so the library handles it created are the ones the capture uses.
             self.stream = torch.cuda.Stream(dev)
             self.stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(self.stream):
-                for _ in range(GRAPH_WARMUP):
-                    net(self.input)
-            torch.cuda.current_stream(dev).wait_stream(self.stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self.output = net(self.input)
+            # cuDNN autotuning, as a server would run: the first warm-up call picks each convolution's
+            # fastest algorithm for this shape, and the capture bakes that choice into the graph (the
+            # global setting, which eager timing uses, is left as it was).
+            with _cudnn_autotune():
+                with torch.cuda.stream(self.stream):
+                    for _ in range(GRAPH_WARMUP):
+                        net(self.input)
+                torch.cuda.current_stream(dev).wait_stream(self.stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=self.stream):
+                    self.output = net(self.input)
         torch.cuda.synchronize(dev)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +221,7 @@ class Deployed(Form):
         return dict(super().describe(), folded=self.folded_at is not None, graph=self.use_graph,
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
-                    kernels=self.kernels, sparse=self.sparse)
+                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph)
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
