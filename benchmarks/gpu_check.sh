@@ -15,7 +15,9 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests deploy fastest)
 res=benchmarks/results
 mkdir -p "$res"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src" PYTHONUNBUFFERED=1
+# src, and the folder gpu_wheels.sh installs missing packages into
+export PRUNELAB_SITE="${PRUNELAB_SITE:-/tmp/prunelab-site}"
+export PYTHONPATH="$PRUNELAB_SITE:src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stamp="$(date -u +%Y-%m-%d)"
 summary="$res/$stamp-gpu-check-summary.txt"
 logs="$res/.gpu-check-logs"  # step logs: packed into $OUT, not committed
