@@ -21,7 +21,7 @@ export PYTHONPATH="$PRUNELAB_SITE:src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 stamp="$(date -u +%Y-%m-%d)"
 summary="$res/$stamp-gpu-check-summary.txt"
 logs="$res/.gpu-check-logs"  # step logs: packed into $OUT, not committed
-mkdir -p "$logs"
+rm -rf "$logs" && mkdir -p "$logs"
 pack() {
     [ -n "${OUT:-}" ] || return 0
     # every result file this run wrote (newer than the marker) plus the logs
