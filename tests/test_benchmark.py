@@ -229,3 +229,13 @@ def test_fastest_quick_runs_end_to_end_and_replaces_its_partial_result(tmp_path)
                                  "latency search <= 3x the magnitude search's wall time"}
     assert res["latency_ms_p50"]["dense_eager_fp32_nchw"] > 0 and "dense_deploy" in res["latency_ms_p50"]
     assert res["candidates"] and all("passed" in c for c in res["candidates"])
+
+
+def test_deploy_speed_flags_a_loaded_machine_by_load_and_on_the_cpu_by_cores_used():
+    from benchmarks.deploy_speed import _busy
+
+    idle = {"load_avg_start": (0.6, 0, 0), "load_avg_end": (0.7, 0, 0), "threads": 16, "cores_used": 1.3}
+    assert _busy(dict(idle, device="cpu"))  # 16 threads asked for, 1.3 cores got: starved
+    assert not _busy(dict(idle, device="cuda"))  # one thread drives the GPU: the norm there
+    assert _busy(dict(idle, device="cuda", load_avg_end=(20.0, 0, 0)))
+    assert not _busy(dict(idle, device="cpu", cores_used=15.0))
