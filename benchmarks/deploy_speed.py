@@ -28,13 +28,13 @@ import copy
 import datetime as dt
 import os
 import platform
-import re
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.compare import device_slug
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
@@ -51,7 +51,7 @@ CUDA_GOALS_MS = {("dense_deploy", 128): 0.5, ("dense_deploy", 1): 0.25, ("channe
 
 def _device_tag(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
-        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
+        return device_slug(device, threads)
     return f"{platform.machine()}-cpu-{threads}threads"
 
 

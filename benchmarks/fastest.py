@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train
+from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, device_slug
 from prunelab import hardware
 from prunelab.compose import compose
 from prunelab.io import load_state_dict, write_json, write_text
@@ -199,7 +199,9 @@ def _final(f: dict | None) -> list[str]:
 
 
 def _tag(args) -> str:
-    return f"{dt.date.today().isoformat()}-fastest-{args.device.replace(':', '')}{'-quick' if args.quick else ''}"
+    device = torch.device(args.device)
+    where = device_slug(device, 0) if device.type == "cuda" else device.type  # the GPU's name, e.g. nvidia-h200
+    return f"{dt.date.today().isoformat()}-fastest-{where}{'-quick' if args.quick else ''}"
 
 
 def main(argv=None) -> dict:

@@ -59,3 +59,20 @@ def test_latency_objective_on_cuda(tmp_path):
     s = report["search"]
     assert s["objective"] == "latency" and s["candidates"]
     assert all(c.get("p50_ms") is not None for c in s["candidates"] if c["passed"])
+
+
+def test_a_training_step_never_waits_for_the_host():
+    """One host sync per step (torchmetrics' label check counted torch.unique on the host) makes the
+    CPU wait for the GPU every step, so Python's per-step overhead and the GPU's work add up instead
+    of overlapping."""
+    from prunelab.models import ImageClassifier
+
+    module = ImageClassifier(arch="resnet18", weights=None).cuda()
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    module.training_step((x, y), 0).backward()  # first call: allocations and library plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module.training_step((x, y), 1).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

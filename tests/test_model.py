@@ -89,3 +89,11 @@ def test_fused_sgd_is_not_asked_of_tensors_without_a_fused_kernel():
     opt = make_sgd([nn.Parameter(torch.zeros(3, dtype=torch.float64)), nn.Parameter(torch.zeros(2, device="meta"))],
                    lr=0.1, momentum=0.9, weight_decay=0.0, fused=True)
     assert not opt.defaults.get("fused")
+
+
+def test_a_label_outside_the_classes_is_still_refused_without_the_metrics_input_check():
+    # the accuracy metrics skip their (host-syncing) input check; cross-entropy still refuses
+    module = ImageClassifier(arch="resnet18", weights=None, num_classes=10)
+    assert not module.train_acc.validate_args
+    with pytest.raises(IndexError, match="out of bounds"):
+        module.training_step((torch.randn(2, 3, 32, 32), torch.tensor([3, 10])), 0)

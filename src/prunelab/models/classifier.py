@@ -49,9 +49,11 @@ class ImageClassifier(LightningModule):
         # self.net itself, so moves to a device and in-place weight edits (pruning) apply to both.
         object.__setattr__(self, "_compiled", torch.compile(self.net) if compile else None)
         self.criterion = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: torchmetrics' input check counts torch.unique(target) on the host, a
+        # GPU->CPU sync in every step that serialised a CUDA step behind Python. The labels come from
+        # prunelab's own datamodules, and cross-entropy refuses a label outside num_classes anyway.
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
