@@ -30,7 +30,8 @@ lint:
 bench:
 	$(PYTHON) -m benchmarks.compare
 
-# On a CUDA machine: gpu-marked tests + deploy-speed and fastest-model benchmarks (~8 min on an H100).
+# On a CUDA machine: gpu-marked tests + deploy-speed, step-overhead and fastest-model benchmarks
+# (~5 min on an H200, 2026-11-27).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

@@ -239,3 +239,15 @@ def test_deploy_speed_flags_a_loaded_machine_by_load_and_on_the_cpu_by_cores_use
     assert not _busy(dict(idle, device="cuda"))  # one thread drives the GPU: the norm there
     assert _busy(dict(idle, device="cuda", load_avg_end=(20.0, 0, 0)))
     assert not _busy(dict(idle, device="cpu", cores_used=15.0))
+
+
+@pytest.mark.slow
+def test_step_overhead_quick_times_both_loops_in_turns(tmp_path):
+    from benchmarks.step_overhead import main
+
+    res = main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{res['date']}-step-overhead-cpu-quick.{ext}" for ext in ("json", "md"))
+    assert len(res["plain_ms"]) == len(res["prunelab_ms"]) == 1
+    assert res["plain_ms_median"] > 0 and res["prunelab_ms_median"] > 0
+    assert res["overhead_ms"] == pytest.approx(res["prunelab_ms_median"] - res["plain_ms_median"])

@@ -97,3 +97,56 @@ def test_a_label_outside_the_classes_is_still_refused_without_the_metrics_input_
     assert not module.train_acc.validate_args
     with pytest.raises(IndexError, match="out of bounds"):
         module.training_step((torch.randn(2, 3, 32, 32), torch.tensor([3, 10])), 0)
+
+
+def _tiny_fit(tmp_path, log_every_n_steps=2, batches=5):
+    """One epoch of a tiny classifier on uneven batches (last one smaller), validated, CSV-logged."""
+    import csv
+
+    from lightning import Callback, Trainer
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    n = 8 * batches - 3
+    data = TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 4, (n,)))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    module = ImageClassifier(net=net, num_classes=4, lr=0.1)
+
+    class Losses(Callback):  # every training batch's loss and size, as the optimiser saw them
+        seen: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((float(outputs["loss"]), len(batch[1])))
+
+    losses = Losses()
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[losses],
+                      log_every_n_steps=log_every_n_steps, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    loader = DataLoader(data, batch_size=8)
+    trainer.fit(module, loader, loader)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    return module, trainer, losses.seen, data, rows
+
+
+def test_epoch_loss_and_accuracy_are_the_epochs_image_weighted_means(tmp_path):
+    module, trainer, seen, data, _ = _tiny_fit(tmp_path)
+    m = trainer.callback_metrics
+    want = sum(loss * k for loss, k in seen) / sum(k for _, k in seen)
+    assert float(m["train/loss"]) == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():  # validation ran after the epoch's last step: the final weights
+        x, y = data.tensors
+        logits = module(x)
+    assert float(m["val/acc"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=1e-6)
+    assert float(m["val/loss"]) == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert not module._loss_sum and not module._loss_count  # nothing carried into the next epoch
+
+
+def test_step_loss_is_logged_at_the_loggers_steps_only(tmp_path):
+    _, _, seen, _, rows = _tiny_fit(tmp_path, log_every_n_steps=2, batches=5)
+    steps = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert sorted(steps) == [1, 3]  # Lightning writes every 2nd step: (step + 1) % 2 == 0
+    for step, value in steps.items():
+        assert value == pytest.approx(seen[step][0], rel=1e-6)
+    assert any(r.get("train/loss") for r in rows) and any(r.get("train/acc") for r in rows)
