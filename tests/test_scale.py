@@ -62,3 +62,19 @@ def test_ddp_checkpoint_cadence_agrees_across_ranks(run_cli, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (ckpts,) = list(tmp_path.rglob("checkpoints"))
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch002.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_ddp_epoch_logging_is_collective_and_logs_every_key(run_cli, tmp_path):
+    """The epoch's loss and accuracy are logged through collectives (a sum over ranks, the metric's
+    gather): with one validation and one test image on two ranks (Lightning's sampler pads rank 1's
+    shard with a repeat), every rank joins them, the fit ends, and the logger gets every key."""
+    r = run_cli(*SMOKE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                "stages.prune=false", "finetune.cache=false", "data.train_size=5", "data.test_size=1",
+                f"paths.log_dir={tmp_path}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (csv_file,) = list(tmp_path.rglob("metrics.csv"))
+    header = csv_file.read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(header)
+    (report,) = _reports(tmp_path)
+    assert report["dense"]["test_acc"]["n"] == 1  # the one test image, counted once across ranks

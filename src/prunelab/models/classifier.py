@@ -9,6 +9,8 @@ not available for the parameters' device or dtype.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning import LightningModule
 from torch import nn
@@ -92,18 +94,29 @@ class ImageClassifier(LightningModule):
             getattr(trainer._logger_connector, "should_update_logs", True))
 
     def _log_epoch(self, stage: str, metric) -> None:
-        """The epoch's mean loss and accuracy, logged once at its end (summed over DDP ranks)."""
+        """The epoch's mean loss and accuracy, logged once at its end (summed over DDP ranks).
+
+        Under DDP every rank takes part in each collective and logs the same keys even when its
+        shard of this split was empty (a tiny validation set): a rank that skipped one would leave
+        the others waiting."""
         total, count = self._loss_sum.pop(stage, None), self._loss_count.pop(stage, 0)
-        if total is not None and count:
-            both = torch.stack([total, torch.tensor(float(count), device=total.device)])
-            if self._trainer is not None and self._trainer.world_size > 1:
-                both = self._trainer.strategy.reduce(both, reduce_op="sum")
-            # sync_dist on values that are already global: equal on every rank, and Lightning's
-            # epoch-level check is satisfied
-            self.log(f"{stage}/loss", both[0] / both[1], prog_bar=stage != "test", sync_dist=True)
-        if metric.update_called:  # compute() before any update only warns and returns 0
-            self.log(f"{stage}/acc", metric.compute(), prog_bar=True, sync_dist=True)  # compute() syncs DDP ranks
+        distributed = self._trainer is not None and self._trainer.world_size > 1
+        if total is None and not distributed:  # no step of this stage ran
+            metric.reset()
+            return
+        device = total.device if total is not None else self.device
+        both = torch.stack([total if total is not None else torch.zeros((), device=device),
+                            torch.tensor(float(count), device=device)])
+        if distributed:
+            both = self._trainer.strategy.reduce(both, reduce_op="sum")
+        with warnings.catch_warnings():  # an empty shard: torchmetrics warns, its gather still counts
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            accuracy = metric.compute()  # gathers the ranks' states under DDP
         metric.reset()
+        if float(both[1]) > 0:  # images seen on all ranks together (one read per epoch)
+            # sync_dist on values already global: equal on every rank; Lightning's epoch-level check is met
+            self.log(f"{stage}/loss", both[0] / both[1], prog_bar=stage != "test", sync_dist=True)
+            self.log(f"{stage}/acc", accuracy, prog_bar=True, sync_dist=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_acc)
