@@ -174,7 +174,7 @@ def _judge(res: dict, cuda: bool) -> None:
 def render(res: dict) -> str:
     s, hw = res["setup"], res["hardware"]
     rows = [(k, f"{v['first_epoch_images_per_s']:.0f}", f"{v['steady_images_per_s']:.0f}",
-             f"{res['steady_vs_notebook'].get(k, 1.0):.2f}x", f"{v['fit_s']:.1f}",
+             ("1.00x" if k == "notebook" else f"{res['steady_vs_notebook'][k]:.2f}x" if k in res["steady_vs_notebook"] else "-"), f"{v['fit_s']:.1f}",
              ", ".join(f"{a}={b}" for a, b in v["settings"].items()))
             for k, v in res["procedures"].items()]
     g = res["goal"]

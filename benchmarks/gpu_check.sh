@@ -18,7 +18,8 @@ res=benchmarks/results
 mkdir -p "$res"
 # src, and the folder gpu_wheels.sh installs missing packages into
 export PRUNELAB_SITE="${PRUNELAB_SITE:-/tmp/prunelab-site}"
-export PYTHONPATH="$PRUNELAB_SITE:src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# absolute: tests run the CLI from other working directories
+export PYTHONPATH="$PRUNELAB_SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stamp="$(date -u +%Y-%m-%d)"
 summary="$res/$stamp-gpu-check-summary.txt"
 logs="$res/.gpu-check-logs"  # step logs: packed into $OUT, not committed
@@ -38,13 +39,16 @@ bash benchmarks/gpu_wheels.sh "$logs" || { pack; exit 1; }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
     python -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)" 2>&1
 } >> "$summary"
+failed=0
 step() {  # step NAME DEFAULT_SECONDS COMMAND...
     local name=$1 var="LIMIT_$1" limit t0 rc; limit=${!var:-$2}; shift 2
     echo "== $name (limit ${limit}s)"
     t0=$(date +%s)
-    timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+    # -k: Lightning catches SIGTERM and finishes its batch first; KILL follows 10 s later
+    timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
     rc=$?
-    echo "$name: exit $rc$([ $rc = 124 ] && echo ' (killed at its time limit)') after $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+    [ $rc = 0 ] || failed=1
+    echo "$name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ' (killed at its time limit)') after $(( $(date +%s) - t0 )) s" | tee -a "$summary"
     tail -5 "$logs/$name.log"
     pack
 }
@@ -54,14 +58,15 @@ for s in "${steps[@]}"; do
             # Only the files with gpu-marked tests: others import test-only packages an image may lack.
             mapfile -t files < <(grep -l "pytest.mark.gpu" tests/*.py)
             workers=(); python -c "import xdist" 2>/dev/null && workers=(-n 4)
-            step tests 200 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" "${files[@]}" ;;
+            step tests 180 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" "${files[@]}" ;;
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
         scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
         fastest)
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi
-            step fastest 220 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
+            step fastest 200 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
         *) echo "gpu_check: unknown step '$s' (tests, deploy, overhead, scale, fastest)"; exit 2 ;;
     esac
 done
+exit $failed

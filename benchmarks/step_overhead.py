@@ -7,8 +7,8 @@ metrics and the fused SGD step. On a GPU that per-step work is what a fast fine-
 once the arithmetic is quick (an H200 ran VGG16's fast fine-tune at ~17 ms a step against a
 0.62 ms bf16 forward, 2026-11-27). The two loops take turns (plain, prunelab, prunelab, plain, ...)
 in one process; each prunelab turn is one epoch of a fresh Trainer built from the config's
-defaults (checkpoint callback and CSV logger included; no validation), timed from its epoch's
-start to its end.
+defaults (checkpoint callback, CSV logger and the per-batch seeding every prunelab fine-tune has;
+no validation), timed from its epoch's start to its end.
 
     python -m benchmarks.step_overhead [--device cuda] [--turns 3] [--steps 200]
     python -m benchmarks.step_overhead --quick      # its test: 1 turn of 10 steps
@@ -68,6 +68,7 @@ def prunelab_turn(loader, device: torch.device, work: Path) -> float:
     """Seconds per step of one epoch of prunelab's Trainer (config defaults) on the same batches."""
     from lightning import Callback
 
+    from prunelab.checkpoints import ResumeState
     from prunelab.compose import compose
     from prunelab.models.classifier import ImageClassifier
     from prunelab.trainer import build_trainer
@@ -85,7 +86,9 @@ def prunelab_turn(loader, device: torch.device, work: Path) -> float:
     torch.manual_seed(0)
     module = ImageClassifier(net=tiny_net(), num_classes=10)
     clock = EpochClock()
-    trainer = build_trainer(cfg, callbacks=[clock], enable_model_summary=False, max_epochs=1, limit_val_batches=0,
+    # ResumeState as prunelab.finetune adds it to every fine-tune (per-batch seeds, checkpoint stamps)
+    trainer = build_trainer(cfg, callbacks=[ResumeState(0, "bench", "bench"), clock], enable_model_summary=False,
+                            max_epochs=1, limit_val_batches=0,
                             num_sanity_val_steps=0, accelerator="gpu" if device.type == "cuda" else "cpu")
     trainer.fit(module, train_dataloaders=loader)
     return clock.seconds / len(loader)

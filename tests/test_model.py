@@ -99,7 +99,7 @@ def test_a_label_outside_the_classes_is_still_refused_without_the_metrics_input_
         module.training_step((torch.randn(2, 3, 32, 32), torch.tensor([3, 10])), 0)
 
 
-def _tiny_fit(tmp_path, log_every_n_steps=2, batches=5):
+def _tiny_fit(tmp_path, log_every_n_steps=2, batches=5, epochs=1, callbacks=()):
     """One epoch of a tiny classifier on uneven batches (last one smaller), validated, CSV-logged."""
     import csv
 
@@ -120,7 +120,8 @@ def _tiny_fit(tmp_path, log_every_n_steps=2, batches=5):
             self.seen.append((float(outputs["loss"]), len(batch[1])))
 
     losses = Losses()
-    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[losses],
+    losses.seen = []
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[losses, *callbacks],
                       log_every_n_steps=log_every_n_steps, enable_progress_bar=False, enable_checkpointing=False,
                       enable_model_summary=False, num_sanity_val_steps=0)
     loader = DataLoader(data, batch_size=8)
@@ -150,3 +151,38 @@ def test_step_loss_is_logged_at_the_loggers_steps_only(tmp_path):
     for step, value in steps.items():
         assert value == pytest.approx(seen[step][0], rel=1e-6)
     assert any(r.get("train/loss") for r in rows) and any(r.get("train/acc") for r in rows)
+
+
+def test_callbacks_see_this_epochs_training_values_at_its_end(tmp_path):
+    """A progress bar or any callback reads the epoch's metrics in its on_train_epoch_end, which runs
+    before the module's: the values must already be this epoch's, not the last one's."""
+    from lightning import Callback
+
+    class Reader(Callback):
+        got: list = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.got.append(float(trainer.callback_metrics["train/loss"]))
+
+    reader = Reader()
+    reader.got = []
+    _, _, seen, _, _ = _tiny_fit(tmp_path, batches=5, epochs=2, callbacks=[reader])
+    per_epoch = [seen[:5], seen[5:]]
+    want = [sum(v * k for v, k in e) / sum(k for _, k in e) for e in per_epoch]
+    assert reader.got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_stop_mid_epoch_logs_that_steps_loss_and_the_partial_epoch(tmp_path):
+    from lightning import Callback
+
+    class StopAt(Callback):  # a stop request after step 2 (as a time limit would make it)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                trainer.should_stop = True
+
+    _, trainer, seen, _, rows = _tiny_fit(tmp_path, log_every_n_steps=50, batches=5, callbacks=[StopAt()])
+    assert len(seen) == 3
+    steps = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert steps == pytest.approx({2: seen[2][0]}, rel=1e-6)  # the stop step's own loss, not an older one
+    want = sum(v * k for v, k in seen) / sum(k for _, k in seen)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(want, rel=1e-5)

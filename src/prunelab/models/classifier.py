@@ -59,6 +59,7 @@ class ImageClassifier(LightningModule):
         # per stage: the epoch's summed loss (a device tensor, never read mid-epoch) and image count
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._loss_count: dict[str, int] = {}
+        self._train_logged = False  # this epoch's train values already logged (at its last batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -81,24 +82,32 @@ class ImageClassifier(LightningModule):
         total = loss.detach().float() * n
         self._loss_sum[stage] = total if stage not in self._loss_sum else self._loss_sum[stage] + total
         self._loss_count[stage] = self._loss_count.get(stage, 0) + n
-        if stage == "train" and self._step_loss_is_shown():
+        if stage == "train" and self._trainer is not None and self._trainer.progress_bar_callback is not None:
+            # a bar refreshes every step (in its own on_train_batch_end, before the module's): log now
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _step_loss_is_shown(self) -> bool:
-        """Whether this step's loss reaches anyone: a progress bar, or the logger's every-n-steps write."""
+    def on_train_batch_end(self, outputs, batch, batch_idx):
         trainer = self._trainer
         if trainer is None:
-            return False
-        return trainer.progress_bar_callback is not None or bool(
-            getattr(trainer._logger_connector, "should_update_logs", True))
+            return
+        # Without a bar, the step loss only reaches the logger at its every-n-steps write, decided
+        # after this hook (when callbacks may already have asked to stop): log it exactly then.
+        if trainer.progress_bar_callback is None and getattr(trainer._logger_connector, "should_update_logs", True):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        # The epoch's values at its last batch: callbacks (a progress bar among them) read the
+        # epoch's metrics in their on_train_epoch_end, which runs before the module's.
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._log_epoch("train", self.train_acc)
+            self._train_logged = True
 
     def _log_epoch(self, stage: str, metric) -> None:
         """The epoch's mean loss and accuracy, logged once at its end (summed over DDP ranks).
 
-        Under DDP every rank takes part in each collective and logs the same keys even when its
-        shard of this split was empty (a tiny validation set): a rank that skipped one would leave
-        the others waiting."""
+        Under DDP every rank takes part in each collective and logs the same keys, also with no
+        local steps (Lightning refuses an empty loader today; a rank that skipped a collective
+        would pair the others' with its next one)."""
         total, count = self._loss_sum.pop(stage, None), self._loss_count.pop(stage, 0)
         distributed = self._trainer is not None and self._trainer.world_size > 1
         if total is None and not distributed:  # no step of this stage ran
@@ -109,14 +118,16 @@ class ImageClassifier(LightningModule):
                             torch.tensor(float(count), device=device)])
         if distributed:
             both = self._trainer.strategy.reduce(both, reduce_op="sum")
-        with warnings.catch_warnings():  # an empty shard: torchmetrics warns, its gather still counts
+        with warnings.catch_warnings():  # no local update: torchmetrics warns, its gather still counts
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
             accuracy = metric.compute()  # gathers the ranks' states under DDP
         metric.reset()
         if float(both[1]) > 0:  # images seen on all ranks together (one read per epoch)
             # sync_dist on values already global: equal on every rank; Lightning's epoch-level check is met
-            self.log(f"{stage}/loss", both[0] / both[1], prog_bar=stage != "test", sync_dist=True)
-            self.log(f"{stage}/acc", accuracy, prog_bar=True, sync_dist=True)
+            # on_epoch explicitly: from on_train_batch_end Lightning's default would be a step value
+            self.log(f"{stage}/loss", both[0] / both[1], on_step=False, on_epoch=True, prog_bar=stage != "test",
+                     sync_dist=True)
+            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_acc)
@@ -127,8 +138,25 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test", self.test_acc)
 
+    def on_train_epoch_start(self):
+        self._restart("train", self.train_acc)
+
+    def on_validation_epoch_start(self):
+        self._restart("val", self.val_acc)
+
+    def on_test_epoch_start(self):
+        self._restart("test", self.test_acc)
+
+    def _restart(self, stage: str, metric) -> None:
+        """A stage starts from nothing (an earlier epoch stopped by an exception leaves no residue)."""
+        self._loss_sum.pop(stage, None)
+        self._loss_count.pop(stage, None)
+        self._train_logged = False if stage == "train" else self._train_logged
+        metric.reset()
+
     def on_train_epoch_end(self):
-        self._log_epoch("train", self.train_acc)
+        if not self._train_logged:  # an epoch stopped before its last batch (max_steps, a stop request)
+            self._log_epoch("train", self.train_acc)
 
     def on_validation_epoch_end(self):
         self._log_epoch("val", self.val_acc)
