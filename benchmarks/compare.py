@@ -58,6 +58,14 @@ def device_slug(device: torch.device, threads: int) -> str:
     return f"{device.type}-{threads}threads"
 
 
+def result_tag(what: str, device: str, quick: bool = False) -> str:
+    """``<date>-<what>-<where>[-quick]``, the stem of a benchmark's result files: ``where`` is the
+    GPU's name on CUDA (``nvidia-h200``), else the device type."""
+    dev = torch.device(device)
+    where = device_slug(dev, 0) if dev.type == "cuda" else dev.type
+    return f"{_dt.date.today().isoformat()}-{what}-{where}{'-quick' if quick else ''}"
+
+
 def ratios(notebook: dict, prunelab: dict, keys=METRICS) -> dict:
     """prunelab / notebook for each raw figure (None where the notebook's is missing or zero)."""
     out = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, device_slug
+from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, result_tag
 from prunelab import hardware
 from prunelab.compose import compose
 from prunelab.io import load_state_dict, write_json, write_text
@@ -199,9 +199,7 @@ def _final(f: dict | None) -> list[str]:
 
 
 def _tag(args) -> str:
-    device = torch.device(args.device)
-    where = device_slug(device, 0) if device.type == "cuda" else device.type  # the GPU's name, e.g. nvidia-h200
-    return f"{dt.date.today().isoformat()}-fastest-{where}{'-quick' if args.quick else ''}"
+    return result_tag("fastest", args.device, args.quick)
 
 
 def main(argv=None) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, device_slug, run_child
+from benchmarks.compare import DEFAULT_OUT, result_tag, run_child
 from prunelab import hardware
 from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table
@@ -207,9 +207,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.train_size, args.epochs = "resnet18", 320, 2
-    device = torch.device(args.device)
-    where = device_slug(device, 0) if device.type == "cuda" else device.type  # the GPU's name, e.g. nvidia-h200
-    tag = f"{dt.date.today().isoformat()}-finetune-scale-{where}{'-quick' if args.quick else ''}"
+    tag = result_tag("finetune-scale", args.device, args.quick)
 
     def save(res: dict) -> None:
         write_json(Path(args.out) / f"{tag}.json", res)

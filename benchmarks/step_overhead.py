@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.compare import DEFAULT_OUT, device_slug
+from benchmarks.compare import DEFAULT_OUT, result_tag
 from prunelab import hardware
 from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table
@@ -154,9 +154,7 @@ def main(argv=None) -> dict:
     if args.turns < 1 or args.steps < 1 or args.batch_size < 1:
         p.error("--turns, --steps and --batch-size must be >= 1")
     res = measure(args)
-    device = torch.device(args.device)
-    where = device_slug(device, 0) if device.type == "cuda" else device.type
-    tag = f"{res['date']}-step-overhead-{where}{'-quick' if args.quick else ''}"
+    tag = result_tag("step-overhead", args.device, args.quick)
     write_json(Path(args.out) / f"{tag}.json", res)
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))

@@ -59,7 +59,6 @@ class ImageClassifier(LightningModule):
         # per stage: the epoch's summed loss (a device tensor, never read mid-epoch) and image count
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._loss_count: dict[str, int] = {}
-        self._train_logged = False  # this epoch's train values already logged (at its last batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -80,7 +79,7 @@ class ImageClassifier(LightningModule):
         # its attributes, which cost a small model's step a third of its time on the 2-core CPU.
         n = int(y.shape[0])
         total = loss.detach().float() * n
-        self._loss_sum[stage] = total if stage not in self._loss_sum else self._loss_sum[stage] + total
+        self._loss_sum[stage] = self._loss_sum.get(stage, 0) + total
         self._loss_count[stage] = self._loss_count.get(stage, 0) + n
         if stage == "train" and self._trainer is not None and self._trainer.progress_bar_callback is not None:
             # a bar refreshes every step (in its own on_train_batch_end, before the module's): log now
@@ -100,7 +99,6 @@ class ImageClassifier(LightningModule):
         # epoch's metrics in their on_train_epoch_end, which runs before the module's.
         if batch_idx + 1 >= trainer.num_training_batches:
             self._log_epoch("train", self.train_acc)
-            self._train_logged = True
 
     def _log_epoch(self, stage: str, metric) -> None:
         """The epoch's mean loss and accuracy, logged once at its end (summed over DDP ranks).
@@ -151,11 +149,12 @@ class ImageClassifier(LightningModule):
         """A stage starts from nothing (an earlier epoch stopped by an exception leaves no residue)."""
         self._loss_sum.pop(stage, None)
         self._loss_count.pop(stage, None)
-        self._train_logged = False if stage == "train" else self._train_logged
         metric.reset()
 
     def on_train_epoch_end(self):
-        if not self._train_logged:  # an epoch stopped before its last batch (max_steps, a stop request)
+        # still summed: the epoch stopped before its last batch (max_steps, a stop request); DDP
+        # ranks stop at the same step, so they agree
+        if "train" in self._loss_sum:
             self._log_epoch("train", self.train_acc)
 
     def on_validation_epoch_end(self):
