@@ -2,10 +2,11 @@
 # Everything a GPU session checks, in one command: `bash benchmarks/gpu_check.sh [STEP ...]`.
 #   tests    the gpu-marked tests (pytest-xdist workers where the image has it)
 #   deploy   benchmarks.deploy_speed --device cuda (dense eager / deploy / channel / 2:4, in turns)
+#   call     benchmarks.deploy_call --profile (the graph alone vs the deploy call, fused conv+ReLU, kernels)
 #   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
 #   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
 #   overhead benchmarks.step_overhead --device cuda (prunelab's training step vs a plain loop)
-# Default (`make gpu-check`): tests deploy overhead fastest; `make gpu-scale`: scale. Each step has its own
+# Default (`make gpu-check`): tests deploy call overhead fastest; `make gpu-scale`: scale. Each step has its own
 # time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
 # Results land in benchmarks/results; when the device tool sets $OUT (which returns at most 8
 # files), they are also packed after every step into $OUT/gpu-check.tar.gz, so a step killed at its
@@ -13,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests deploy overhead fastest)
+[ ${#steps[@]} -gt 0 ] || steps=(tests deploy call overhead fastest)
 res=benchmarks/results
 mkdir -p "$res"
 # src, and the folder gpu_wheels.sh installs missing packages into
@@ -60,13 +61,14 @@ for s in "${steps[@]}"; do
             workers=(); python -c "import xdist" 2>/dev/null && workers=(-n 4)
             step tests 180 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" "${files[@]}" ;;
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
+        call) step call 90 python -m benchmarks.deploy_call --profile --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
         scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
         fastest)
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi
             step fastest 200 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
-        *) echo "gpu_check: unknown step '$s' (tests, deploy, overhead, scale, fastest)"; exit 2 ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, scale, fastest)"; exit 2 ;;
     esac
 done
 exit $failed

@@ -11,6 +11,7 @@ from torch import nn
 import prunelab
 from prunelab.deploy import DEFAULTS, MAGNITUDE_NOTE, time_dense_and_pruned
 from prunelab.errors import PrunelabError
+from prunelab.models.transforms import ConvReLU, fuse_conv_relu
 from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
 from prunelab.runtime import (
     Deployed,
@@ -249,6 +250,46 @@ def test_cuda_graph_form_equals_eager_per_batch_size():
     for got, want in ((out4, ref[:4]), (out6, ref), (again, ref[:4])):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
     assert check_agreement(agreement(net, form, [x], "cuda"))["agreement"] == 1.0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_casts_any_batch_in_its_input_copy():
+    # The served path hands the batch straight to the graph's buffer: its copy casts device, dtype
+    # and layout, so a batch from the host, in fp64 or in either layout, gets the same answers.
+    net = tiny_vgg().cuda().eval()
+    form = deploy_form(net, dtype=torch.bfloat16, channels_last=True, device="cuda", example_batch=X[:4])
+    with torch.inference_mode():
+        ref = net(X[:4].cuda())
+        for x in (X[:4], X[:4].double(), X[:4].cuda(), X[:4].cuda().to(memory_format=torch.channels_last)):
+            got = form(x)
+            assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref, rtol=5e-2, atol=5e-2)
+        other = form(X[2:6])  # the next batch replaces the last one in the buffer
+        assert torch.allclose(other.float(), net(X[2:6].cuda()), rtol=5e-2, atol=5e-2)
+    assert form.batch_sizes == [4]
+
+
+def test_fuse_conv_relu_fuses_each_pair_in_a_copy():
+    net = tiny_vgg().eval()
+    before = snapshot(net)
+    fused = fuse_conv_relu(net)
+    feats = list(net.features)
+    pairs = sum(isinstance(a, nn.Conv2d) and isinstance(b, nn.ReLU) for a, b in zip(feats, feats[1:]))
+    assert pairs == 5 and sum(isinstance(m, ConvReLU) for m in fused.modules()) == pairs
+    assert not any(isinstance(m, nn.ReLU) for m in fused.features)  # each ReLU went into its conv
+    assert not any(isinstance(m, ConvReLU) for m in net.modules())  # the original is untouched
+    assert all(torch.equal(v, snapshot(net)[k]) for k, v in before.items())
+    assert len(fused.features) == len(net.features) and isinstance(fused.classifier[1], nn.ReLU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_conv_relu_computes_the_same_on_cuda(dtype):
+    net = tiny_vgg().cuda().to(dtype=dtype, memory_format=torch.channels_last).eval()
+    x = X.cuda().to(dtype=dtype, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want, got = net(x).float(), fuse_conv_relu(net)(x).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
 
 
 def test_cudnn_autotune_is_restored_even_when_the_block_raises():

@@ -186,19 +186,23 @@ class Deployed(Form):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_size(x)
-        x = self.prepare(x)
         key = tuple(x.shape)
         if self.use_graph:
             graph = self._graphs.get(key)
-            if graph is None:
-                try:
-                    graph = self._graphs[key] = _Graph(self.net, x)
-                except RuntimeError as exc:  # an op the capture refuses: run eagerly and say so
-                    with contextlib.suppress(RuntimeError):
-                        torch.cuda.synchronize(self.device)
-                    self.disable_graph(f"capture failed for batch shape {key} ({str(exc).splitlines()[0]})")
-                    return self.net(x)
+            if graph is not None:
+                # The copy into the graph's input buffer casts device, dtype and layout in one
+                # kernel: no separate cast (a launch and a pass over the batch) on the served path.
+                return graph(x)
+            x = self.prepare(x)
+            try:
+                graph = self._graphs[key] = _Graph(self.net, x)
+            except RuntimeError as exc:  # an op the capture refuses: run eagerly and say so
+                with contextlib.suppress(RuntimeError):
+                    torch.cuda.synchronize(self.device)
+                self.disable_graph(f"capture failed for batch shape {key} ({str(exc).splitlines()[0]})")
+                return self.net(x)
             return graph(x)
+        x = self.prepare(x)
         if self.compiled:
             return self._compiled(x, key)
         self._seen.add(key)

@@ -84,3 +84,30 @@ def folded_view(model: nn.Module, input_size: tuple[int, int] = INPUT_SIZE) -> n
     Predictions match up to float rounding. Raises ValueError where :func:`fold_pool` would."""
     folded_fc = _folded_linear(model, input_size)
     return nn.Sequential(model.features, nn.Flatten(1), folded_fc, *list(model.classifier)[1:]).train(model.training)
+
+
+class ConvReLU(nn.Module):
+    """``relu(conv(x))`` as one cuDNN call (CUDA only): the activation is applied as the convolution
+    writes its output, so the feature map is not read and written a second time by a ReLU kernel."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def fuse_conv_relu(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``Conv2d`` directly followed by a ``ReLU`` in an ``nn.Sequential``
+    replaced by one :class:`ConvReLU` (the ReLU by ``Identity``, so the other layers keep their
+    indices). Same function; CUDA (cuDNN) only."""
+    model = copy.deepcopy(model)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, act = seq[i], seq[i + 1]
+            plain = isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            if plain and isinstance(act, nn.ReLU):
+                seq[i], seq[i + 1] = ConvReLU(conv), nn.Identity()
+    return model
