@@ -273,7 +273,7 @@ def test_fuse_conv_relu_fuses_each_pair_in_a_copy():
     before = snapshot(net)
     fused = fuse_conv_relu(net)
     feats = list(net.features)
-    pairs = sum(isinstance(a, nn.Conv2d) and isinstance(b, nn.ReLU) for a, b in zip(feats, feats[1:]))
+    pairs = sum(isinstance(a, nn.Conv2d) and isinstance(b, nn.ReLU) for a, b in zip(feats, feats[1:], strict=False))
     assert pairs == 5 and sum(isinstance(m, ConvReLU) for m in fused.modules()) == pairs
     assert not any(isinstance(m, nn.ReLU) for m in fused.features)  # each ReLU went into its conv
     assert not any(isinstance(m, ConvReLU) for m in net.modules())  # the original is untouched
