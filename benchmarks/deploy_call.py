@@ -106,7 +106,7 @@ def measure(args) -> dict:
     batches = {b: torch.randn(b, 3, 32, 32, generator=gen).to(device) for b in args.batch_sizes}
     forms, eager_of, errors, compile_s, profiles = {}, {}, {}, {}, {}
     for name, net in (("dense", dense), ("channel", channel)):
-        form = deploy_form(net, dtype=dtype, channels_last=cl, device=device, cuda_graph=True)
+        form = deploy_form(net, dtype=dtype, channels_last=cl, device=device, cuda_graph=True, fuse=False)
         for b in batches.values():
             form.warm(b)
         forms[f"{name}_replay"], forms[f"{name}_call"] = Replay(form), form

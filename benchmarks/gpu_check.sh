@@ -6,6 +6,7 @@
 #   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
 #   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
 #   overhead benchmarks.step_overhead --device cuda (prunelab's training step vs a plain loop)
+#   stepvgg  the same with VGG16 in bf16-mixed (is a fine-tune step the model's or the loop's time?)
 # Default (`make gpu-check`): tests deploy call overhead fastest; `make gpu-scale`: scale. Each step has its own
 # time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
 # Results land in benchmarks/results; when the device tool sets $OUT (which returns at most 8
@@ -63,12 +64,14 @@ for s in "${steps[@]}"; do
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
         call) step call 90 python -m benchmarks.deploy_call --profile --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
+        stepvgg) step stepvgg 90 python -m benchmarks.step_overhead --device cuda --arch vgg16 --precision bf16-mixed \
+            --steps 100 --out "$res" ;;
         scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
         fastest)
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi
             step fastest 200 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
-        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, scale, fastest)"; exit 2 ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, fastest)"; exit 2 ;;
     esac
 done
 exit $failed

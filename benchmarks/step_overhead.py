@@ -44,18 +44,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_turn(loader, device: torch.device) -> float:
-    """Seconds per step of the loop a user would write: forward, loss, zero_grad, backward, step."""
+def make_net(arch: str) -> nn.Module:
+    """``tiny`` (almost no arithmetic: the loop's own cost shows) or a torchvision model, 10 classes."""
+    if arch == "tiny":
+        return tiny_net()
+    from prunelab.models.factory import build_classifier
+
+    return build_classifier(arch, None, 10)
+
+
+def _autocast(device: torch.device, precision: str):
+    from prunelab.evaluation import autocast_for
+
+    return autocast_for(device, precision)
+
+
+def plain_turn(loader, device: torch.device, arch: str = "tiny", precision: str = "32-true") -> float:
+    """Seconds per step of the loop a user would write: forward, loss, zero_grad, backward, step
+    (under the same autocast as the Trainer's ``precision``)."""
     from prunelab.models.classifier import make_sgd
 
     torch.manual_seed(0)
-    net = tiny_net().to(device)
+    net = make_net(arch).to(device)
     opt = make_sgd(list(net.parameters()), 0.01, 0.9, 5e-4)
     criterion = nn.CrossEntropyLoss()
     _sync(device)
     t0, steps = time.perf_counter(), 0
     for x, y in loader:
-        loss = criterion(net(x), y)
+        with _autocast(device, precision):
+            loss = criterion(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,7 +81,7 @@ def plain_turn(loader, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def prunelab_turn(loader, device: torch.device, work: Path) -> float:
+def prunelab_turn(loader, device: torch.device, work: Path, arch: str = "tiny", precision: str = "32-true") -> float:
     """Seconds per step of one epoch of prunelab's Trainer (config defaults) on the same batches."""
     from lightning import Callback
 
@@ -82,9 +99,9 @@ def prunelab_turn(loader, device: torch.device, work: Path) -> float:
             _sync(device)
             self.seconds = time.perf_counter() - self.t0
 
-    cfg = compose(["trainer.enable_progress_bar=false"], work)
+    cfg = compose(["trainer.enable_progress_bar=false", f"trainer.precision={precision}"], work)
     torch.manual_seed(0)
-    module = ImageClassifier(net=tiny_net(), num_classes=10)
+    module = ImageClassifier(net=make_net(arch), num_classes=10)
     clock = EpochClock()
     # ResumeState as prunelab.finetune adds it to every fine-tune (per-batch seeds, checkpoint stamps)
     trainer = build_trainer(cfg, callbacks=[ResumeState(0, "bench", "bench"), clock], enable_model_summary=False,
@@ -106,21 +123,23 @@ def measure(args) -> dict:
     loader = DeviceLoader(images, labels, batch_size=args.batch_size, shuffle=True, augment=True)
     plain, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        plain_turn(loader, device)  # warm-up: first-call allocations and library plans
+        plain_turn(loader, device, args.arch, args.precision)  # warm-up: first allocations, library plans
         for turn in range(args.turns):
             order = ("plain", "prunelab") if turn % 2 == 0 else ("prunelab", "plain")
             for which in order:
                 if which == "plain":
-                    plain.append(plain_turn(loader, device) * 1e3)
+                    plain.append(plain_turn(loader, device, args.arch, args.precision) * 1e3)
                 else:
-                    ours.append(prunelab_turn(loader, device, Path(tmp) / f"turn{turn}") * 1e3)
+                    ours.append(prunelab_turn(loader, device, Path(tmp) / f"turn{turn}", args.arch,
+                                              args.precision) * 1e3)
     p, o = statistics.median(plain), statistics.median(ours)
     return {
-        "what": "ms per training step, tiny network on on-device batches: prunelab's Lightning step vs a plain loop",
+        "what": f"ms per training step, {args.arch} on on-device batches: prunelab's Lightning step vs a plain loop",
         "date": dt.date.today().isoformat(), "device": str(device), "hardware": hw.to_dict(),
         "hardware_summary": hw.describe(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "setup": {"steps": args.steps, "batch_size": args.batch_size, "turns": args.turns},
+        "setup": {"steps": args.steps, "batch_size": args.batch_size, "turns": args.turns, "arch": args.arch,
+                  "precision": args.precision},
         "plain_ms": plain, "prunelab_ms": ours, "plain_ms_median": p, "prunelab_ms_median": o,
         "overhead_ms": o - p, "ratio": o / p,
     }
@@ -133,7 +152,9 @@ def render(res: dict) -> str:
     return "\n".join([
         f"# Per-step overhead of prunelab's training loop ({res['date']})", "",
         f"Device: {res['hardware'].get('name')} ({res['hardware_summary']}), torch {res['torch']}, "
-        f"{res['threads']} threads. Tiny network (one strided conv, one Linear), {s['steps']} on-device batches "
+        f"{res['threads']} threads. "
+        + ("Tiny network (one strided conv, one Linear)" if s.get("arch", "tiny") == "tiny" else f"{s['arch']} (10 classes)")
+        + f", precision {s.get('precision', '32-true')}, eager, {s['steps']} on-device batches "
         f"of {s['batch_size']} per turn, {s['turns']} turns in one process.", "",
         table(["turn", "plain loop ms/step", "prunelab ms/step", "prunelab / plain"], rows), "",
         f"Median: plain {res['plain_ms_median']:.2f} ms, prunelab {res['prunelab_ms_median']:.2f} ms: "
@@ -146,6 +167,8 @@ def main(argv=None) -> dict:
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--arch", default="tiny", help="tiny (the loop's own cost) or a torchvision model, e.g. vgg16")
+    p.add_argument("--precision", default="32-true", help="the Trainer's precision; the plain loop autocasts alike")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="1 turn of 10 steps (a smoke test)")
     args = p.parse_args(argv)
@@ -154,7 +177,8 @@ def main(argv=None) -> dict:
     if args.turns < 1 or args.steps < 1 or args.batch_size < 1:
         p.error("--turns, --steps and --batch-size must be >= 1")
     res = measure(args)
-    tag = result_tag("step-overhead", args.device, args.quick)
+    what = "step-overhead" if args.arch == "tiny" else f"step-overhead-{args.arch}-{args.precision}"
+    tag = result_tag(what, args.device, args.quick)
     write_json(Path(args.out) / f"{tag}.json", res)
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))

@@ -162,6 +162,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["++latency.dtype=int8"], ("latency.dtype",), None),
     (["++latency.batch_sizes=[0,8]"], ("latency.batch_sizes",), None),
     (["++latency.compile=yes"], ("latency.compile",), None),
+    (["++latency.fuse=yes"], ("latency.fuse",), None),
+    (["trainer.accelerator=cpu", "latency.fuse=true"], ("latency.fuse=true", "CUDA"), None),
     (["++search.objective=speed"], ("search.objective",), None),
     (["++search.methods=[channel+bogus]"], ("search.methods",), None),
     (["++search.confidence=1.5"], ("search.confidence",), None),

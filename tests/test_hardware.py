@@ -16,6 +16,7 @@ from prunelab.hardware import (
     resolve_compile,
     resolve_deploy_layout,
     resolve_dtype,
+    resolve_fuse,
     resolve_precision,
 )
 
@@ -144,6 +145,7 @@ def test_explicit_dtype_is_honoured_and_warned_when_slow(hw, requested, value, w
     (resolve_channels_last, "sometimes", "model.channels_last"),
     (resolve_compile, "maybe", "model.compile"),
     (resolve_deploy_layout, "nhwc", "latency.channels_last"),
+    (resolve_fuse, "yes", "latency.fuse"),
 ])
 def test_unknown_values_raise_naming_the_key(func, bad, key):
     with pytest.raises(ValueError, match=key) as err:
@@ -164,6 +166,21 @@ def test_explicit_booleans_are_honoured():
         for requested, value in [(True, True), (False, False), ("true", True), ("False", False)]:
             assert func(requested, AVX2).value is value
             assert func(requested, SM90).value is value
+
+
+@pytest.mark.parametrize("hw", [AVX2, AMX, SM75, SM90, MPS], ids=["avx2", "amx", "sm75", "sm90", "mps"])
+def test_fuse_is_cudas_and_gives_way_to_compile(hw):
+    cuda = hw.kind == "cuda"
+    assert resolve_fuse("auto", hw).value is cuda
+    assert resolve_fuse("auto", hw, compile=True).value is False
+    assert resolve_fuse(False, hw).value is False
+    if cuda:
+        assert resolve_fuse("true", hw).value is True
+        with pytest.raises(ConfigError, match="latency.fuse=auto with latency.compile=true"):
+            resolve_fuse("true", hw, compile=True)
+    else:
+        with pytest.raises(ConfigError, match="latency.fuse=auto or latency.fuse=false"):
+            resolve_fuse(True, hw)
 
 
 def test_precision_list_matches_installed_lightning():

@@ -10,7 +10,7 @@ from torch import nn
 
 import prunelab
 from prunelab.deploy import DEFAULTS, MAGNITUDE_NOTE, time_dense_and_pruned
-from prunelab.errors import PrunelabError
+from prunelab.errors import ConfigError, PrunelabError
 from prunelab.models.transforms import ConvReLU, fuse_conv_relu
 from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
 from prunelab.runtime import (
@@ -279,6 +279,27 @@ def test_fuse_conv_relu_fuses_each_pair_in_a_copy():
     assert not any(isinstance(m, ConvReLU) for m in net.modules())  # the original is untouched
     assert all(torch.equal(v, snapshot(net)[k]) for k, v in before.items())
     assert len(fused.features) == len(net.features) and isinstance(fused.classifier[1], nn.ReLU)
+
+
+def test_fuse_is_refused_off_cuda_and_auto_leaves_cpu_forms_unfused():
+    net = tiny_vgg()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        deploy_form(net, fuse=True)
+    assert deploy_form(net).describe()["fused_conv_relu"] == 0
+    with pytest.raises(ConfigError, match="latency.fuse=auto or latency.fuse=false"):
+        time_dense_and_pruned(net, None, None, {4: X[:4]}, "cpu", lat_cfg(fuse=True, batch_size=4, batch_sizes=[4]),
+                              [], check=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_deploy_fuses_conv_relu_by_default_unless_compiled(compile_):
+    net = tiny_vgg().cuda().eval()
+    form = deploy_form(net, dtype=torch.float32, device="cuda", compile=compile_, example_batch=X[:4])
+    assert form.fused == (0 if compile_ else 5) == form.describe()["fused_conv_relu"]
+    with torch.inference_mode():
+        got, want = form(X[:4]), net(X[:4].cuda())
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
 
 
 @pytest.mark.gpu

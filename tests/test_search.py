@@ -203,3 +203,18 @@ def test_report_renders_a_short_curve_without_the_highest_answer():
               "device": {"name": "cpu"}, "search": s, "timing_s": {}}
     text = render(report, {})
     assert s["best_ratio_highest"] is None and "`highest` (the notebook's rule) is not known" in text
+
+
+@pytest.mark.parametrize("graph, fused", [(True, True), (False, False)])
+def test_report_names_the_deploy_forms_graph_and_fusion(graph, fused):
+    from prunelab.report.markdown import render
+
+    res = search(curve_evaluator(smooth), 90.0, [0.2, 0.4], total=TOTAL)
+    s = dict(res.to_dict(), scope="global", schedule="oneshot")
+    rt = {"runtime": "deploy", "dtype": "bfloat16", "layout": "channels_last", "batch_sizes": [1, 128],
+          "graph": graph, "fused_conv_relu": fused, "device": "cuda"}
+    report = {"dense": {}, "pruned": {"ratio": s["best_ratio"]}, "finetune": {"reused": False, "source": None},
+              "device": {"name": "cuda"}, "search": s, "timing_s": {}, "latency": {"runtime": rt, "batch_size": 128}}
+    line = next(x for x in render(report, {}).splitlines() if x.startswith("Latency:"))
+    assert line.startswith("Latency: `deploy` runtime, bfloat16, channels_last")
+    assert ("CUDA graph" in line) is graph and ("conv+ReLU fused" in line) is fused

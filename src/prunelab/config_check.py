@@ -147,6 +147,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("model.weight_decay", number(0)),
         ("model.channels_last", BOOL_AUTO),
         ("latency.channels_last", BOOL_AUTO),
+        ("latency.fuse", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),

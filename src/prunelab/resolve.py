@@ -35,8 +35,8 @@ def run_device(cfg: DictConfig) -> str:
 
 
 def resolve_auto(cfg: DictConfig) -> dict:
-    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype and
-    latency.channels_last with what this machine runs fastest; explicit values stay and are warned about when slow.
+    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype,
+    latency.channels_last and latency.fuse with what this machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
     hw = hardware.detect(run_device(cfg))
     record: dict = {"hardware": hw.to_dict()}
@@ -45,7 +45,9 @@ def resolve_auto(cfg: DictConfig) -> dict:
              ("model.compile", cfg.model, "compile", hardware.resolve_compile)]
     if "latency" in cfg:
         rules += [("latency.dtype", cfg.latency, "dtype", hardware.resolve_dtype),
-                  ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout)]
+                  ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout),
+                  ("latency.fuse", cfg.latency, "fuse",
+                   lambda r, hw: hardware.resolve_fuse(r, hw, compile=bool(cfg.latency.get("compile", False))))]
     for key, node, name, rule in rules:
         if name not in node:
             continue

@@ -2,7 +2,8 @@
 
 ``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
 VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
-layout, optionally moves 2:4 Linear weights onto the sparse kernels, and on CUDA replays the
+layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, optionally moves 2:4 Linear weights onto
+the sparse kernels, and on CUDA replays the
 forward from a CUDA graph per batch shape, captured after cuDNN autotuning picked each
 convolution's algorithm (or runs it through ``torch.compile``). ``eager_form``
 is the model as trained under autocast, the ``latency.runtime=eager`` timing. Both are
@@ -26,7 +27,7 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.evaluation import autocast_for
 from prunelab.models.modes import eval_mode
-from prunelab.models.transforms import INPUT_SIZE, fold_pool, memory_format
+from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 
 RUNTIMES = ("eager", "deploy")
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
@@ -153,9 +154,10 @@ class Deployed(Form):
 
     def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, device: torch.device,
                  folded_at: tuple[int, int] | None, cuda_graph: bool, compiled: bool, kernels: str | None,
-                 sparse: bool, notes: list[str]):
+                 sparse: bool, notes: list[str], fused: int = 0):
         super().__init__(net, dtype, channels_last, device)
         self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
+        self.fused = fused  # Conv2d+ReLU pairs running as one cuDNN call each
         self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
         self.notes = list(notes)
         self.compile_s: dict[int, float] = {}
@@ -225,7 +227,7 @@ class Deployed(Form):
         return dict(super().describe(), folded=self.folded_at is not None, graph=self.use_graph,
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
-                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph)
+                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused)
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
@@ -252,7 +254,7 @@ def _first_fc_two_four(net: nn.Module) -> bool:
 def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                 fold: bool = True, input_size: tuple[int, int] | None = None, device=None,
                 cuda_graph: bool = True, compile: bool = False, example_batch: torch.Tensor | None = None,
-                two_four: bool = False) -> Deployed:
+                two_four: bool = False, fuse: bool | None = None) -> Deployed:
     """The form ``net`` ships in, as a new module (``net`` itself is left exactly as it was).
 
     - a copy in eval mode, gradients off; VGG's pool folded into ``classifier[0]`` when ``fold`` and
@@ -260,6 +262,8 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     - weights in ``dtype`` (cast before anything else touches them, never autocast), ``channels_last``;
     - ``two_four``: 2:4 Linear layers on the sparse kernels (CUDA sm80+, fp16/bf16), else masked-dense
       with the reason in ``.kernels``;
+    - ``fuse`` (``None``: on CUDA unless ``compile``): each Conv2d+ReLU pair as one cuDNN call
+      (``fuse_conv_relu``; the ReLU applied as the convolution writes, no second pass over the map);
     - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
       (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
       ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
@@ -287,6 +291,14 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     deployed = deployed.eval().requires_grad_(False)
     # Cast first: the sparse kernels need their weights in the target dtype before conversion.
     deployed = deployed.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
+    if fuse is None:
+        fuse = device.type == "cuda" and not compile
+    if fuse and device.type != "cuda":
+        raise ValueError(f"fusing Conv2d+ReLU uses cuDNN, which needs a CUDA device (this form is on {device})")
+    fused = 0
+    if fuse:
+        deployed = fuse_conv_relu(deployed)
+        fused = sum(isinstance(m, ConvReLU) for m in deployed.modules())
     kernels, sparse = None, False
     if two_four:
         deployed, sparse, kernels = _two_four(deployed, dtype, device)
@@ -299,7 +311,8 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
         # dynamic=False: one specialisation per batch shape, like the CUDA graphs.
         deployed = torch.compile(deployed, mode=mode, dynamic=False)
     form = Deployed(deployed, dtype=dtype, channels_last=channels_last, device=device, folded_at=folded_at,
-                    cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes)
+                    cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes,
+                    fused=fused)
     if example_batch is not None:
         form.warm(example_batch)
     return form

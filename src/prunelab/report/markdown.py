@@ -127,7 +127,9 @@ def render(report: dict, plots: dict[str, str]) -> str:
     ]
     rt = (report.get("latency") or {}).get("runtime")
     if rt:
-        lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}, batch "
+        extras = "".join(text for key, text in (("graph", ", CUDA graph"), ("fused_conv_relu", ", conv+ReLU fused"))
+                         if rt.get(key))
+        lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}{extras}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
                   f"{rt.get('hardware') or rt.get('device')}; "
                   + ("dense and pruned timed in turns." if p.get("latency_ms") else "the dense model timed alone."), ""]
