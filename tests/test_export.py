@@ -1,5 +1,6 @@
 """ONNX export and check, pool folding, sparse-packed sizes and the export CLI."""
 
+import copy
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from torch import nn
 
 from prunelab.export import check_onnx, export_onnx, main
 from prunelab.io import compressed_bytes, file_bytes, pack_sparse, save_state_dict, unpack_sparse, write_text
-from prunelab.models.transforms import fold_pool, folded_view
-from prunelab.pruning.channel import channel_plan, prune_channels, save_channel_pruned
+from prunelab.models.factory import build_classifier, build_from_state_dict
+from prunelab.models.transforms import ReplicatingAdaptiveAvgPool2d, fold_pool, folded_view, replicating_pools
+from prunelab.pruning.channel import channel_plan, load_channel_pruned, prune_channels, save_channel_pruned
 from prunelab.pruning.masks import magnitude_masks, prunable_weights
 
 X = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -33,6 +35,45 @@ def test_fold_pool_matches_and_shrinks(batch_norm):
         assert torch.allclose(folded(X), model(X), atol=1e-5)
     assert sum(p.numel() for p in folded.parameters()) == \
         sum(p.numel() for p in model.parameters()) - 32 * 48 * 64
+
+
+def test_replicating_pool_is_the_same_function_and_gradient():
+    model = tiny_vgg().eval()
+    fast = replicating_pools(copy.deepcopy(model))
+    assert type(fast.avgpool) is ReplicatingAdaptiveAvgPool2d and fast.avgpool.output_size == model.avgpool.output_size
+    x = X.clone().requires_grad_(True)
+    x2 = X.clone().requires_grad_(True)
+    want, got = model(x), fast(x2)
+    assert torch.equal(got, want)  # a 1x1 map: every pooled cell is that one value, in any dtype
+    want.square().sum().backward()
+    got.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fast.parameters(), strict=True):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(x2.grad, x.grad, rtol=1e-5, atol=1e-7)
+    big = torch.randn(2, 3, 64, 64)  # a 2x2 map: the ordinary pool
+    with torch.no_grad():
+        assert torch.equal(fast(big), model(big))
+    assert torch.equal(fast.bfloat16()(X.bfloat16()), model.bfloat16()(X.bfloat16()))
+
+
+def test_built_and_loaded_models_get_the_replicating_pool_and_prune_alike(tmp_path):
+    net = build_classifier("vgg11", None, 10)
+    assert type(net.avgpool) is ReplicatingAdaptiveAvgPool2d
+    assert type(build_from_state_dict("vgg11", net.state_dict()).avgpool) is ReplicatingAdaptiveAvgPool2d
+    # channel surgery traces the network: the replicating pool maps channels to classifier[0] alike
+    plain, fast = tiny_vgg().eval(), replicating_pools(tiny_vgg().eval())
+    plan = {"features.9": [1, 4], "features.12": [0, 3, 5, 6, 7, 20]}  # the last conv feeds classifier[0]
+    a, b = prune_channels(plain, plan, X[:1]), prune_channels(fast, plan, X[:1])
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    assert b.features[12].out_channels == 26 and b.classifier[0].in_features == 26 * 49
+    with torch.no_grad():
+        assert torch.equal(b(X), a(X))
+    small = prune_channels(net.eval(), channel_plan(net, 0.25, normalize="none", round_to=1), X[:1])
+    save_channel_pruned(small, tmp_path / "ch", "vgg11", 10)
+    loaded = load_channel_pruned(tmp_path / "ch")
+    assert type(loaded.avgpool) is ReplicatingAdaptiveAvgPool2d
+    with torch.no_grad():
+        assert torch.equal(loaded(X), small(X))
 
 
 def test_fold_pool_on_channel_pruned_and_refusals():

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from prunelab.errors import ConfigError, WeightsUnavailableError
+from prunelab.models.transforms import replicating_pools
 
 
 def last_linear_name(net: nn.Module) -> str:
@@ -53,7 +54,7 @@ def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classe
     head = last_linear_name(net)
     old = net.get_submodule(head)
     replace_module(net, head, nn.Linear(old.in_features, num_classes))
-    return net
+    return replicating_pools(net)  # same function; VGG's pool trains without atomic scatters on CUDA
 
 
 def build_from_state_dict(arch: str, state_dict: dict[str, torch.Tensor], source: str = "state_dict") -> nn.Module:
@@ -69,4 +70,4 @@ def build_from_state_dict(arch: str, state_dict: dict[str, torch.Tensor], source
         net.load_state_dict(state_dict, strict=True, assign=True)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"{source} does not load into torchvision {arch}: {str(exc).splitlines()[0]}") from None
-    return net.eval()
+    return replicating_pools(net).eval()

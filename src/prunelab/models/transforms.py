@@ -7,6 +7,10 @@ summed): VGG16 shrinks from 134M to 34M parameters with the same outputs up to f
 the folded Linear (cheap enough to build per search candidate). Both refuse where the fold is
 not exact, naming the feature-map size.
 
+``ReplicatingAdaptiveAvgPool2d`` is VGG's pool for training: the same outputs and gradients, but on a
+1x1 map it replicates by ``expand``, whose backward is a plain sum, instead of CUDA's atomic
+adaptive-pool backward (76% of a VGG16 bf16 training step on an H100, 2026-11-27).
+
 ``memory_format`` is the one reading of the ``channels_last`` setting.
 """
 
@@ -25,6 +29,32 @@ INPUT_SIZE = (32, 32)
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The layout a network and its batches use: NHWC (channels-last) or NCHW."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class ReplicatingAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``AdaptiveAvgPool2d`` that, on a 1x1 input, returns the input expanded to the output size: each
+    output cell averages that one value, so this is exact in every dtype, and its backward sums the
+    gradient over the copies (a reduction, deterministic) where CUDA's adaptive-pool backward
+    scatters it with atomics (14.8 ms of a 19.7 ms VGG16 bf16 step at batch 128 on an H100). Any
+    other input size runs the ordinary pool."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.output_size if isinstance(self.output_size, tuple) else (self.output_size, self.output_size)
+        if x.shape[-2:] == (1, 1) and None not in out:
+            return x.expand(*x.shape[:-2], *out)
+        return super().forward(x)
+
+
+def replicating_pools(net: nn.Module) -> nn.Module:
+    """``net`` (changed in place and returned) with every plain ``AdaptiveAvgPool2d`` swapped for a
+    :class:`ReplicatingAdaptiveAvgPool2d` of the same output size (no parameters: state dicts,
+    ``isinstance`` checks and pool folding are unaffected)."""
+    for name, m in list(net.named_modules()):
+        if type(m) is nn.AdaptiveAvgPool2d:
+            parent_name, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent_name) if parent_name else net, child,
+                    ReplicatingAdaptiveAvgPool2d(m.output_size))
+    return net
 
 
 def _features_shape(model: nn.Module, input_size: tuple[int, int]) -> torch.Size:

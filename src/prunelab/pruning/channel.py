@@ -35,6 +35,7 @@ from torchvision import models as tvm
 from prunelab.io import _atomic, write_json
 from prunelab.models.factory import last_linear_name, replace_module
 from prunelab.models.modes import eval_mode
+from prunelab.models.transforms import replicating_pools
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 
 IMPORTANCES = ("l1", "l2")
@@ -417,4 +418,4 @@ def load_channel_pruned(directory: str | Path) -> nn.Module:
     left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{weights_path} does not hold {', '.join(left)}")
-    return net.eval()
+    return replicating_pools(net).eval()
