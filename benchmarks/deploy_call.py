@@ -55,7 +55,7 @@ class Replay(nn.Module):
 
 
 class CastFirst(nn.Module):
-    """The call as it was before 2026-11-27's session 7: the batch cast to the form's dtype and layout
+    """The call as it was until 2026-11-27: the batch cast to the form's dtype and layout
     by one kernel, then copied into the graph's buffer by another."""
 
     def __init__(self, form):
