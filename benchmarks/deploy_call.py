@@ -10,7 +10,7 @@ events), the batch handed in as the timer hands it (fp32, NCHW, on the device):
   casts the batch, replay, copy of the logits out), as the reports time it;
 - ``castfirst``: the call as it was before: a separate cast kernel, then the copy;
 - ``fused``: the same call on a network whose Conv2d+ReLU pairs run as one cuDNN call each
-  (``prunelab.runtime.fuse_conv_relu``), its own graph captured;
+  (``prunelab.models.transforms.fuse_conv_relu``), its own graph captured;
 - ``inductor`` (``--inductor``, dense only): ``torch.compile`` (default mode, no cudagraphs) captured in a graph.
 
 ``--profile`` adds the dense forms' GPU kernels by time (``torch.profiler``).

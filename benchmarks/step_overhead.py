@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--arch", default="tiny", help="tiny (the loop's own cost) or a torchvision model, e.g. vgg16")
-    p.add_argument("--precision", default="32-true", help="the Trainer's precision; the plain loop autocasts alike")
+    # no 16-mixed: the Trainer would add a GradScaler the plain loop lacks, and the comparison would not be like for like
+    p.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+                   help="the Trainer's precision; the plain loop autocasts alike")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="1 turn of 10 steps (a smoke test)")
     args = p.parse_args(argv)

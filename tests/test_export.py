@@ -56,6 +56,23 @@ def test_replicating_pool_is_the_same_function_and_gradient():
     assert torch.equal(fast.bfloat16()(X.bfloat16()), model.bfloat16()(X.bfloat16()))
 
 
+@pytest.mark.parametrize("size", [7, (7, 7), [7, 7], (None, 7), (3, 5), 1])
+def test_replicating_pool_is_the_pool_for_every_output_size_and_rank(size):
+    plain, fast = nn.AdaptiveAvgPool2d(size), ReplicatingAdaptiveAvgPool2d(size)
+    for x in (torch.randn(2, 8, 1, 1), torch.randn(8, 1, 1), torch.randn(2, 8, 3, 3)):
+        out = fast(x)
+        assert torch.equal(out, plain(x)) and out.is_contiguous()
+        assert out.data_ptr() != x.data_ptr()  # a new tensor, as the pool's: writing to it leaves x alone
+    bad = torch.randn(8, 1)  # a rank the pool refuses is refused alike, not expanded
+    try:
+        want = plain(bad)
+    except (RuntimeError, ValueError):
+        with pytest.raises((RuntimeError, ValueError)):
+            fast(bad)
+    else:
+        assert torch.equal(fast(bad), want)
+
+
 def test_built_and_loaded_models_get_the_replicating_pool_and_prune_alike(tmp_path):
     net = build_classifier("vgg11", None, 10)
     assert type(net.avgpool) is ReplicatingAdaptiveAvgPool2d

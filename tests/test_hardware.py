@@ -181,6 +181,10 @@ def test_fuse_is_cudas_and_gives_way_to_compile(hw):
     else:
         with pytest.raises(ConfigError, match="latency.fuse=auto or latency.fuse=false"):
             resolve_fuse(True, hw)
+    # the eager runtime fuses nothing, anywhere; an explicit true is warned about, not refused
+    assert resolve_fuse("auto", hw, runtime="eager").value is False
+    assert resolve_fuse("auto", hw, runtime="eager").warning is None
+    assert "no effect" in resolve_fuse(True, hw, runtime="eager").warning
 
 
 def test_precision_list_matches_installed_lightning():

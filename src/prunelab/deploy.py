@@ -52,7 +52,8 @@ def _setting(cfg, key: str):
 
 def _fuse(cfg, hw) -> bool:
     """``latency.fuse`` for this device (``auto`` when a caller's config was not resolved)."""
-    return bool(resolve_fuse(_setting(cfg, "fuse"), hw, compile=bool(_setting(cfg, "compile"))).value)
+    return bool(resolve_fuse(_setting(cfg, "fuse"), hw, compile=bool(_setting(cfg, "compile")),
+                             runtime=str(_setting(cfg, "runtime"))).value)
 
 
 EAGER_TWO_FOUR = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"

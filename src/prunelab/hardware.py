@@ -213,13 +213,16 @@ def resolve_deploy_layout(requested: bool | str, hw: Hardware) -> Resolution:
     return Resolution(value, f"auto: {hw.describe()}: {why}; deploy channels_last={value}")
 
 
-def resolve_fuse(requested: bool | str, hw: Hardware, compile: bool = False) -> Resolution:
+def resolve_fuse(requested: bool | str, hw: Hardware, compile: bool = False, runtime: str = "deploy") -> Resolution:
     """``latency.fuse``: each Conv2d+ReLU as one cuDNN call in the deploy form. auto is on for CUDA
     unless ``latency.compile`` (whose compiler does its own fusing); an H100 ran VGG16's bf16 graph
-    1.41x faster fused at batch 128 (2026-11-27). true off CUDA is refused: cuDNN is CUDA's."""
-    from prunelab.errors import ConfigError
-
+    1.41x faster fused at batch 128 (2026-11-27). true off CUDA is refused: cuDNN is CUDA's. The
+    eager runtime times the model as trained: nothing is fused there, and true says so."""
     explicit = _bool_auto(requested, "latency.fuse")
+    if runtime == "eager":
+        warning = "latency.fuse=true has no effect with latency.runtime=eager (the model runs as trained)"
+        return Resolution(False, "latency.runtime=eager runs the model as trained; fuse=False",
+                          warning if explicit else None)
     if explicit and hw.kind != "cuda":
         raise ConfigError(f"latency.fuse=true fuses Conv2d+ReLU in cuDNN, which needs a CUDA device (this run is on "
                           f"{hw.kind}): use latency.fuse=auto or latency.fuse=false")

@@ -47,7 +47,8 @@ def resolve_auto(cfg: DictConfig) -> dict:
         rules += [("latency.dtype", cfg.latency, "dtype", hardware.resolve_dtype),
                   ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout),
                   ("latency.fuse", cfg.latency, "fuse",
-                   lambda r, hw: hardware.resolve_fuse(r, hw, compile=bool(cfg.latency.get("compile", False))))]
+                   lambda r, hw: hardware.resolve_fuse(r, hw, compile=bool(cfg.latency.get("compile", False)),
+                                                       runtime=str(cfg.latency.get("runtime", "deploy"))))]
     for key, node, name, rule in rules:
         if name not in node:
             continue

@@ -293,11 +293,14 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     deployed = deployed.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
     if fuse is None:
         fuse = device.type == "cuda" and not compile
+    if fuse and compile:
+        raise ValueError("fuse=True with compile=True: the compiler does not trace the fused cuDNN call; "
+                         "pass fuse=None (it fuses on its own)")
     if fuse and device.type != "cuda":
         raise ValueError(f"fusing Conv2d+ReLU uses cuDNN, which needs a CUDA device (this form is on {device})")
     fused = 0
     if fuse:
-        deployed = fuse_conv_relu(deployed)
+        deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy
         fused = sum(isinstance(m, ConvReLU) for m in deployed.modules())
     kernels, sparse = None, False
     if two_four:

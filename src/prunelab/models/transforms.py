@@ -20,6 +20,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from prunelab.models.modes import eval_mode
 
@@ -32,16 +33,19 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class ReplicatingAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """``AdaptiveAvgPool2d`` that, on a 1x1 input, returns the input expanded to the output size: each
-    output cell averages that one value, so this is exact in every dtype, and its backward sums the
+    """``AdaptiveAvgPool2d`` that, on a 1x1 map, copies the input to the output size: each output
+    cell averages that one value, so this is exact in every dtype, and its backward sums the
     gradient over the copies (a reduction, deterministic) where CUDA's adaptive-pool backward
     scatters it with atomics (14.8 ms of a 19.7 ms VGG16 bf16 step at batch 128 on an H100). Any
-    other input size runs the ordinary pool."""
+    other input runs the ordinary pool. The output is a new tensor, as the pool's is (the flatten
+    after it would copy it anyway). The size test is Python control flow: torch.fx symbolic tracing
+    and TorchScript cannot script it (prunelab uses neither; torch.compile and ONNX export handle it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.output_size if isinstance(self.output_size, tuple) else (self.output_size, self.output_size)
-        if x.shape[-2:] == (1, 1) and None not in out:
-            return x.expand(*x.shape[:-2], *out)
+        out = tuple(_pair(self.output_size))
+        # (1, 1) out of (1, 1) is the identity: the ordinary pool, whose backward is a plain copy, keeps it
+        if x.dim() in (3, 4) and x.shape[-2:] == (1, 1) and None not in out and out != (1, 1):
+            return x.expand(*x.shape[:-2], *out).contiguous()
         return super().forward(x)
 
 
@@ -118,7 +122,9 @@ def folded_view(model: nn.Module, input_size: tuple[int, int] = INPUT_SIZE) -> n
 
 class ConvReLU(nn.Module):
     """``relu(conv(x))`` as one cuDNN call (CUDA only): the activation is applied as the convolution
-    writes its output, so the feature map is not read and written a second time by a ReLU kernel."""
+    writes its output, so the feature map is not read and written a second time by a ReLU kernel.
+    For deploy forms: hooks on the wrapped conv do not run, and the call is outside
+    ``torch.use_deterministic_algorithms``' reach."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -129,11 +135,12 @@ class ConvReLU(nn.Module):
         return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def fuse_conv_relu(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``Conv2d`` directly followed by a ``ReLU`` in an ``nn.Sequential``
-    replaced by one :class:`ConvReLU` (the ReLU by ``Identity``, so the other layers keep their
-    indices). Same function; CUDA (cuDNN) only."""
-    model = copy.deepcopy(model)
+def fuse_conv_relu(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` (a copy, or itself when ``inplace``) with every ``Conv2d`` directly followed by a
+    ``ReLU`` in an ``nn.Sequential`` replaced by one :class:`ConvReLU` (the ReLU by ``Identity``, so
+    the other layers keep their indices). Same function; CUDA (cuDNN) only."""
+    if not inplace:
+        model = copy.deepcopy(model)
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, act = seq[i], seq[i + 1]
