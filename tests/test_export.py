@@ -3,6 +3,7 @@
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,25 @@ def test_replicating_pool_is_the_pool_for_every_output_size_and_rank(size):
             fast(bad)
     else:
         assert torch.equal(fast(bad), want)
+
+
+@pytest.mark.gpu
+def test_replicating_pool_backward_is_deterministic_on_cuda():
+    # CUDA's adaptive-pool backward scatters with atomics (flagged by use_deterministic_algorithms);
+    # the replicating pool's backward is a sum. The plain pool shows the check can fail.
+    def alerts(net):
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                net(X.cuda()).square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(before)
+        return [w for w in caught if "adaptive_avg_pool2d" in str(w.message)]
+
+    assert alerts(tiny_vgg().cuda())
+    assert not alerts(replicating_pools(tiny_vgg()).cuda())
 
 
 def test_built_and_loaded_models_get_the_replicating_pool_and_prune_alike(tmp_path):
