@@ -11,7 +11,9 @@ and 1, in one process, every model taking turns each iteration (``prunelab.laten
 - on CUDA, ``semi_deploy``: VGG16 2:4-pruned (0.5) with its 2:4 Linear layers on PyTorch's sparse
   kernels, in the same dtype and layout as ``dense_deploy`` (a speedup below 1 is reported as it is).
 
-Each deploy form's top-1 answers are checked against its eager fp32 model first. Goals reported:
+Each deploy form's top-1 answers are checked against its eager fp32 model first. After the timings, a
+4096x4096 matrix multiply in the deploy dtype gives the device's sustained multiply rate: the report
+says how close dense deploy runs to it and what rate the 2.5x ratio goal would need. Goals reported:
 dense deploy >= 2.5x dense eager fp32; channel 0.5 deploy >= 2.5x dense deploy; on CUDA also the
 deployed-speed issue's H100 figures (dense deploy p50 <= 0.5 ms at batch 128 and <= 0.25 ms at batch 1,
 channel 0.5 deploy <= 0.33 ms at batch 128). Writes
@@ -39,6 +41,7 @@ from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.factory import build_classifier
+from prunelab.models.transforms import fold_pool
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
 from prunelab.report.markdown import table
 from prunelab.runtime import agreement, deploy_form, eager_form
@@ -58,6 +61,34 @@ def _device_tag(device: torch.device, threads: int) -> str:
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """GMAC/s of an n x n x n matrix multiply in ``dtype`` on ``device``, the best of ``reps``: the
+    dense arithmetic this machine really sustains (what a compute-bound network can approach)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    inner = 20 if device.type == "cuda" else 1  # a GPU multiply is too short to time alone
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return n ** 3 / best / 1e9
+
+
+def ceiling(res_timings: dict, head: int, deploy_macs: int, rate: float, n: int) -> dict:
+    """Dense deploy's arithmetic rate against the measured multiply rate, and what the ratio goal needs."""
+    t = res_timings[str(head)]["p50_ms"]
+    dense_s, eager_s = t["dense_deploy"]["p50"] / 1e3, t["dense_eager"]["p50"] / 1e3
+    achieved, needed = deploy_macs * head / dense_s / 1e9, deploy_macs * head / (eager_s / GOAL) / 1e9
+    return {"gemm_n": n, "gemm_gmacs": rate, "dense_deploy_macs_per_image": deploy_macs,
+            "dense_deploy_gmacs": achieved, "dense_deploy_of_gemm": achieved / rate,
+            "goal_needs_gmacs": needed, "goal_needs_of_gemm": needed / rate}
 
 
 def build_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -133,6 +164,10 @@ def measure(args) -> dict:
             stats = timings[str(b)][pair]
             timings[str(b)][pair] = {"speedup_p50": stats["speedup_p50"], "paired_ratio": stats["paired_ratio"]}
     wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    gemm_n = 1024 if args.quick else 4096  # after the timings: its own minute must not shift their machine state
+    folded = fold_pool(dense, (32, 32))
+    roof = ceiling(timings, head, count_macs(folded.cpu(), default_example(folded.cpu())), gemm_rate(device, dtype, gemm_n),
+                   gemm_n)
     h = timings[str(head)]
     goals = {
         "dense_deploy_vs_dense_eager_fp32": {"goal": GOAL, "measured": h["dense_deploy_vs_dense_eager"]["speedup_p50"]},
@@ -158,7 +193,7 @@ def measure(args) -> dict:
         "deploy": {"dtype": str(dtype).removeprefix("torch."), "dtype_reason": dtype_res.reason,
                    "channels_last": cl, "channels_last_reason": cl_res.reason, "forms": built},
         "agreement": checks, "errors": errors, "batch_sizes": sorted(batches), "headline_batch_size": head,
-        "timings": timings, "goals": goals,
+        "timings": timings, "goals": goals, "ceiling": roof,
     }
 
 
@@ -200,7 +235,8 @@ def render(res: dict) -> str:
     lines += [f"## Goals (ratios at batch {head}; CUDA ms goals at the batch they name)", "",
               table(["goal", "target", "measured", "met"],
                     [_goal_row(k, g) for k, g in res["goals"].items()]), "",
-              *_kernels(res), *[f"- **{k} could not be built**: {v}" for k, v in res.get("errors", {}).items()],
+              *_ceiling(res), *_kernels(res),
+              *[f"- **{k} could not be built**: {v}" for k, v in res.get("errors", {}).items()],
               *([""] if res.get("errors") else []), "## Agreement with eager fp32 (top-1)", "",
               table(["form", "images", "agreement", "max rel logit diff"],
                     [(k, a["images"], f"{a['agreement']:.4f}", f"{a['max_rel_logit_diff']:.1e}")
@@ -212,6 +248,17 @@ def _goal_row(name: str, g: dict) -> tuple:
     if "goal_ms" in g:  # an absolute latency goal (CUDA)
         return name, f"<= {g['goal_ms']} ms", f"{g['measured_ms']:.3f} ms", "yes" if g["met"] else "no"
     return name, f">= {g['goal']}x", f"{g['measured']:.2f}x", "yes" if g["met"] else "no"
+
+
+def _ceiling(res: dict) -> list[str]:
+    """One paragraph: how close dense deploy runs to this machine's multiply rate, and what 2.5x needs."""
+    c = res.get("ceiling")
+    if not c:
+        return []
+    return [f"Arithmetic ceiling: dense deploy ran {c['dense_deploy_macs_per_image']:,} MACs/image (pool folded) at "
+            f"**{c['dense_deploy_gmacs']:.1f} GMAC/s**, {c['dense_deploy_of_gemm']:.0%} of a {c['gemm_n']}x{c['gemm_n']} "
+            f"{res['deploy']['dtype']} matrix multiply on this device in the same run ({c['gemm_gmacs']:.1f} GMAC/s); "
+            f"the {GOAL}x ratio goal needs {c['goal_needs_gmacs']:.1f} GMAC/s, {c['goal_needs_of_gemm']:.0%} of it.", ""]
 
 
 def _kernels(res: dict) -> list[str]:

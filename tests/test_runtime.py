@@ -377,6 +377,20 @@ def test_deploy_speed_benchmark_quick(tmp_path):
                                                                       "channel_0.5_deploy_vs_dense_deploy"}
     assert all(a["agreement"] == 1.0 for a in res["agreement"].values())
     assert res["setup"]["cpu_capability"] and res["deploy"]["dtype"] in ("float32", "bfloat16")
+    c = res["ceiling"]
+    assert c["gemm_n"] == 1024 and c["gemm_gmacs"] > 0 and c["dense_deploy_macs_per_image"] > 0
+    assert "Arithmetic ceiling" in (tmp_path / next(p.name for p in tmp_path.iterdir() if p.suffix == ".md")).read_text()
+
+
+def test_deploy_speed_ceiling_arithmetic():
+    from benchmarks.deploy_speed import GOAL, ceiling
+
+    timings = {"128": {"p50_ms": {"dense_deploy": {"p50": 500.0}, "dense_eager": {"p50": 1000.0}}}}
+    c = ceiling(timings, 128, 10**9, rate=512.0, n=4096)
+    assert c["dense_deploy_gmacs"] == pytest.approx(128 * 1e9 / 0.5 / 1e9)  # 256 GMAC/s
+    assert c["dense_deploy_of_gemm"] == pytest.approx(0.5)
+    assert c["goal_needs_gmacs"] == pytest.approx(128 / (1.0 / GOAL))  # the eager time divided by the goal
+    assert c["goal_needs_of_gemm"] == pytest.approx(128 * GOAL / 512)
 
 
 def test_time_together_takes_turns_with_every_candidate():
