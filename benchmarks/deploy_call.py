@@ -9,16 +9,15 @@ events), the batch handed in as the timer hands it (fp32, NCHW, on the device):
 - ``call``: ``prunelab.runtime.deploy_form``'s forward (size check, the copy into the buffer that
   casts the batch, replay, copy of the logits out), as the reports time it;
 - ``castfirst``: the call as it was before: a separate cast kernel, then the copy;
-- ``fused``: the same call on a network whose Conv2d+ReLU pairs run as one cuDNN call each
-  (``prunelab.models.transforms.fuse_conv_relu``), its own graph captured;
-- ``inductor`` (``--inductor``, dense only): ``torch.compile`` (default mode, no cudagraphs) captured in a graph.
+- ``fused``: the deploy form with each Conv2d+ReLU pair as one cuDNN call (``deploy_form(fuse=True)``,
+  what ``latency.fuse=auto`` gives on CUDA), its own graph captured.
 
 ``--profile`` adds the dense forms' GPU kernels by time (``torch.profiler``).
 
 Each form's top-1 answers are checked against eager fp32 first. Writes
 ``benchmarks/results/<date>-deploy-call-<device>.json`` and ``.md`` atomically.
 
-    python -m benchmarks.deploy_call [--inductor]      # CUDA only
+    python -m benchmarks.deploy_call [--profile]      # CUDA only
 """
 
 from __future__ import annotations
@@ -36,9 +35,8 @@ from benchmarks.deploy_speed import build_models
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
-from prunelab.models.transforms import fuse_conv_relu
 from prunelab.report.markdown import table
-from prunelab.runtime import _Graph, agreement, deploy_form
+from prunelab.runtime import agreement, deploy_form
 
 
 class Replay(nn.Module):
@@ -66,22 +64,6 @@ class CastFirst(nn.Module):
         return self.form._graphs[tuple(x.shape)](self.form.prepare(x))
 
 
-class Captured(nn.Module):
-    """Any network captured in prunelab's graph wrapper, one graph per batch shape, called like a form."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool):
-        super().__init__()
-        self.net, self.dtype, self.cl = net, dtype, channels_last
-        self.graphs: dict[tuple, _Graph] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = tuple(x.shape)
-        if key not in self.graphs:
-            mf = torch.channels_last if self.cl else torch.contiguous_format
-            self.graphs[key] = _Graph(self.net, x.to(dtype=self.dtype, memory_format=mf))
-        return self.graphs[key](x)
-
-
 def kernel_table(net: nn.Module, x: torch.Tensor, rows: int = 12) -> str:
     """The GPU kernels of ten eager forwards of ``net`` (the same kernels its graph replays), by time."""
     from torch.profiler import ProfilerActivity, profile
@@ -104,28 +86,22 @@ def measure(args) -> dict:
     dense, channel = dense.to(device), channel.to(device)
     gen = torch.Generator().manual_seed(1)
     batches = {b: torch.randn(b, 3, 32, 32, generator=gen).to(device) for b in args.batch_sizes}
-    forms, eager_of, errors, compile_s, profiles = {}, {}, {}, {}, {}
+    forms, eager_of, errors, build_s, profiles = {}, {}, {}, {}, {}
     for name, net in (("dense", dense), ("channel", channel)):
         form = deploy_form(net, dtype=dtype, channels_last=cl, device=device, cuda_graph=True, fuse=False)
         for b in batches.values():
             form.warm(b)
         forms[f"{name}_replay"], forms[f"{name}_call"] = Replay(form), form
         forms[f"{name}_castfirst"] = CastFirst(form)
-        variants = {"fused": lambda f=form: fuse_conv_relu(f.net)}
-        if args.inductor and name == "dense":  # compiling takes a minute a shape: the dense one alone
-            variants["inductor"] = lambda f=form: torch.compile(f.net, dynamic=False)
-        for kind, make in variants.items():
-            try:  # a variant this GPU or build refuses is the finding, not a crash
-                t0 = time.perf_counter()
-                cap = Captured(make(), dtype, cl)
-                with torch.inference_mode():
-                    for b in batches.values():
-                        cap(b)
-                torch.cuda.synchronize()
-                compile_s[f"{name}_{kind}"] = round(time.perf_counter() - t0, 1)
-                forms[f"{name}_{kind}"] = cap
-            except Exception as exc:  # noqa: BLE001
-                errors[f"{name}_{kind}"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        try:  # a fused form this GPU or build refuses is the finding, not a crash
+            t0 = time.perf_counter()
+            fused = deploy_form(net, dtype=dtype, channels_last=cl, device=device, cuda_graph=True, fuse=True)
+            for b in batches.values():
+                fused.warm(b)
+            build_s[f"{name}_fused"] = round(time.perf_counter() - t0, 1)
+            forms[f"{name}_fused"] = fused
+        except Exception as exc:  # noqa: BLE001
+            errors[f"{name}_fused"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         eager_of.update({k: net for k in forms if k.startswith(name)})
         if args.profile and name == "dense":
             x = form.prepare(batches[max(batches)])
@@ -144,7 +120,7 @@ def measure(args) -> dict:
         samples = time_interleaved(forms, x, device, warmup=3, iters=iters, rotate=True)
         t = {"iters": iters, "p50_ms": {k: summarize(v, b) for k, v in samples.items()}, "pairs": {}}
         for name in ("dense", "channel"):
-            for other in ("castfirst", "fused", "inductor"):
+            for other in ("castfirst", "fused"):
                 if f"{name}_{other}" in samples:
                     t["pairs"][f"{name}_{other}_vs_call"] = paired_stats(samples[f"{name}_call"],
                                                                          samples[f"{name}_{other}"], b)
@@ -152,7 +128,7 @@ def measure(args) -> dict:
         timings[str(b)] = t
     return {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(device),
             "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
-            "channels_last": cl, **facts, "agreement": checks, "errors": errors, "build_s": compile_s,
+            "channels_last": cl, **facts, "agreement": checks, "errors": errors, "build_s": build_s,
             "timings": timings, "profiles": profiles}
 
 
@@ -183,7 +159,6 @@ def render(res: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--inductor", action="store_true", help="also torch.compile's code captured in a graph")
     ap.add_argument("--profile", action="store_true", help="also list the dense forms' kernels by GPU time")
     ap.add_argument("--iters", type=int, default=80)
     ap.add_argument("--iters-small", type=int, default=200)

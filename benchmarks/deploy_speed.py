@@ -165,9 +165,8 @@ def measure(args) -> dict:
             timings[str(b)][pair] = {"speedup_p50": stats["speedup_p50"], "paired_ratio": stats["paired_ratio"]}
     wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
     gemm_n = 1024 if args.quick else 4096  # after the timings: its own minute must not shift their machine state
-    folded = fold_pool(dense, (32, 32))
-    roof = ceiling(timings, head, count_macs(folded.cpu(), default_example(folded.cpu())), gemm_rate(device, dtype, gemm_n),
-                   gemm_n)
+    folded = fold_pool(dense, (32, 32)).cpu()
+    roof = ceiling(timings, head, count_macs(folded, default_example(folded)), gemm_rate(device, dtype, gemm_n), gemm_n)
     h = timings[str(head)]
     goals = {
         "dense_deploy_vs_dense_eager_fp32": {"goal": GOAL, "measured": h["dense_deploy_vs_dense_eager"]["speedup_p50"]},

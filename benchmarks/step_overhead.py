@@ -53,15 +53,10 @@ def make_net(arch: str) -> nn.Module:
     return build_classifier(arch, None, 10)
 
 
-def _autocast(device: torch.device, precision: str):
-    from prunelab.evaluation import autocast_for
-
-    return autocast_for(device, precision)
-
-
 def plain_turn(loader, device: torch.device, arch: str = "tiny", precision: str = "32-true") -> float:
     """Seconds per step of the loop a user would write: forward, loss, zero_grad, backward, step
     (under the same autocast as the Trainer's ``precision``)."""
+    from prunelab.evaluation import autocast_for
     from prunelab.models.classifier import make_sgd
 
     torch.manual_seed(0)
@@ -71,7 +66,7 @@ def plain_turn(loader, device: torch.device, arch: str = "tiny", precision: str 
     _sync(device)
     t0, steps = time.perf_counter(), 0
     for x, y in loader:
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             loss = criterion(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,6 +26,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.evaluation import autocast_for
+from prunelab.hardware import detect, resolve_fuse
 from prunelab.models.modes import eval_mode
 from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 
@@ -291,8 +292,8 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     deployed = deployed.eval().requires_grad_(False)
     # Cast first: the sparse kernels need their weights in the target dtype before conversion.
     deployed = deployed.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
-    if fuse is None:
-        fuse = device.type == "cuda" and not compile
+    if fuse is None:  # the same rule as latency.fuse=auto
+        fuse = bool(resolve_fuse("auto", detect(device), compile=compile).value)
     if fuse and compile:
         raise ValueError("fuse=True with compile=True: the compiler does not trace the fused cuDNN call; "
                          "pass fuse=None (it fuses on its own)")
