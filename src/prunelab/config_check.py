@@ -148,6 +148,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("model.channels_last", BOOL_AUTO),
         ("latency.channels_last", BOOL_AUTO),
         ("latency.fuse", BOOL_AUTO),
+        ("latency.winograd", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError
-from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype, resolve_fuse
+from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype, resolve_fuse, resolve_winograd
 from prunelab.io import compressed_bytes, save_state_dict
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # Code defaults equal conf/latency/default.yaml's, for callers passing a partial config.
 DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128,
             "batch_sizes": [1, 128], "agreement_images": 512, "warmup": 5, "iters": 30,
-            "include_transfer": False, "compile": False, "cuda_graph": True, "fuse": "auto"}
+            "include_transfer": False, "compile": False, "cuda_graph": True, "fuse": "auto",
+            "winograd": "auto"}
 MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
 TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
                  "convolutions); here they ran slower than the dense form")
@@ -54,6 +55,12 @@ def _fuse(cfg, hw) -> bool:
     """``latency.fuse`` for this device (``auto`` when a caller's config was not resolved)."""
     return bool(resolve_fuse(_setting(cfg, "fuse"), hw, compile=bool(_setting(cfg, "compile")),
                              runtime=str(_setting(cfg, "runtime"))).value)
+
+
+def _winograd(cfg, hw, dtype: torch.dtype) -> bool:
+    """``latency.winograd`` for this device and deploy dtype (``auto`` when not resolved)."""
+    return bool(resolve_winograd(_setting(cfg, "winograd"), hw, dtype, runtime=str(_setting(cfg, "runtime")),
+                                 compile=bool(_setting(cfg, "compile"))).value)
 
 
 EAGER_TWO_FOUR = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
@@ -73,7 +80,8 @@ def _forms(nets: dict, two_four: set[str], batches, head, device, cfg, precision
     if res.warning:
         notes.append(res.warning)
     opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
-                compile=bool(_setting(cfg, "compile")), example_batch=batches[head], fuse=_fuse(cfg, hw))
+                compile=bool(_setting(cfg, "compile")), example_batch=batches[head], fuse=_fuse(cfg, hw),
+                winograd=_winograd(cfg, hw, res.value))
     forms = {tag: deploy_form(net, two_four=tag in two_four, **opts) for tag, net in nets.items()}
     for bs in sorted(batches):  # capture/compile every shape before any timing
         for form in forms.values():
@@ -236,6 +244,7 @@ def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
     d = desc["dense"]
     facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(x["graph"] for x in desc.values()),
                  fused_conv_relu=all(x.get("fused_conv_relu") for x in desc.values()),
+                 conv_algos={tag: x["conv_algos"] for tag, x in desc.items() if x.get("conv_algos")},
                  device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
     return desc
 

@@ -237,6 +237,35 @@ def resolve_fuse(requested: bool | str, hw: Hardware, compile: bool = False, run
     return Resolution(value, f"auto: {hw.describe()}: {why}; fuse={value}")
 
 
+def resolve_winograd(requested: bool | str, hw: Hardware, dtype: torch.dtype | str = torch.float32,
+                     runtime: str = "deploy", compile: bool = False) -> Resolution:
+    """``latency.winograd``: each 3x3 convolution of the deploy form runs as whichever of oneDNN's direct
+    convolution, Winograd F(4x4,3x3) and (on maps of 2x2 or less) one matrix was fastest on the
+    first batch of each shape (``prunelab.models.winograd``). auto is on for CPU forms in float32: there
+    the direct convolution already runs at the multiply rate, so only fewer multiplies can be faster.
+    Off on CUDA (cuDNN's own autotuning already picks Winograd kernels where they pay) and in bf16/fp16
+    (the transforms would amplify their rounding). true where it cannot run is refused."""
+    explicit = _bool_auto(requested, "latency.winograd")
+    dtype = DTYPES.get(str(dtype).removeprefix("torch."), dtype) if not isinstance(dtype, torch.dtype) else dtype
+    if runtime == "eager":
+        warning = "latency.winograd=true has no effect with latency.runtime=eager (the model runs as trained)"
+        return Resolution(False, "latency.runtime=eager runs the model as trained; winograd=False",
+                          warning if explicit else None)
+    if explicit and (hw.kind != "cpu" or dtype != torch.float32 or compile):
+        where = (f"this run is on {hw.kind}" if hw.kind != "cpu" else "latency.compile=true traces its own kernels"
+                 if compile else f"the deploy dtype is {str(dtype).removeprefix('torch.')}")
+        raise ConfigError(f"latency.winograd=true runs CPU convolutions in float32 ({where}): use "
+                          "latency.winograd=auto or latency.winograd=false")
+    if explicit is not None:
+        return Resolution(explicit, f"explicit latency.winograd={explicit} honoured")
+    value = hw.kind == "cpu" and dtype == torch.float32 and not compile
+    why = ("each 3x3 convolution keeps whichever of direct, Winograd F(4x4,3x3) and small-map GEMM ran fastest"
+           if value else "cuDNN autotuning already picks Winograd where it pays" if hw.kind == "cuda"
+           else "latency.compile traces its own kernels" if compile
+           else "Winograd's transforms amplify bf16/fp16 rounding" if hw.kind == "cpu" else "CPU float32 only")
+    return Resolution(value, f"auto: {hw.describe()}: {why}; winograd={value}")
+
+
 def resolve_compile(requested: bool | str, hw: Hardware) -> Resolution:
     """``model.compile``: auto is on for CUDA only; on CPUs compile time dominates short runs."""
     explicit = _bool_auto(requested, "model.compile")

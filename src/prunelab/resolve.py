@@ -36,7 +36,7 @@ def run_device(cfg: DictConfig) -> str:
 
 def resolve_auto(cfg: DictConfig) -> dict:
     """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype,
-    latency.channels_last and latency.fuse with what this machine runs fastest; explicit values stay and are warned about when slow.
+    latency.channels_last, latency.fuse and latency.winograd with what this machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
     hw = hardware.detect(run_device(cfg))
     record: dict = {"hardware": hw.to_dict()}
@@ -48,7 +48,12 @@ def resolve_auto(cfg: DictConfig) -> dict:
                   ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout),
                   ("latency.fuse", cfg.latency, "fuse",
                    lambda r, hw: hardware.resolve_fuse(r, hw, compile=bool(cfg.latency.get("compile", False)),
-                                                       runtime=str(cfg.latency.get("runtime", "deploy"))))]
+                                                       runtime=str(cfg.latency.get("runtime", "deploy")))),
+                  # after latency.dtype: its resolved value decides (float32 only)
+                  ("latency.winograd", cfg.latency, "winograd",
+                   lambda r, hw: hardware.resolve_winograd(r, hw, str(cfg.latency.get("dtype", "float32")),
+                                                           runtime=str(cfg.latency.get("runtime", "deploy")),
+                                                           compile=bool(cfg.latency.get("compile", False))))]
     for key, node, name, rule in rules:
         if name not in node:
             continue

@@ -2,7 +2,8 @@
 
 ``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
 VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
-layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, optionally moves 2:4 Linear weights onto
+layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, on a float32 CPU form runs each 3x3
+convolution by whichever algorithm was measured fastest, optionally moves 2:4 Linear weights onto
 the sparse kernels, and on CUDA replays the
 forward from a CUDA graph per batch shape, captured after cuDNN autotuning picked each
 convolution's algorithm (or runs it through ``torch.compile``). ``eager_form``
@@ -26,9 +27,10 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.evaluation import autocast_for
-from prunelab.hardware import detect, resolve_fuse
+from prunelab.hardware import detect, resolve_fuse, resolve_winograd
 from prunelab.models.modes import eval_mode
 from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
+from prunelab.models.winograd import conv_algos, tune_convs
 
 RUNTIMES = ("eager", "deploy")
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
@@ -155,8 +157,9 @@ class Deployed(Form):
 
     def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, device: torch.device,
                  folded_at: tuple[int, int] | None, cuda_graph: bool, compiled: bool, kernels: str | None,
-                 sparse: bool, notes: list[str], fused: int = 0):
+                 sparse: bool, notes: list[str], fused: int = 0, tuned: int = 0):
         super().__init__(net, dtype, channels_last, device)
+        self.tuned = tuned  # 3x3 convolutions choosing direct/Winograd/small-map per batch shape
         self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
         self.fused = fused  # Conv2d+ReLU pairs running as one cuDNN call each
         self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
@@ -228,7 +231,8 @@ class Deployed(Form):
         return dict(super().describe(), folded=self.folded_at is not None, graph=self.use_graph,
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
-                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused)
+                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused,
+                    winograd=self.tuned, conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()})
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
@@ -255,7 +259,7 @@ def _first_fc_two_four(net: nn.Module) -> bool:
 def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                 fold: bool = True, input_size: tuple[int, int] | None = None, device=None,
                 cuda_graph: bool = True, compile: bool = False, example_batch: torch.Tensor | None = None,
-                two_four: bool = False, fuse: bool | None = None) -> Deployed:
+                two_four: bool = False, fuse: bool | None = None, winograd: bool | None = None) -> Deployed:
     """The form ``net`` ships in, as a new module (``net`` itself is left exactly as it was).
 
     - a copy in eval mode, gradients off; VGG's pool folded into ``classifier[0]`` when ``fold`` and
@@ -265,6 +269,9 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
       with the reason in ``.kernels``;
     - ``fuse`` (``None``: on CUDA unless ``compile``): each Conv2d+ReLU pair as one cuDNN call
       (``fuse_conv_relu``; the ReLU applied as the convolution writes, no second pass over the map);
+    - ``winograd`` (``None``: on a float32 CPU form unless ``compile``): each 3x3 convolution runs as
+      whichever of the direct convolution, Winograd F(4x4,3x3) and a small-map GEMM was fastest on the
+      first batch of each shape (``prunelab.models.winograd``; the choices in ``describe()["conv_algos"]``);
     - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
       (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
       ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
@@ -299,6 +306,12 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
                          "pass fuse=None (it fuses on its own)")
     if fuse and device.type != "cuda":
         raise ValueError(f"fusing Conv2d+ReLU uses cuDNN, which needs a CUDA device (this form is on {device})")
+    if winograd is None:  # the same rule as latency.winograd=auto
+        winograd = bool(resolve_winograd("auto", detect(device), dtype, compile=compile).value)
+    if winograd and (device.type != "cpu" or dtype != torch.float32 or compile):
+        raise ValueError(f"winograd=True runs CPU convolutions in float32 without compile; this form is on {device}, "
+                         f"{_dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
+    tuned = tune_convs(deployed) if winograd else 0
     fused = 0
     if fuse:
         deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy
@@ -316,7 +329,7 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
         deployed = torch.compile(deployed, mode=mode, dynamic=False)
     form = Deployed(deployed, dtype=dtype, channels_last=channels_last, device=device, folded_at=folded_at,
                     cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes,
-                    fused=fused)
+                    fused=fused, tuned=tuned)
     if example_batch is not None:
         form.warm(example_batch)
     return form

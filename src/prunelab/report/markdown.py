@@ -112,6 +112,16 @@ def _final_round(f: dict) -> list[str]:
             table(["method", "ratio", "p50 ms", "speedup", "paired 5-95%", "beyond noise"], rows), ""]
 
 
+def _conv_algos(algos: dict | None, batch_size: int) -> str:
+    """How each deploy form ran its 3x3 convolutions at the headline batch size (CPU float32 forms)."""
+    parts = []
+    for tag, per in (algos or {}).items():
+        counts = per.get(str(batch_size)) or {}
+        if counts:
+            parts.append(f"{tag} " + ", ".join(f"{n} {algo}" for algo, n in sorted(counts.items())))
+    return f", 3x3 convs by measured fastest algorithm ({'; '.join(parts)})" if parts else ""
+
+
 def render(report: dict, plots: dict[str, str]) -> str:
     p = report.get("pruned") or {}
     lines = [
@@ -128,7 +138,7 @@ def render(report: dict, plots: dict[str, str]) -> str:
     rt = (report.get("latency") or {}).get("runtime")
     if rt:
         extras = "".join(text for key, text in (("graph", ", CUDA graph"), ("fused_conv_relu", ", conv+ReLU fused"))
-                         if rt.get(key))
+                         if rt.get(key)) + _conv_algos(rt.get("conv_algos"), report["latency"]["batch_size"])
         lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}{extras}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
                   f"{rt.get('hardware') or rt.get('device')}; "

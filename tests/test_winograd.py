@@ -1,0 +1,196 @@
+"""3x3 convolutions by Winograd F(4x4,3x3) and small-map GEMMs, and the per-shape choice among them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_channel import tiny_vgg
+from torch import nn
+
+from prunelab.errors import ConfigError
+from prunelab.hardware import Hardware, resolve_winograd
+from prunelab.models import winograd as wg
+from prunelab.models.winograd import (
+    TunedConv2d,
+    conv_algos,
+    map_conv,
+    map_matrix,
+    pick,
+    tune_convs,
+    winograd_conv3x3,
+    winograd_filters,
+)
+from prunelab.report.markdown import _conv_algos
+from prunelab.runtime import deploy_form
+
+GEN = torch.Generator().manual_seed(0)
+AVX2 = Hardware("cpu", "AMD EPYC", "AVX2", frozenset({"avx2"}))
+AMX = Hardware("cpu", "Xeon Sapphire Rapids", "AVX512", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+SM90 = Hardware("cuda", "NVIDIA H100", "AVX512", frozenset({"avx2", "avx512f"}), (9, 0))
+
+
+def conv_and_input(n, c, k, h, w, bias=True, channels_last=False):
+    conv = nn.Conv2d(c, k, 3, padding=1, bias=bias)
+    x = torch.randn(n, c, h, w, generator=GEN)
+    return conv, x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(2, 3, 5, 7, 9), (1, 16, 8, 8, 8), (3, 8, 4, 1, 1), (2, 4, 6, 4, 13),
+                                       (1, 32, 32, 2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_the_convolution(n, c, k, h, w, channels_last, bias):
+    conv, x = conv_and_input(n, c, k, h, w, bias, channels_last)
+    with torch.no_grad():
+        ref = conv(x)
+        out = winograd_conv3x3(x, winograd_filters(conv.weight), conv.bias)
+        # a wrong filter transform (taps swapped top to bottom) must fail the same comparison
+        flipped = winograd_conv3x3(x, winograd_filters(conv.weight.flip(-2)), conv.bias)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    # float32 rounding of the transforms: ~1e-5 of the outputs' scale, far from any real error
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max(), (out - ref).abs().max()
+    if h > 1:  # on a 1-pixel-high map only the middle row of taps sees data, and it does not move
+        assert (flipped - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_winograd_filters_refuse_other_kernel_sizes():
+    with pytest.raises(ValueError, match=r"\(K, C, 3, 3\)"):
+        winograd_filters(torch.zeros(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 2)])
+def test_small_map_matrix_is_the_convolution(h, w):
+    conv, x = conv_and_input(3, 8, 6, h, w, channels_last=True)
+    m = map_matrix(conv, h, w)
+    assert m.shape == (h * w * 8, h * w * 6)
+    # every entry is one filter weight: input pixel (0,0) channel c -> output pixel (0,0) channel k is the centre tap
+    assert torch.equal(m[: 8, : 6], conv.weight.detach()[:, :, 1, 1].t())
+    with torch.no_grad():
+        ref, out = conv(x), map_conv(x, m, conv.bias)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pick_keeps_an_alternative_only_when_clearly_faster():
+    assert pick({"direct": 10.0, "winograd": 6.0, "map": 7.0}) == "winograd"
+    assert pick({"direct": 10.0, "winograd": 9.8}) == "direct"  # within the 5% margin: not worth a change
+    assert pick({"direct": 10.0, "winograd": 12.0, "map": 9.0}) == "map"
+    assert pick({"direct": 1.0}) == "direct"
+    with pytest.raises(ValueError, match="direct"):
+        pick({"winograd": 1.0})
+
+
+def test_tuned_conv_is_the_convolution_in_every_algorithm_and_keeps_its_parameters():
+    conv, x = conv_and_input(4, 16, 16, 2, 2, channels_last=True)
+    tuned = TunedConv2d(conv)
+    assert isinstance(tuned, nn.Conv2d) and tuned.weight is conv.weight and tuned.bias is conv.bias
+    with torch.no_grad():
+        ref = conv(x)
+        for algo in wg.ALGOS:
+            assert torch.allclose(tuned.run(algo, x), ref, atol=1e-4), algo
+            forced = TunedConv2d(conv, algo)(x)
+            assert torch.allclose(forced, ref, atol=1e-4) and not TunedConv2d(conv, algo).choice
+        out = tuned(x)
+    assert torch.allclose(out, ref, atol=1e-4)
+    key = tuple(x.shape)
+    assert tuned.choice[key] in wg.ALGOS and set(tuned.tune_ms[key]) == {"direct", "winograd", "map"}
+    with pytest.raises(ValueError, match="auto or one of"):
+        TunedConv2d(conv, "fft")
+    with pytest.raises(ValueError, match="plain 3x3"):
+        TunedConv2d(nn.Conv2d(4, 4, 3, stride=2, padding=1))
+
+
+def test_each_shape_is_tuned_once_and_the_choice_is_followed(monkeypatch):
+    conv, x = conv_and_input(2, 8, 8, 8, 8)
+    tuned, calls = TunedConv2d(conv), []
+    real = TunedConv2d._tune
+
+    def counting(self, x, key):
+        calls.append(key)
+        return real(self, x, key)
+
+    monkeypatch.setattr(TunedConv2d, "_tune", counting)
+    with torch.no_grad():
+        tuned(x), tuned(x), tuned(x[:1]), tuned(x[:1])
+    assert calls == [tuple(x.shape), tuple(x[:1].shape)]
+    assert conv_algos(nn.Sequential(tuned)).keys() == {1, 2}
+    # the recorded choice is what runs (set one by hand and watch which path is taken)
+    used = []
+    monkeypatch.setattr(TunedConv2d, "run", lambda self, algo, x: used.append(algo) or real_conv(self, x))
+    real_conv = nn.Conv2d.forward
+    tuned.choice[tuple(x.shape)] = "winograd"
+    with torch.no_grad():
+        tuned(x)
+    assert used == ["winograd"]
+
+
+def test_direct_wherever_the_fast_paths_do_not_apply():
+    conv, x = conv_and_input(2, 8, 8, 4, 4)
+    # gradients wanted: the transformed filters are constants, so the plain convolution runs (exactly)
+    y = TunedConv2d(conv, "winograd")(x)
+    assert torch.equal(y, conv(x)) and y.requires_grad
+    # bf16 (or any dtype but float32): the plain convolution, and nothing tuned
+    bf = TunedConv2d(nn.Conv2d(8, 8, 3, padding=1).bfloat16())
+    with torch.no_grad():
+        xb = x.bfloat16()
+        assert torch.equal(bf(xb), F.conv2d(xb, bf.weight, bf.bias, padding=1))
+    assert not bf.choice
+
+
+def test_filters_follow_an_in_place_weight_change():
+    conv, x = conv_and_input(2, 8, 8, 4, 4)
+    tuned = TunedConv2d(conv, "winograd")
+    with torch.no_grad():
+        before = tuned(x)
+        conv.weight.mul_(2)
+        after = tuned(x)
+        assert torch.allclose(after - conv.bias.view(1, -1, 1, 1), 2 * (before - conv.bias.view(1, -1, 1, 1)),
+                              atol=1e-4)
+
+
+def test_tune_convs_wraps_only_plain_3x3_convolutions_and_keeps_the_state_dict():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1))
+    keys = list(net.state_dict())
+    assert tune_convs(net) == 2
+    assert [type(m).__name__ for m in net] == ["TunedConv2d", "Conv2d", "Conv2d", "Conv2d", "TunedConv2d"]
+    assert list(net.state_dict()) == keys
+    assert tune_convs(net) == 0  # already tuned layers are left alone
+
+
+def test_cpu_fp32_deploy_form_chooses_per_layer_and_keeps_the_answers():
+    net = tiny_vgg().eval()
+    x = torch.randn(4, 3, 32, 32, generator=GEN)
+    form = deploy_form(net, channels_last=True, example_batch=x)
+    plain = deploy_form(net, channels_last=True, example_batch=x, winograd=False)
+    d = form.describe()
+    assert d["winograd"] == sum(isinstance(m, TunedConv2d) for m in form.net.modules()) > 0
+    assert sum(d["conv_algos"]["4"].values()) == d["winograd"]
+    assert plain.describe()["winograd"] == 0 and plain.describe()["conv_algos"] == {}
+    with torch.no_grad():
+        ref = net(x)
+        assert torch.allclose(form(x), ref, atol=1e-4) and torch.allclose(plain(x), ref, atol=1e-4)
+    assert not any(isinstance(m, TunedConv2d) for m in net.modules())  # the caller's network untouched
+    with pytest.raises(ValueError, match="float32"):
+        deploy_form(net, dtype=torch.bfloat16, winograd=True)
+    assert deploy_form(net, dtype=torch.bfloat16).describe()["winograd"] == 0  # auto: off in bf16
+
+
+def test_resolve_winograd():
+    assert resolve_winograd("auto", AVX2, torch.float32).value is True
+    assert resolve_winograd("auto", AVX2, "float32").value is True  # as Hydra passes the resolved dtype
+    assert resolve_winograd("auto", AMX, "bfloat16").value is False
+    assert resolve_winograd("auto", SM90, torch.float32).value is False
+    assert resolve_winograd("auto", AVX2, torch.float32, compile=True).value is False
+    assert resolve_winograd(False, AVX2).value is False and resolve_winograd("true", AVX2).value is True
+    for hw, dtype, kw in [(SM90, torch.float32, {}), (AMX, torch.bfloat16, {}), (AVX2, torch.float32, {"compile": True})]:
+        with pytest.raises(ConfigError, match="latency.winograd=auto or latency.winograd=false"):
+            resolve_winograd(True, hw, dtype, **kw)
+    eager = resolve_winograd(True, AVX2, runtime="eager")
+    assert eager.value is False and "no effect" in eager.warning
+    with pytest.raises(ConfigError, match="latency.winograd"):
+        resolve_winograd("yes", AVX2)
+
+
+def test_report_names_the_algorithms_at_the_headline_batch():
+    text = _conv_algos({"dense": {"128": {"winograd": 6, "map": 3, "direct": 4}, "1": {"direct": 13}}}, 128)
+    assert "dense 4 direct, 3 map, 6 winograd" in text
+    assert _conv_algos({"dense": {"1": {"direct": 13}}}, 128) == "" and _conv_algos(None, 128) == ""
