@@ -273,7 +273,8 @@ def _ceiling(res: dict) -> list[str]:
             f"the {GOAL}x ratio goal needs {c['goal_needs_gmacs']:.1f} GMAC/s, {c['goal_needs_of_gemm']:.0%} of it."
             + (" MACs are counted as a direct convolution does them; the layers run as Winograd F(4x4,3x3) or as "
                "one small-map matrix do fewer multiplies, which is how a form can pass 100%."
-               if res["deploy"]["forms"]["dense_deploy"].get("winograd") else ""), ""]
+               if set(res["deploy"]["forms"]["dense_deploy"].get("conv_algos", {}).get(str(res["headline_batch_size"]), {}))
+               - {"direct"} else ""), ""]
 
 
 def _kernels(res: dict) -> list[str]:

@@ -9,7 +9,9 @@ model as the notebook runs it, and every single method's sparsity answer, on thi
    on the same weights; wall time of both searches.
 3. In one process, every model taking turns each iteration: the dense model as the notebook runs it
    (eager fp32, NCHW), the dense deploy form, the latency search's answer and each method's own
-   sparsity answer (its highest ratio within the tolerance) in the deploy form.
+   sparsity answer (its highest ratio within the tolerance) in the deploy form. Deploy forms follow
+   the product's ``auto`` rules: on a float32 CPU that includes the per-layer convolution choice
+   (``latency.winograd``), so CPU results from before 2026-11-27 late (all-direct) are not comparable.
 
     python -m benchmarks.fastest [--epochs 5] [--iters 10] [--quick]
 

@@ -3,9 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_cfg
 from test_channel import tiny_vgg
 from torch import nn
 
+from prunelab import hardware, resolve
 from prunelab.errors import ConfigError
 from prunelab.hardware import Hardware, resolve_winograd
 from prunelab.models import winograd as wg
@@ -86,11 +88,11 @@ def test_tuned_conv_is_the_convolution_in_every_algorithm_and_keeps_its_paramete
         ref = conv(x)
         for algo in wg.ALGOS:
             assert torch.allclose(tuned.run(algo, x), ref, atol=1e-4), algo
-            forced = TunedConv2d(conv, algo)(x)
-            assert torch.allclose(forced, ref, atol=1e-4) and not TunedConv2d(conv, algo).choice
+            forced = TunedConv2d(conv, algo)
+            assert torch.allclose(forced(x), ref, atol=1e-4) and not forced.choice  # forced: nothing tuned
         out = tuned(x)
     assert torch.allclose(out, ref, atol=1e-4)
-    key = tuple(x.shape)
+    key = TunedConv2d.shape_key(x)
     assert tuned.choice[key] in wg.ALGOS and set(tuned.tune_ms[key]) == {"direct", "winograd", "map"}
     with pytest.raises(ValueError, match="auto or one of"):
         TunedConv2d(conv, "fft")
@@ -108,15 +110,23 @@ def test_each_shape_is_tuned_once_and_the_choice_is_followed(monkeypatch):
         return real(self, x, key)
 
     monkeypatch.setattr(TunedConv2d, "_tune", counting)
+    xl = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        tuned(x), tuned(x), tuned(x[:1]), tuned(x[:1])
-    assert calls == [tuple(x.shape), tuple(x[:1].shape)]
-    assert conv_algos(nn.Sequential(tuned)).keys() == {1, 2}
+        tuned(x), tuned(x), tuned(x[:1]), tuned(x[:1]), tuned(xl), tuned(xl)
+    key = TunedConv2d.shape_key
+    assert calls == [key(x), key(x[:1]), key(xl)]  # each shape and layout once
+    assert key(x)[:4] == tuple(x.shape) and key(x)[4:] == ("nchw", torch.get_num_threads())
+    assert conv_algos(nn.Sequential(tuned)) == {1: {tuned.choice[key(x[:1])]: 1},
+                                                 2: {a: [tuned.choice[key(x)], tuned.choice[key(xl)]].count(a)
+                                                     for a in {tuned.choice[key(x)], tuned.choice[key(xl)]}}}
+    record = wg.tune_record(nn.Sequential(tuned))
+    assert len(record) == 3 and {r["layout"] for r in record} == {"nchw", "nhwc"}
+    assert all(set(r["ms"]) >= {"direct"} and r["choice"] in wg.ALGOS for r in record)
     # the recorded choice is what runs (set one by hand and watch which path is taken)
     used = []
-    monkeypatch.setattr(TunedConv2d, "run", lambda self, algo, x: used.append(algo) or real_conv(self, x))
     real_conv = nn.Conv2d.forward
-    tuned.choice[tuple(x.shape)] = "winograd"
+    monkeypatch.setattr(TunedConv2d, "run", lambda self, algo, x: used.append(algo) or real_conv(self, x))
+    tuned.choice[key(x)] = "winograd"
     with torch.no_grad():
         tuned(x)
     assert used == ["winograd"]
@@ -135,6 +145,24 @@ def test_direct_wherever_the_fast_paths_do_not_apply():
     assert not bf.choice
 
 
+def test_a_trainable_bias_alone_keeps_the_plain_convolution():
+    conv, x = conv_and_input(2, 8, 8, 4, 4)
+    conv.weight.requires_grad_(False)
+    y = TunedConv2d(conv, "winograd")(x)  # the Winograd path cannot carry the bias's gradient
+    y.sum().backward()
+    assert conv.bias.grad is not None and torch.equal(y, conv(x))
+
+
+@pytest.mark.parametrize("algo", ["winograd", "map"])
+def test_alternatives_return_the_callers_layout(algo):
+    conv, x = conv_and_input(2, 8, 8, 2, 2)
+    tuned = TunedConv2d(conv, algo)
+    with torch.no_grad():
+        nchw, nhwc = tuned(x), tuned(x.to(memory_format=torch.channels_last))
+    assert nchw.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(nchw, nhwc)
+
+
 def test_filters_follow_an_in_place_weight_change():
     conv, x = conv_and_input(2, 8, 8, 4, 4)
     tuned = TunedConv2d(conv, "winograd")
@@ -144,6 +172,22 @@ def test_filters_follow_an_in_place_weight_change():
         after = tuned(x)
         assert torch.allclose(after - conv.bias.view(1, -1, 1, 1), 2 * (before - conv.bias.view(1, -1, 1, 1)),
                               atol=1e-4)
+
+
+def test_changes_outside_the_version_counter():
+    conv, x = conv_and_input(2, 8, 8, 4, 4)
+    tuned = TunedConv2d(conv, "winograd")
+    with torch.no_grad():
+        tuned(x)
+        conv.weight.data.mul_(2)  # .data: autograd's version counter does not see it
+        tuned.invalidate()
+        assert torch.allclose(tuned(x), conv(x), atol=1e-4)
+    with torch.inference_mode():  # inference-mode weights: no counter, so nothing is cached
+        inf = TunedConv2d(nn.Conv2d(8, 8, 3, padding=1), "winograd")
+        xi = x.clone()
+        inf(xi)
+        inf.weight.mul_(-1)
+        assert torch.allclose(inf(xi), F.conv2d(xi, inf.weight, inf.bias, padding=1), atol=1e-4)
 
 
 def test_tune_convs_wraps_only_plain_3x3_convolutions_and_keeps_the_state_dict():
@@ -174,6 +218,19 @@ def test_cpu_fp32_deploy_form_chooses_per_layer_and_keeps_the_answers():
     assert deploy_form(net, dtype=torch.bfloat16).describe()["winograd"] == 0  # auto: off in bf16
 
 
+@pytest.mark.parametrize("algo", ["winograd", "map"])
+def test_deploy_form_answers_through_each_alternative(monkeypatch, algo):
+    """Whatever the timings, each alternative must keep the form's answers: force the choice."""
+    monkeypatch.setattr(wg, "pick", lambda times, margin=wg.MARGIN: algo if algo in times else "direct")
+    net = tiny_vgg().eval()
+    x = torch.randn(4, 3, 32, 32, generator=GEN)
+    form = deploy_form(net, channels_last=True, example_batch=x)
+    counts = form.describe()["conv_algos"]["4"]
+    assert counts.get(algo, 0) > 0
+    with torch.no_grad():
+        assert torch.allclose(form(x), net(x), atol=1e-4)
+
+
 def test_resolve_winograd():
     assert resolve_winograd("auto", AVX2, torch.float32).value is True
     assert resolve_winograd("auto", AVX2, "float32").value is True  # as Hydra passes the resolved dtype
@@ -186,8 +243,23 @@ def test_resolve_winograd():
             resolve_winograd(True, hw, dtype, **kw)
     eager = resolve_winograd(True, AVX2, runtime="eager")
     assert eager.value is False and "no effect" in eager.warning
+    assert resolve_winograd("auto", AVX2, "FP32").value is True  # spelled as latency.dtype accepts it
+    assert resolve_winograd("auto", AVX2, "auto").value is True  # auto: fp32 on this CPU
+    assert resolve_winograd("auto", AMX, "auto").value is False  # auto: bf16 there
     with pytest.raises(ConfigError, match="latency.winograd"):
         resolve_winograd("yes", AVX2)
+
+
+@pytest.mark.parametrize("hw,expected", [(AVX2, True), (AMX, False), (SM90, False)])
+def test_composed_config_resolves_winograd_after_the_dtype(tmp_path, monkeypatch, hw, expected):
+    from conftest import compose_cfg
+    from prunelab import hardware, resolve
+
+    monkeypatch.setattr(hardware, "detect", lambda device="cpu": hw)
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke"])
+    assert cfg.latency.winograd == "auto"
+    record = resolve.resolve_auto(cfg)
+    assert cfg.latency.winograd is expected and record["latency.winograd"]["value"] is expected
 
 
 def test_report_names_the_algorithms_at_the_headline_batch():

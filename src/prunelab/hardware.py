@@ -240,13 +240,14 @@ def resolve_fuse(requested: bool | str, hw: Hardware, compile: bool = False, run
 def resolve_winograd(requested: bool | str, hw: Hardware, dtype: torch.dtype | str = torch.float32,
                      runtime: str = "deploy", compile: bool = False) -> Resolution:
     """``latency.winograd``: each 3x3 convolution of the deploy form runs as whichever of oneDNN's direct
-    convolution, Winograd F(4x4,3x3) and (on maps of 2x2 or less) one matrix was fastest on the
+    convolution, Winograd F(4x4,3x3) and (on maps of at most 4 pixels) one matrix was fastest on the
     first batch of each shape (``prunelab.models.winograd``). auto is on for CPU forms in float32: there
     the direct convolution already runs at the multiply rate, so only fewer multiplies can be faster.
-    Off on CUDA (cuDNN's own autotuning already picks Winograd kernels where they pay) and in bf16/fp16
+    Off on CUDA (cuDNN picks its own algorithms, Winograd among them, autotuned under the CUDA graph) and in bf16/fp16
     (the transforms would amplify their rounding). true where it cannot run is refused."""
     explicit = _bool_auto(requested, "latency.winograd")
-    dtype = DTYPES.get(str(dtype).removeprefix("torch."), dtype) if not isinstance(dtype, torch.dtype) else dtype
+    if not isinstance(dtype, torch.dtype):  # a config string: the deploy dtype it resolves to here
+        dtype = resolve_dtype(dtype, hw).value
     if runtime == "eager":
         warning = "latency.winograd=true has no effect with latency.runtime=eager (the model runs as trained)"
         return Resolution(False, "latency.runtime=eager runs the model as trained; winograd=False",

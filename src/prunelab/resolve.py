@@ -51,7 +51,7 @@ def resolve_auto(cfg: DictConfig) -> dict:
                                                        runtime=str(cfg.latency.get("runtime", "deploy")))),
                   # after latency.dtype: its resolved value decides (float32 only)
                   ("latency.winograd", cfg.latency, "winograd",
-                   lambda r, hw: hardware.resolve_winograd(r, hw, str(cfg.latency.get("dtype", "float32")),
+                   lambda r, hw: hardware.resolve_winograd(r, hw, str(cfg.latency.get("dtype", "auto")),
                                                            runtime=str(cfg.latency.get("runtime", "deploy")),
                                                            compile=bool(cfg.latency.get("compile", False))))]
     for key, node, name, rule in rules:

@@ -30,7 +30,7 @@ from prunelab.evaluation import autocast_for
 from prunelab.hardware import detect, resolve_fuse, resolve_winograd
 from prunelab.models.modes import eval_mode
 from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
-from prunelab.models.winograd import conv_algos, tune_convs
+from prunelab.models.winograd import conv_algos, tune_convs, tune_record
 
 RUNTIMES = ("eager", "deploy")
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
@@ -232,7 +232,8 @@ class Deployed(Form):
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
                     kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused,
-                    winograd=self.tuned, conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()})
+                    winograd=self.tuned, conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()},
+                    conv_tuning=tune_record(self.net))
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:

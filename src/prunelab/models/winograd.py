@@ -12,15 +12,18 @@ already runs VGG16 at the machine's matrix-multiply rate (AVX2 EPYC, 2026-11-27:
   ~1e-5 of the output's scale in float32; in bf16/fp16 the transforms would amplify rounding too far,
   so it is float32 only.
 - ``map``: on a map of at most ``MAP_MAX_PIXELS`` pixels a zero-padded 3x3 convolution is one
-  linear map from the HxWxC inputs to the HxWxK outputs, and on 2x2 most of the 9 taps fall on
-  padding: one GEMM with (HW)^2 = 16 multiplies per channel pair instead of 9 HW = 36, on the
-  channels-last tensor as it is (no copies). Exact: each matrix entry is one filter weight.
+  linear map from the HxWxC inputs to the HxWxK outputs: one GEMM on the channels-last tensor as it
+  is (no patch copies, no padding handled per tap). On 2x2 it does the 16 products per channel pair
+  that touch the map, where a kernel computing every tap does 36. Each matrix entry is one filter
+  weight or zero, so it differs from the convolution only in the order of the sums.
 
 :class:`TunedConv2d` chooses among ``direct`` (the wrapped ``nn.Conv2d``), ``winograd`` and ``map``
-per layer and per input shape, by timing each on the first batch of that shape (as cuDNN's autotuning
-does on GPUs), and keeps an alternative only when it ran at least ``MARGIN`` faster than the direct
-convolution: a layer is never made slower by more than the timing noise. It runs the plain
-convolution whenever the input is not float32 on the CPU or gradients are wanted.
+per layer and per input shape (and layout and thread count), by timing each on the first batch of
+that shape (as cuDNN's autotuning does on GPUs), and keeps an alternative only when it ran at least
+``MARGIN`` faster than the direct convolution. Each layer is timed alone, so the choice is as good
+as those timings: on a machine shared with other work a layer can miss its faster algorithm (the
+answers never change). Alternatives return the input's layout. It runs the plain convolution
+whenever the input is not float32 on the CPU or gradients are wanted.
 """
 
 from __future__ import annotations
@@ -113,11 +116,14 @@ def map_matrix(conv: nn.Conv2d, h: int, w: int) -> torch.Tensor:
 
 
 def map_conv(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv(x)`` as ``x`` flattened NHWC times ``map_matrix`` (+ the bias at every pixel); result
-    (N, K, H, W) in channels-last memory. A view, not a copy, when ``x`` is already channels-last."""
+    """``conv(x)`` as ``x`` flattened NHWC times ``map_matrix`` (+ ``bias``: the conv's bias, or it
+    already repeated for every pixel); result (N, K, H, W) in channels-last memory. ``x`` is read in
+    place when it is already channels-last."""
     n, _, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(n, -1)
-    y = torch.mm(flat, matrix) if bias is None else torch.addmm(bias.repeat(h * w), flat, matrix)
+    if bias is not None and bias.numel() != matrix.shape[1]:
+        bias = bias.repeat(h * w)
+    y = torch.mm(flat, matrix) if bias is None else torch.addmm(bias, flat, matrix)
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -144,7 +150,10 @@ class TunedConv2d(nn.Conv2d):
     """A 3x3 convolution that runs as whichever of ``direct``/``winograd``/``map`` was fastest for
     each input shape (see the module doc); ``algo`` forces one (``map`` falls back to ``direct`` on
     maps above ``MAP_MAX_PIXELS`` pixels). Still a ``Conv2d`` sharing ``conv``'s weight and bias (same
-    state-dict keys); the transformed filters are made from them on first use and remade if they change."""
+    state-dict keys). The transformed filters are made on first use and remade when the weight is
+    replaced or changed in place through autograd's version counter (``mul_``, ``copy_``, also under
+    ``no_grad``); a change through ``.data`` bypasses that counter: call :meth:`invalidate` after one.
+    Weights made in inference mode have no counter, so nothing is cached for them."""
 
     def __init__(self, conv: nn.Conv2d, algo: str = "auto"):
         if not eligible(conv):
@@ -162,34 +171,44 @@ class TunedConv2d(nn.Conv2d):
 
     def _fast_path(self, x: torch.Tensor) -> bool:
         wt = self.weight
-        grads = torch.is_grad_enabled() and (x.requires_grad or wt.requires_grad)
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        grads = torch.is_grad_enabled() and (x.requires_grad or wt.requires_grad or bias_grad)
         return (not grads and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
                 and wt.dtype == torch.float32 and wt.device.type == "cpu")
 
-    def _derived(self, name: str, make):
-        wt = self.weight
+    def _derived(self, name, make, source: torch.Tensor | None = None):
+        """``make()``, cached until ``source`` (default: the weight) is replaced or changed in place."""
+        src = self.weight if source is None else source
         try:
-            version = wt._version
-        except RuntimeError:  # an inference-mode tensor has no version counter (and cannot change in place)
-            version = None
-        key = (name, wt.data_ptr(), version)  # a new or in-place-changed weight remakes it
+            version = src._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: a change would go unseen
+            return make()
+        key = (name, src.data_ptr(), version)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
             self._cache[key] = make()
         return self._cache[key]
+
+    def invalidate(self) -> None:
+        """Forget the transformed filters (after changing the weight through ``.data``)."""
+        self._cache = {}
 
     def run(self, algo: str, x: torch.Tensor) -> torch.Tensor:
         """``conv(x)`` computed by ``algo``."""
         bias = self.bias
         if algo == "winograd":
             wt = self.weight
-            return winograd_conv3x3(x, self._derived("filters", lambda: winograd_filters(wt)), bias,
-                                    self._derived("bt", lambda: input_transform(wt)),
-                                    self._derived("at", lambda: output_transform(wt)))
-        if algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
+            y = winograd_conv3x3(x, self._derived("filters", lambda: winograd_filters(wt)), bias,
+                                 self._derived("bt", lambda: input_transform(wt)),
+                                 self._derived("at", lambda: output_transform(wt)))
+        elif algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
             h, w = x.shape[-2:]
-            return map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)), bias)
-        return super().forward(x)
+            y = map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)),
+                         None if bias is None else self._derived(("bias", h, w), lambda: bias.detach().repeat(h * w), bias))
+        else:
+            return super().forward(x)
+        # Both write NHWC; an NCHW caller gets NCHW back, so later layers keep the form's layout.
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
     def _tune(self, x: torch.Tensor, key: tuple) -> str:
         algos = ["direct", "winograd"] + (["map"] if x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS else [])
@@ -216,11 +235,17 @@ class TunedConv2d(nn.Conv2d):
             return super().forward(x)
         if self.algo != "auto":
             return self.run(self.algo, x)
-        key = tuple(x.shape)
+        key = self.shape_key(x)
         algo = self.choice.get(key)
         if algo is None:
             algo = self._tune(x, key)
         return self.run(algo, x)
+
+    @staticmethod
+    def shape_key(x: torch.Tensor) -> tuple:
+        """What a choice is made for: the input shape, its layout and the threads the kernels get."""
+        return (*x.shape, "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else "nchw",
+                torch.get_num_threads())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", algo={self.algo}" + (f", choice={self.choice}" if self.choice else "")
@@ -235,6 +260,13 @@ def tune_convs(net: nn.Module, algo: str = "auto") -> int:
             setattr(net.get_submodule(parent) if parent else net, child, TunedConv2d(m, algo))
             count += 1
     return count
+
+
+def tune_record(net: nn.Module) -> list[dict]:
+    """Per tuned layer and shape: the input shape, the milliseconds each algorithm took, the choice."""
+    return [{"layer": name, "input": list(key[:4]), "layout": key[4], "threads": key[5], "ms": m.tune_ms[key],
+             "choice": m.choice[key]}
+            for name, m in net.named_modules() if isinstance(m, TunedConv2d) for key in m.tune_ms]
 
 
 def conv_algos(net: nn.Module) -> dict[int, dict[str, int]]:
