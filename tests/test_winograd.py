@@ -252,9 +252,6 @@ def test_resolve_winograd():
 
 @pytest.mark.parametrize("hw,expected", [(AVX2, True), (AMX, False), (SM90, False)])
 def test_composed_config_resolves_winograd_after_the_dtype(tmp_path, monkeypatch, hw, expected):
-    from conftest import compose_cfg
-    from prunelab import hardware, resolve
-
     monkeypatch.setattr(hardware, "detect", lambda device="cpu": hw)
     cfg = compose_cfg(tmp_path, ["+experiment=smoke"])
     assert cfg.latency.winograd == "auto"
