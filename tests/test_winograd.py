@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_cfg
 from test_channel import tiny_vgg
 from torch import nn
 
+from conftest import compose_cfg
 from prunelab import hardware, resolve
 from prunelab.errors import ConfigError
 from prunelab.hardware import Hardware, resolve_winograd
