@@ -25,6 +25,14 @@ from prunelab.report.markdown import _conv_algos
 from prunelab.runtime import deploy_form
 
 GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    """Each test times its own layers (choices are otherwise shared within the process)."""
+    wg.clear_decisions()
+    yield
+    wg.clear_decisions()
 AVX2 = Hardware("cpu", "AMD EPYC", "AVX2", frozenset({"avx2"}))
 AMX = Hardware("cpu", "Xeon Sapphire Rapids", "AVX512", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
 SM90 = Hardware("cuda", "NVIDIA H100", "AVX512", frozenset({"avx2", "avx512f"}), (9, 0))
@@ -132,6 +140,35 @@ def test_each_shape_is_tuned_once_and_the_choice_is_followed(monkeypatch):
     assert used == ["winograd"]
 
 
+def test_layers_of_one_geometry_share_one_choice(monkeypatch):
+    conv, x = conv_and_input(2, 8, 8, 4, 4)
+    first, twin = TunedConv2d(conv), TunedConv2d(nn.Conv2d(8, 8, 3, padding=1))  # same shapes, other weights
+    wider = TunedConv2d(nn.Conv2d(8, 16, 3, padding=1))  # another output width: its own timing
+    timed = []
+    real = TunedConv2d.run
+
+    def counting_run(self, algo, x):
+        timed.append(id(self))
+        return real(self, algo, x)
+
+    monkeypatch.setattr(TunedConv2d, "run", counting_run)
+    with torch.no_grad():
+        first(x)
+        n_first = timed.count(id(first))
+        twin(x), wider(x)
+    key = TunedConv2d.shape_key(x)
+    assert n_first > 2  # timed: an untimed call and rounds of each algorithm
+    assert timed.count(id(twin)) == 1  # only the call that computes its output
+    assert twin.choice[key] == first.choice[key] and twin.tune_ms[key] == first.tune_ms[key]
+    assert timed.count(id(wider)) > 2
+    assert [r["reused"] for r in wg.tune_record(nn.Sequential(first, twin, wider))] == [False, True, False]
+    wg.clear_decisions()
+    again = TunedConv2d(nn.Conv2d(8, 8, 3, padding=1))
+    with torch.no_grad():
+        again(x)
+    assert timed.count(id(again)) > 2  # forgotten: timed anew
+
+
 def test_direct_wherever_the_fast_paths_do_not_apply():
     conv, x = conv_and_input(2, 8, 8, 4, 4)
     # gradients wanted: the transformed filters are constants, so the plain convolution runs (exactly)
@@ -216,6 +253,22 @@ def test_cpu_fp32_deploy_form_chooses_per_layer_and_keeps_the_answers():
     with pytest.raises(ValueError, match="float32"):
         deploy_form(net, dtype=torch.bfloat16, winograd=True)
     assert deploy_form(net, dtype=torch.bfloat16).describe()["winograd"] == 0  # auto: off in bf16
+
+
+def test_a_magnitude_pruned_copy_runs_the_dense_forms_algorithms():
+    """Timed in turns, dense and pruned must differ by what pruning changed, not by a tuning draw."""
+    net = tiny_vgg().eval()
+    pruned = tiny_vgg().eval()
+    pruned.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(m.weight.abs() > m.weight.abs().median())  # half the weights zero
+    x = torch.randn(4, 3, 32, 32, generator=GEN)
+    dense, sparse = (deploy_form(n, channels_last=True, example_batch=x) for n in (net, pruned))
+    assert dense.describe()["conv_algos"] == sparse.describe()["conv_algos"]
+    assert all(r["reused"] for r in sparse.describe()["conv_tuning"])
+    assert not any(r["reused"] for r in dense.describe()["conv_tuning"])
 
 
 @pytest.mark.parametrize("algo", ["winograd", "map"])

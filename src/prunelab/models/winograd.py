@@ -20,7 +20,10 @@ already runs VGG16 at the machine's matrix-multiply rate (AVX2 EPYC, 2026-11-27:
 :class:`TunedConv2d` chooses among ``direct`` (the wrapped ``nn.Conv2d``), ``winograd`` and ``map``
 per layer and per input shape (and layout and thread count), by timing each on the first batch of
 that shape (as cuDNN's autotuning does on GPUs), and keeps an alternative only when it ran at least
-``MARGIN`` faster than the direct convolution. Each layer is timed alone, so the choice is as good
+``MARGIN`` faster than the direct convolution. Choices are shared within the process by layer
+geometry, as cuDNN's autotuning cache is: a dense network and its magnitude-pruned copy (the same
+shapes) run the same algorithms, so their timings in turns differ by what pruning changed and never
+by a tuning coin-flip (``clear_decisions`` forgets them). Each layer is timed alone, so the choice is as good
 as those timings: on a machine shared with other work a layer can miss its faster algorithm (the
 answers never change). Alternatives return the input's layout. It runs the plain convolution
 whenever the input is not float32 on the CPU or gradients are wanted.
@@ -38,6 +41,9 @@ ALGOS = ("direct", "winograd", "map")
 MAP_MAX_PIXELS = 4  # (HW)^2 multiplies per channel pair against direct's 9 HW: fewer only while HW < 9
 MARGIN = 0.05  # an alternative must beat the direct convolution by this fraction to be kept
 TUNE_ROUNDS = 5  # timed calls of each algorithm, in turns, after one untimed call; the fastest counts
+# Choices made in this process, by layer geometry (input shape, layout, threads, output channels, bias):
+# {geometry: (algorithm, ms of each)}. Speed depends on the geometry, not the weights' values.
+_DECISIONS: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 # F(4x4,3x3) (Lavin & Gray, 2016; interpolation points 0, +-1, +-2, infinity): Y = A^T [(G g G^T) * (B^T d B)] A.
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
@@ -167,6 +173,7 @@ class TunedConv2d(nn.Conv2d):
         self.algo = algo
         self.choice: dict[tuple, str] = {}  # input shape -> algorithm
         self.tune_ms: dict[tuple, dict[str, float]] = {}  # input shape -> fastest ms of each algorithm
+        self.reused: set[tuple] = set()  # shapes whose choice came from another layer of the same geometry
         self._cache: dict = {}  # derived tensors, keyed by what they were made from
 
     def _fast_path(self, x: torch.Tensor) -> bool:
@@ -211,6 +218,12 @@ class TunedConv2d(nn.Conv2d):
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
     def _tune(self, x: torch.Tensor, key: tuple) -> str:
+        geometry = (*key, self.out_channels, self.bias is not None)
+        if geometry in _DECISIONS:  # the same layer shape was timed already in this process
+            choice, ms = _DECISIONS[geometry]
+            self.choice[key], self.tune_ms[key] = choice, dict(ms)
+            self.reused.add(key)
+            return choice
         algos = ["direct", "winograd"] + (["map"] if x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS else [])
         for algo in algos:  # untimed: builds the derived tensors and warms the caches
             self.run(algo, x)
@@ -224,6 +237,7 @@ class TunedConv2d(nn.Conv2d):
                 best[algo] = min(best[algo], time.perf_counter() - t0)
         self.tune_ms[key] = {a: round(t * 1e3, 3) for a, t in best.items()}
         choice = self.choice[key] = pick(best)
+        _DECISIONS[geometry] = (choice, dict(self.tune_ms[key]))
         kept = set(self.choice.values())
         # Drop what no tuned shape uses (the Winograd filters take 4x the weights' memory).
         self._cache = {k: v for k, v in self._cache.items()
@@ -251,6 +265,11 @@ class TunedConv2d(nn.Conv2d):
         return super().extra_repr() + f", algo={self.algo}" + (f", choice={self.choice}" if self.choice else "")
 
 
+def clear_decisions() -> None:
+    """Forget every choice made in this process (the next batch of each shape is timed again)."""
+    _DECISIONS.clear()
+
+
 def tune_convs(net: nn.Module, algo: str = "auto") -> int:
     """Wrap every eligible ``Conv2d`` of ``net`` (in place) in a :class:`TunedConv2d`; returns how many."""
     count = 0
@@ -263,9 +282,10 @@ def tune_convs(net: nn.Module, algo: str = "auto") -> int:
 
 
 def tune_record(net: nn.Module) -> list[dict]:
-    """Per tuned layer and shape: the input shape, the milliseconds each algorithm took, the choice."""
+    """Per tuned layer and shape: the input shape, the milliseconds each algorithm took, the choice, and
+    whether it was reused from an earlier layer of the same geometry."""
     return [{"layer": name, "input": list(key[:4]), "layout": key[4], "threads": key[5], "ms": m.tune_ms[key],
-             "choice": m.choice[key]}
+             "choice": m.choice[key], "reused": key in m.reused}
             for name, m in net.named_modules() if isinstance(m, TunedConv2d) for key in m.tune_ms]
 
 
