@@ -46,7 +46,7 @@ from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.factory import build_classifier
 from prunelab.models.transforms import fold_pool
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
-from prunelab.report.markdown import table
+from prunelab.report.markdown import algo_counts, table
 from prunelab.runtime import agreement, deploy_form, eager_form
 
 HERE = Path(__file__).resolve().parent
@@ -235,7 +235,7 @@ def render(res: dict) -> str:
         if "dense_deploy_vs_dense_deploy_direct" in t:
             algos = res["deploy"]["forms"]["dense_deploy"].get("conv_algos", {}).get(b, {})
             pairs.append((f"dense deploy vs the same form with every conv direct (per-layer choice at this batch: "
-                          f"{', '.join(f'{n} {a}' for a, n in sorted(algos.items())) or '-'})",
+                          f"{algo_counts(algos) or '-'})",
                           t["dense_deploy_vs_dense_deploy_direct"]))
         if "semi_deploy_vs_dense_deploy" in t:
             pairs.append(("2:4 (0.5) deploy vs dense deploy, same dtype", t["semi_deploy_vs_dense_deploy"]))

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from prunelab.errors import ConfigError, WeightsUnavailableError
-from prunelab.models.transforms import replicating_pools
+from prunelab.models.transforms import replace_module, replicating_pools
 
 
 def last_linear_name(net: nn.Module) -> str:
@@ -18,12 +18,6 @@ def last_linear_name(net: nn.Module) -> str:
     if not names:
         raise ConfigError(f"{type(net).__name__} has no Linear layer to replace with a new head")
     return names[-1]
-
-
-def replace_module(net: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    parent = net.get_submodule(parent_name) if parent_name else net
-    setattr(parent, child, new)
 
 
 def _resolve_weights(arch: str, weights: str | None):

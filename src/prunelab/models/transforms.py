@@ -49,15 +49,19 @@ class ReplicatingAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         return super().forward(x)
 
 
+def replace_module(net: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put ``new`` where ``net``'s submodule named ``dotted`` (e.g. ``features.3``) is."""
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
+
+
 def replicating_pools(net: nn.Module) -> nn.Module:
     """``net`` (changed in place and returned) with every plain ``AdaptiveAvgPool2d`` swapped for a
     :class:`ReplicatingAdaptiveAvgPool2d` of the same output size (no parameters: state dicts,
     ``isinstance`` checks and pool folding are unaffected)."""
     for name, m in list(net.named_modules()):
         if type(m) is nn.AdaptiveAvgPool2d:
-            parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, child,
-                    ReplicatingAdaptiveAvgPool2d(m.output_size))
+            replace_module(net, name, ReplicatingAdaptiveAvgPool2d(m.output_size))
     return net
 
 

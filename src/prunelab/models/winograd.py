@@ -31,11 +31,14 @@ whenever the input is not float32 on the CPU or gradients are wanted.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prunelab.models.transforms import replace_module
 
 ALGOS = ("direct", "winograd", "map")
 MAP_MAX_PIXELS = 4  # (HW)^2 multiplies per channel pair against direct's 9 HW: fewer only while HW < 9
@@ -54,43 +57,33 @@ _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 
 TILE, OUT = 6, 4  # input and output tile sizes
 
 
-def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64, device=like.device)
-
-
-def input_transform(like: torch.Tensor) -> torch.Tensor:
-    """(36, 36): a flattened 6x6 input tile d to B^T d B, flattened (both row-major)."""
-    bt = _matrix(_BT, like)
-    return torch.kron(bt, bt).to(like.dtype)
-
-
-def output_transform(like: torch.Tensor) -> torch.Tensor:
-    """(16, 36): a flattened 6x6 product tile m to the 4x4 outputs A^T m A, flattened."""
-    at = _matrix(_AT, like)
-    return torch.kron(at, at).to(like.dtype)
+@functools.cache
+def tile_transforms(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed matrices, made once per dtype and device: (36, 36) taking a flattened 6x6 input tile d
+    to B^T d B, and (16, 36) taking a flattened 6x6 product tile m to the 4x4 outputs A^T m A (all
+    flattened row-major)."""
+    bt, at = (torch.tensor(rows, dtype=torch.float64, device=device) for rows in (_BT, _AT))
+    return torch.kron(bt, bt).to(dtype), torch.kron(at, at).to(dtype)
 
 
 def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
     """(36, C, K): each 3x3 filter of a (K, C, 3, 3) weight as G g G^T, computed in float64."""
     if weight.dim() != 4 or tuple(weight.shape[-2:]) != (3, 3):
         raise ValueError(f"Winograd F(4x4,3x3) needs a (K, C, 3, 3) weight, got {tuple(weight.shape)}")
-    g = _matrix(_G, weight)
+    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.detach().double(), g)
     return u.reshape(TILE * TILE, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None,
-                     bt: torch.Tensor | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv2d(x, w, bias, padding=1)`` for a 3x3 ``w`` given as ``winograd_filters(w)``, for inference
     (the filters are a constant made from ``w``; :class:`TunedConv2d` runs the plain convolution when
     gradients are wanted).
 
-    ``x`` is (N, C, H, W) in any layout; the result is (N, K, H, W) in channels-last memory. ``bt``
-    and ``at`` are ``input_transform``/``output_transform`` (made here when not given)."""
+    ``x`` is (N, C, H, W) in any layout; the result is (N, K, H, W) in channels-last memory."""
     n, c, h, w = x.shape
     k = filters.shape[-1]
-    bt = input_transform(x) if bt is None else bt
-    at = output_transform(x) if at is None else at
+    bt, at = tile_transforms(x.dtype, x.device)
     th, tw = -(-h // OUT), -(-w // OUT)
     # NHWC, padded by the convolution's 1 plus what completes the last tile.
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, OUT * tw + 1 - w, 1, OUT * th + 1 - h))
@@ -204,10 +197,7 @@ class TunedConv2d(nn.Conv2d):
         """``conv(x)`` computed by ``algo``."""
         bias = self.bias
         if algo == "winograd":
-            wt = self.weight
-            y = winograd_conv3x3(x, self._derived("filters", lambda: winograd_filters(wt)), bias,
-                                 self._derived("bt", lambda: input_transform(wt)),
-                                 self._derived("at", lambda: output_transform(wt)))
+            y = winograd_conv3x3(x, self._derived("filters", lambda: winograd_filters(self.weight)), bias)
         elif algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
             h, w = x.shape[-2:]
             y = map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)),
@@ -241,7 +231,7 @@ class TunedConv2d(nn.Conv2d):
         kept = set(self.choice.values())
         # Drop what no tuned shape uses (the Winograd filters take 4x the weights' memory).
         self._cache = {k: v for k, v in self._cache.items()
-                       if ("winograd" if k[0] in ("filters", "bt", "at") else "map") in kept}
+                       if ("winograd" if k[0] == "filters" else "map") in kept}
         return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,8 +265,7 @@ def tune_convs(net: nn.Module, algo: str = "auto") -> int:
     count = 0
     for name, m in list(net.named_modules()):
         if eligible(m):
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child, TunedConv2d(m, algo))
+            replace_module(net, name, TunedConv2d(m, algo))
             count += 1
     return count
 
@@ -292,9 +281,7 @@ def tune_record(net: nn.Module) -> list[dict]:
 def conv_algos(net: nn.Module) -> dict[int, dict[str, int]]:
     """{batch size: {algorithm: layers}} over the shapes each ``TunedConv2d`` of ``net`` has tuned."""
     out: dict[int, dict[str, int]] = {}
-    for m in net.modules():
-        if isinstance(m, TunedConv2d):
-            for shape, algo in m.choice.items():
-                counts = out.setdefault(shape[0], {})
-                counts[algo] = counts.get(algo, 0) + 1
+    for r in tune_record(net):
+        counts = out.setdefault(r["input"][0], {})
+        counts[r["choice"]] = counts.get(r["choice"], 0) + 1
     return dict(sorted(out.items()))

@@ -112,13 +112,18 @@ def _final_round(f: dict) -> list[str]:
             table(["method", "ratio", "p50 ms", "speedup", "paired 5-95%", "beyond noise"], rows), ""]
 
 
+def algo_counts(counts: dict[str, int]) -> str:
+    """``{"winograd": 6, "direct": 4}`` as "4 direct, 6 winograd"."""
+    return ", ".join(f"{n} {algo}" for algo, n in sorted(counts.items()))
+
+
 def _conv_algos(algos: dict | None, batch_size: int) -> str:
     """How each deploy form ran its 3x3 convolutions at the headline batch size (CPU float32 forms)."""
     parts = []
     for tag, per in (algos or {}).items():
         counts = per.get(str(batch_size)) or {}
         if counts:
-            parts.append(f"{tag} " + ", ".join(f"{n} {algo}" for algo, n in sorted(counts.items())))
+            parts.append(f"{tag} {algo_counts(counts)}")
     return f", 3x3 convs by measured fastest algorithm ({'; '.join(parts)})" if parts else ""
 
 
