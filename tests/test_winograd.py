@@ -10,6 +10,7 @@ from conftest import compose_cfg
 from prunelab import hardware, resolve
 from prunelab.errors import ConfigError
 from prunelab.hardware import Hardware, resolve_winograd
+from prunelab.models import tuning
 from prunelab.models import winograd as wg
 from prunelab.models.winograd import (
     TunedConv2d,
@@ -274,7 +275,8 @@ def test_a_magnitude_pruned_copy_runs_the_dense_forms_algorithms():
 @pytest.mark.parametrize("algo", ["winograd", "map"])
 def test_deploy_form_answers_through_each_alternative(monkeypatch, algo):
     """Whatever the timings, each alternative must keep the form's answers: force the choice."""
-    monkeypatch.setattr(wg, "pick", lambda times, margin=wg.MARGIN: algo if algo in times else "direct")
+    monkeypatch.setattr(tuning, "pick", lambda times, margin=tuning.MARGIN, base="direct":
+                        algo if algo in times else base)
     net = tiny_vgg().eval()
     x = torch.randn(4, 3, 32, 32, generator=GEN)
     form = deploy_form(net, channels_last=True, example_batch=x)

@@ -245,6 +245,7 @@ def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
     facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(x["graph"] for x in desc.values()),
                  fused_conv_relu=all(x.get("fused_conv_relu") for x in desc.values()),
                  conv_algos={tag: x["conv_algos"] for tag, x in desc.items() if x.get("conv_algos")},
+                 linear_algos={tag: x["linear_algos"] for tag, x in desc.items() if x.get("linear_algos")},
                  device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
     return desc
 

@@ -30,7 +30,10 @@ from prunelab.evaluation import autocast_for
 from prunelab.hardware import detect, resolve_fuse, resolve_winograd
 from prunelab.models.modes import eval_mode
 from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
-from prunelab.models.winograd import conv_algos, tune_convs, tune_record
+from prunelab.models import packed
+from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
+from prunelab.models.tuning import tune_record
+from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 
 RUNTIMES = ("eager", "deploy")
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
@@ -157,9 +160,10 @@ class Deployed(Form):
 
     def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, device: torch.device,
                  folded_at: tuple[int, int] | None, cuda_graph: bool, compiled: bool, kernels: str | None,
-                 sparse: bool, notes: list[str], fused: int = 0, tuned: int = 0):
+                 sparse: bool, notes: list[str], fused: int = 0, tuned: int = 0, packed: int = 0):
         super().__init__(net, dtype, channels_last, device)
         self.tuned = tuned  # 3x3 convolutions choosing direct/Winograd/small-map per batch shape
+        self.packed = packed  # Linear layers choosing plain/prepacked GEMM per batch shape
         self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
         self.fused = fused  # Conv2d+ReLU pairs running as one cuDNN call each
         self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
@@ -233,7 +237,9 @@ class Deployed(Form):
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
                     kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused,
                     winograd=self.tuned, conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()},
-                    conv_tuning=tune_record(self.net))
+                    conv_tuning=tune_record(self.net, TunedConv2d), packed_linear=self.packed,
+                    linear_algos={str(bs): algos for bs, algos in linear_algos(self.net).items()},
+                    linear_tuning=tune_record(self.net, TunedLinear))
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
@@ -260,7 +266,8 @@ def _first_fc_two_four(net: nn.Module) -> bool:
 def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                 fold: bool = True, input_size: tuple[int, int] | None = None, device=None,
                 cuda_graph: bool = True, compile: bool = False, example_batch: torch.Tensor | None = None,
-                two_four: bool = False, fuse: bool | None = None, winograd: bool | None = None) -> Deployed:
+                two_four: bool = False, fuse: bool | None = None, winograd: bool | None = None,
+                pack: bool | None = None) -> Deployed:
     """The form ``net`` ships in, as a new module (``net`` itself is left exactly as it was).
 
     - a copy in eval mode, gradients off; VGG's pool folded into ``classifier[0]`` when ``fold`` and
@@ -273,6 +280,9 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     - ``winograd`` (``None``: on a float32 CPU form unless ``compile``): each 3x3 convolution runs as
       whichever of the direct convolution, Winograd F(4x4,3x3) and a small-map GEMM was fastest on the
       first batch of each shape (``prunelab.models.winograd``; the choices in ``describe()["conv_algos"]``);
+    - ``pack`` (``None``: on a float32 CPU form unless ``compile``, where oneDNN is built in): each
+      Linear layer runs as a plain GEMM or one on its weight prepacked once, whichever was faster on
+      the first batch of each shape (``prunelab.models.packed``; ``describe()["linear_algos"]``);
     - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
       (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
       ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
@@ -313,6 +323,12 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
         raise ValueError(f"winograd=True runs CPU convolutions in float32 without compile; this form is on {device}, "
                          f"{_dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
     tuned = tune_convs(deployed) if winograd else 0
+    if pack is None:
+        pack = device.type == "cpu" and dtype == torch.float32 and not compile and packed.available()
+    if pack and (device.type != "cpu" or dtype != torch.float32 or compile or not packed.available()):
+        raise ValueError(f"pack=True runs CPU Linear layers in float32 through oneDNN without compile; this form is "
+                         f"on {device}, {_dtype_name(dtype)}{', compiled' if compile else ''}"
+                         f"{'' if packed.available() else ', and this PyTorch lacks oneDNN'}: pass pack=None or False")
     fused = 0
     if fuse:
         deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy
@@ -324,13 +340,15 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
             # Summing 49 columns of a 2:4 row gives a dense one: the fold (49x fewer MACs in that
             # layer) is worth more than 2:4's at most 2x, so it wins, and the report says so.
             kernels = f"{kernels}; classifier.0 was 2:4 but is dense once the pool is folded into it"
+    # After 2:4, which swaps weights for sparse tensors on CUDA (never packed: pack is CPU only).
+    packed_count = tune_linears(deployed) if pack else 0
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" and cuda_graph else None
         # dynamic=False: one specialisation per batch shape, like the CUDA graphs.
         deployed = torch.compile(deployed, mode=mode, dynamic=False)
     form = Deployed(deployed, dtype=dtype, channels_last=channels_last, device=device, folded_at=folded_at,
                     cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes,
-                    fused=fused, tuned=tuned)
+                    fused=fused, tuned=tuned, packed=packed_count)
     if example_batch is not None:
         form.warm(example_batch)
     return form

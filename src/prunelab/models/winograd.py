@@ -32,22 +32,19 @@ whenever the input is not float32 on the CPU or gradients are wanted.
 from __future__ import annotations
 
 import functools
-import time
+import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab.models import packed
 from prunelab.models.transforms import replace_module
+from prunelab.models.tuning import MARGIN, Tuned, algo_counts_by_batch, clear_decisions, pick, tune_record  # noqa: F401
 
 ALGOS = ("direct", "winograd", "map")
 MAP_MAX_PIXELS = 4  # (HW)^2 multiplies per channel pair against direct's 9 HW: fewer only while HW < 9
-MARGIN = 0.05  # an alternative must beat the direct convolution by this fraction to be kept
-TUNE_ROUNDS = 5  # timed calls of each algorithm, in turns, after one untimed call; the fastest counts
-# Choices made in this process, by layer geometry (input shape, layout, threads, output channels, bias):
-# {geometry: (algorithm, ms of each)}. Speed depends on the geometry, not the weights' values.
-_DECISIONS: dict[tuple, tuple[str, dict[str, float]]] = {}
-
 # F(4x4,3x3) (Lavin & Gray, 2016; interpolation points 0, +-1, +-2, infinity): Y = A^T [(G g G^T) * (B^T d B)] A.
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
@@ -75,23 +72,63 @@ def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(TILE * TILE, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+_SCRATCH = threading.local()  # per thread: {(slot, dtype, device): flat tensor}, grown to the largest need
+
+
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable ``shape`` buffer for a layer's intermediate (never a result handed back): one per slot,
+    thread, dtype and device, grown to the largest request and kept. Large fresh tensors cost a page
+    fault per 4 KiB page on every call (glibc maps allocations over 32 MiB anew each time); on VGG16's
+    16x16 and 32x32 maps at batch 128 that was half of Winograd's time (AVX2 EPYC, 2026-11-28).
+    ``free_scratch`` gives the memory back."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    numel = math.prod(shape)
+    key = (slot, dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def free_scratch() -> None:
+    """Release this thread's Winograd buffers (they are remade on the next Winograd call)."""
+    _SCRATCH.pool = {}
+
+
 def winograd_conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv2d(x, w, bias, padding=1)`` for a 3x3 ``w`` given as ``winograd_filters(w)``, for inference
     (the filters are a constant made from ``w``; :class:`TunedConv2d` runs the plain convolution when
-    gradients are wanted).
+    gradients are wanted). Intermediates live in this thread's :func:`scratch` buffers.
 
     ``x`` is (N, C, H, W) in any layout; the result is (N, K, H, W) in channels-last memory."""
     n, c, h, w = x.shape
     k = filters.shape[-1]
-    bt, at = tile_transforms(x.dtype, x.device)
+    dtype, device = x.dtype, x.device
+    bt, at = tile_transforms(dtype, device)
     th, tw = -(-h // OUT), -(-w // OUT)
-    # NHWC, padded by the convolution's 1 plus what completes the last tile.
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, OUT * tw + 1 - w, 1, OUT * th + 1 - h))
+    tiles_n = n * th * tw
+    # NHWC, padded by the convolution's 1 plus what completes the last tile; the border is zeroed on
+    # every call because the buffer is shared with other layers.
+    hp, wp = OUT * th + 2, OUT * tw + 2
+    padded = scratch("padded", (n, hp, wp, c), dtype, device)
+    padded[:, 0].zero_()
+    padded[:, h + 1:].zero_()
+    padded[:, 1:h + 1, 0].zero_()
+    padded[:, 1:h + 1, w + 1:].zero_()
+    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
     tiles = padded.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (N, th, tw, C, 6, 6), overlapping views
-    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(TILE * TILE, -1)  # (36, N*th*tw*C): one gather
-    v = torch.mm(bt, d).view(TILE * TILE, n * th * tw, c)
-    m = torch.bmm(v, filters)  # (36, tiles, K): the channel contraction, one GEMM per tile position
-    y = torch.mm(at, m.view(TILE * TILE, -1)).view(OUT, OUT, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)
+    d = scratch("a", (TILE, TILE, n, th, tw, c), dtype, device)
+    d.copy_(tiles.permute(4, 5, 0, 1, 2, 3))  # (36, N*th*tw*C): one gather
+    v = scratch("b", (TILE * TILE, tiles_n, c), dtype, device)
+    torch.mm(bt, d.view(TILE * TILE, -1), out=v.view(TILE * TILE, -1))
+    m = scratch("c", (TILE * TILE, tiles_n, k), dtype, device)
+    torch.bmm(v, filters, out=m)  # the channel contraction, one GEMM per tile position
+    y = scratch("a", (OUT * OUT, tiles_n * k), dtype, device)  # d is spent: its buffer takes the outputs
+    torch.mm(at, m.view(TILE * TILE, -1), out=y)
+    y = y.view(OUT, OUT, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)
     out = x.new_empty((n, th, OUT, tw, OUT, k))
     if bias is None:
         out.copy_(y)
@@ -126,18 +163,6 @@ def map_conv(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def pick(times: dict[str, float], margin: float = MARGIN) -> str:
-    """The algorithm to keep from measured seconds: the fastest alternative when it beat ``direct``
-    by at least ``margin`` (a fraction of direct's time), else ``direct``."""
-    if "direct" not in times:
-        raise ValueError(f"pick needs the direct convolution's time, got {sorted(times)}")
-    alts = {a: t for a, t in times.items() if a != "direct"}
-    if not alts:
-        return "direct"
-    best = min(alts, key=alts.get)
-    return best if alts[best] <= times["direct"] * (1 - margin) else "direct"
-
-
 def eligible(conv: nn.Module) -> bool:
     """A plain 3x3, stride-1, padding-1 convolution (no groups or dilation, zero padding)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
@@ -145,53 +170,32 @@ def eligible(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
-class TunedConv2d(nn.Conv2d):
+class TunedConv2d(Tuned, nn.Conv2d):
     """A 3x3 convolution that runs as whichever of ``direct``/``winograd``/``map`` was fastest for
-    each input shape (see the module doc); ``algo`` forces one (``map`` falls back to ``direct`` on
-    maps above ``MAP_MAX_PIXELS`` pixels). Still a ``Conv2d`` sharing ``conv``'s weight and bias (same
-    state-dict keys). The transformed filters are made on first use and remade when the weight is
-    replaced or changed in place through autograd's version counter (``mul_``, ``copy_``, also under
-    ``no_grad``); a change through ``.data`` bypasses that counter: call :meth:`invalidate` after one.
-    Weights made in inference mode have no counter, so nothing is cached for them."""
+    each input shape (see the module doc and :mod:`prunelab.models.tuning`); ``algo`` forces one
+    (``map`` falls back to ``direct`` on maps above ``MAP_MAX_PIXELS`` pixels). Still a ``Conv2d``
+    sharing ``conv``'s weight and bias (same state-dict keys); call :meth:`invalidate` after changing
+    the weight through ``.data``."""
+
+    BASE, ALGOS = "direct", ALGOS
 
     def __init__(self, conv: nn.Conv2d, algo: str = "auto"):
         if not eligible(conv):
             raise ValueError(f"TunedConv2d takes a plain 3x3 stride-1 padding-1 Conv2d, got {conv}")
-        if algo != "auto" and algo not in ALGOS:
-            raise ValueError(f"algo={algo!r}: use auto or one of {', '.join(ALGOS)}")
         # Built on the meta device (nothing allocated), then given conv's own parameters.
         super().__init__(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None, device="meta")
         self.weight, self.bias = conv.weight, conv.bias
         self.train(conv.training)
-        self.algo = algo
-        self.choice: dict[tuple, str] = {}  # input shape -> algorithm
-        self.tune_ms: dict[tuple, dict[str, float]] = {}  # input shape -> fastest ms of each algorithm
-        self.reused: set[tuple] = set()  # shapes whose choice came from another layer of the same geometry
-        self._cache: dict = {}  # derived tensors, keyed by what they were made from
+        self._init_tuning(algo)
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
-        wt = self.weight
-        bias_grad = self.bias is not None and self.bias.requires_grad
-        grads = torch.is_grad_enabled() and (x.requires_grad or wt.requires_grad or bias_grad)
-        return (not grads and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-                and wt.dtype == torch.float32 and wt.device.type == "cpu")
+    def geometry(self) -> tuple:
+        return self.out_channels, self.bias is not None
 
-    def _derived(self, name, make, source: torch.Tensor | None = None):
-        """``make()``, cached until ``source`` (default: the weight) is replaced or changed in place."""
-        src = self.weight if source is None else source
-        try:
-            version = src._version
-        except RuntimeError:  # an inference-mode tensor has no version counter: a change would go unseen
-            return make()
-        key = (name, src.data_ptr(), version)
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
-            self._cache[key] = make()
-        return self._cache[key]
+    def candidates(self, x: torch.Tensor) -> list[str]:
+        return ["direct", "winograd"] + (["map"] if x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS else [])
 
-    def invalidate(self) -> None:
-        """Forget the transformed filters (after changing the weight through ``.data``)."""
-        self._cache = {}
+    def uses(self, cache_key) -> str:
+        return "winograd" if cache_key[0] == "filters" else "map"
 
     def run(self, algo: str, x: torch.Tensor) -> torch.Tensor:
         """``conv(x)`` computed by ``algo``."""
@@ -200,64 +204,25 @@ class TunedConv2d(nn.Conv2d):
             y = winograd_conv3x3(x, self._derived("filters", lambda: winograd_filters(self.weight)), bias)
         elif algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
             h, w = x.shape[-2:]
-            y = map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)),
-                         None if bias is None else self._derived(("bias", h, w), lambda: bias.detach().repeat(h * w), bias))
+            rep = None if bias is None else self._derived(("bias", h, w), lambda: bias.detach().repeat(h * w), bias)
+            if packed.available():  # the matrix laid out once for oneDNN's GEMM, not on every call
+                mat = self._derived(("map", h, w), lambda: packed.pack_weight(map_matrix(self, h, w).t()))
+                y = packed.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), mat, rep).view(
+                    x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+            else:
+                y = map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)), rep)
         else:
-            return super().forward(x)
+            return nn.Conv2d.forward(self, x)
         # Both write NHWC; an NCHW caller gets NCHW back, so later layers keep the form's layout.
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
-    def _tune(self, x: torch.Tensor, key: tuple) -> str:
-        geometry = (*key, self.out_channels, self.bias is not None)
-        if geometry in _DECISIONS:  # the same layer shape was timed already in this process
-            choice, ms = _DECISIONS[geometry]
-            self.choice[key], self.tune_ms[key] = choice, dict(ms)
-            self.reused.add(key)
-            return choice
-        algos = ["direct", "winograd"] + (["map"] if x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS else [])
-        for algo in algos:  # untimed: builds the derived tensors and warms the caches
-            self.run(algo, x)
-        best = {algo: float("inf") for algo in algos}
-        for round_ in range(TUNE_ROUNDS):
-            if round_:  # after the first timed round, stop timing what ran at half direct's speed or worse
-                algos = [a for a in algos if a == "direct" or best[a] < 2 * best["direct"]]
-            for algo in algos:
-                t0 = time.perf_counter()
-                self.run(algo, x)
-                best[algo] = min(best[algo], time.perf_counter() - t0)
-        self.tune_ms[key] = {a: round(t * 1e3, 3) for a, t in best.items()}
-        choice = self.choice[key] = pick(best)
-        _DECISIONS[geometry] = (choice, dict(self.tune_ms[key]))
-        kept = set(self.choice.values())
-        # Drop what no tuned shape uses (the Winograd filters take 4x the weights' memory).
-        self._cache = {k: v for k, v in self._cache.items()
-                       if ("winograd" if k[0] == "filters" else "map") in kept}
-        return choice
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast_path(x):
-            return super().forward(x)
-        if self.algo != "auto":
-            return self.run(self.algo, x)
-        key = self.shape_key(x)
-        algo = self.choice.get(key)
-        if algo is None:
-            algo = self._tune(x, key)
-        return self.run(algo, x)
-
-    @staticmethod
-    def shape_key(x: torch.Tensor) -> tuple:
-        """What a choice is made for: the input shape, its layout and the threads the kernels get."""
-        return (*x.shape, "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else "nchw",
-                torch.get_num_threads())
+        if x.dim() != 4 or not self._fast_path(x):
+            return nn.Conv2d.forward(self, x)
+        return self.tuned_forward(x)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", algo={self.algo}" + (f", choice={self.choice}" if self.choice else "")
-
-
-def clear_decisions() -> None:
-    """Forget every choice made in this process (the next batch of each shape is timed again)."""
-    _DECISIONS.clear()
+        return nn.Conv2d.extra_repr(self) + f", algo={self.algo}" + (f", choice={self.choice}" if self.choice else "")
 
 
 def tune_convs(net: nn.Module, algo: str = "auto") -> int:
@@ -270,18 +235,6 @@ def tune_convs(net: nn.Module, algo: str = "auto") -> int:
     return count
 
 
-def tune_record(net: nn.Module) -> list[dict]:
-    """Per tuned layer and shape: the input shape, the milliseconds each algorithm took, the choice, and
-    whether it was reused from an earlier layer of the same geometry."""
-    return [{"layer": name, "input": list(key[:4]), "layout": key[4], "threads": key[5], "ms": m.tune_ms[key],
-             "choice": m.choice[key], "reused": key in m.reused}
-            for name, m in net.named_modules() if isinstance(m, TunedConv2d) for key in m.tune_ms]
-
-
 def conv_algos(net: nn.Module) -> dict[int, dict[str, int]]:
     """{batch size: {algorithm: layers}} over the shapes each ``TunedConv2d`` of ``net`` has tuned."""
-    out: dict[int, dict[str, int]] = {}
-    for r in tune_record(net):
-        counts = out.setdefault(r["input"][0], {})
-        counts[r["choice"]] = counts.get(r["choice"], 0) + 1
-    return dict(sorted(out.items()))
+    return algo_counts_by_batch(net, TunedConv2d)
