@@ -8,9 +8,10 @@ and 1, in one process, every model taking turns each iteration (``prunelab.laten
   here (pool folded, weights cast, CUDA graph on GPU);
 - ``channel_deploy``: the same for VGG16 with 0.5 of its conv channels removed (``round_to=16``);
 - ``*_deploy_<other layout>``: both deploy forms in the other layout, for reference;
-- ``dense_deploy_direct``: where the deploy form chooses each 3x3 convolution's algorithm (a float32
-  CPU form: direct, Winograd F(4x4,3x3) or a small-map GEMM, the fastest on the first batch), the same
-  form with every convolution direct, so the choice's own gain is measured in the same turns;
+- ``dense_deploy_direct``: where the deploy form chooses each layer's kernel (a float32 CPU form: each
+  3x3 convolution direct, Winograd F(4x4,3x3) or a small-map GEMM, each Linear plain or prepacked, the
+  fastest on the first batch), the same form with every convolution direct and every Linear plain, so
+  the choices' own gain is measured in the same turns;
 - on CUDA, ``semi_deploy``: VGG16 2:4-pruned (0.5) with its 2:4 Linear layers on PyTorch's sparse
   kernels, in the same dtype and layout as ``dense_deploy`` (a speedup below 1 is reported as it is).
 
@@ -128,9 +129,10 @@ def measure(args) -> dict:
     layouts = {cl: "", not cl: "_nhwc" if not cl else "_nchw"}
     models, built = {"dense_eager": eager_form(dense, None, channels_last=False)}, {}
 
-    def add(name: str, net, layout: bool, two_four: bool = False, winograd: bool | None = None) -> None:
+    def add(name: str, net, layout: bool, two_four: bool = False, winograd: bool | None = None,
+            pack: bool | None = None) -> None:
         form = deploy_form(net, dtype=dtype, channels_last=layout, device=device, cuda_graph=True,
-                           example_batch=batches[head], two_four=two_four, winograd=winograd)
+                           example_batch=batches[head], two_four=two_four, winograd=winograd, pack=pack)
         for b in batches.values():
             form.warm(b)
         models[name], built[name] = form, form.describe()
@@ -138,8 +140,8 @@ def measure(args) -> dict:
     for layout, suffix in layouts.items():
         for name, net in (("dense", dense), ("channel", channel)):
             add(f"{name}_deploy{suffix}", net, layout)
-    if built["dense_deploy"]["winograd"]:  # what the per-layer algorithm choice adds, timed in the same turns
-        add("dense_deploy_direct", dense, cl, winograd=False)
+    if built["dense_deploy"]["winograd"]:  # what the per-layer kernel choice adds, timed in the same turns
+        add("dense_deploy_direct", dense, cl, winograd=False, pack=False)
     errors = {}
     if semi is not None:
         try:  # a 2:4 backend this GPU lacks is reported; the dense and channel figures still stand
@@ -233,9 +235,11 @@ def render(res: dict) -> str:
         pairs = [("dense deploy vs dense eager fp32", t["dense_deploy_vs_dense_eager"]),
                  ("channel 0.5 deploy vs dense deploy", t["channel_deploy_vs_dense_deploy"])]
         if "dense_deploy_vs_dense_deploy_direct" in t:
-            algos = res["deploy"]["forms"]["dense_deploy"].get("conv_algos", {}).get(b, {})
-            pairs.append((f"dense deploy vs the same form with every conv direct (per-layer choice at this batch: "
-                          f"{algo_counts(algos) or '-'})",
+            form = res["deploy"]["forms"]["dense_deploy"]
+            algos = form.get("conv_algos", {}).get(b, {})
+            lins = form.get("linear_algos", {}).get(b, {})
+            pairs.append((f"dense deploy vs the same form with every conv direct and every Linear plain (per-layer "
+                          f"choice at this batch: convs {algo_counts(algos) or '-'}; Linear {algo_counts(lins) or '-'})",
                           t["dense_deploy_vs_dense_deploy_direct"]))
         if "semi_deploy_vs_dense_deploy" in t:
             pairs.append(("2:4 (0.5) deploy vs dense deploy, same dtype", t["semi_deploy_vs_dense_deploy"]))

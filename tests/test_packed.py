@@ -145,7 +145,7 @@ def test_winograd_scratch_is_reused_without_leaking_between_shapes(first, second
     """Layers share the scratch buffers: a smaller map after a larger one must see zero padding, not
     the larger map's values (a border that is not re-zeroed gives wrong edges)."""
     convs = [nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1)]
-    for conv, (h, w) in zip(convs, (first, second)):
+    for conv, (h, w) in zip(convs, (first, second), strict=True):
         x = torch.randn(2, 6, h, w, generator=GEN) * 10 + 5
         with torch.no_grad():
             out = wg.winograd_conv3x3(x, wg.winograd_filters(conv.weight), conv.bias)

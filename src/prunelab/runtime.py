@@ -28,10 +28,10 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.evaluation import autocast_for
 from prunelab.hardware import detect, resolve_fuse, resolve_winograd
-from prunelab.models.modes import eval_mode
-from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 from prunelab.models import packed
+from prunelab.models.modes import eval_mode
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
+from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 from prunelab.models.tuning import tune_record
 from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 

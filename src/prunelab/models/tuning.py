@@ -144,7 +144,7 @@ def tune_record(net: nn.Module, kind: type | None = None) -> list[dict]:
 def algo_counts_by_batch(net: nn.Module, kind: type) -> dict[int, dict[str, int]]:
     """{batch size: {algorithm: layers}} over the shapes each ``kind`` layer of ``net`` has tuned."""
     out: dict[int, dict[str, int]] = {}
-    for name, m in net.named_modules():
+    for m in net.modules():
         if isinstance(m, kind):
             for key, choice in m.choice.items():
                 counts = out.setdefault(key[0], {})

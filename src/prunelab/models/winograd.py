@@ -18,15 +18,12 @@ already runs VGG16 at the machine's matrix-multiply rate (AVX2 EPYC, 2026-11-27:
   weight or zero, so it differs from the convolution only in the order of the sums.
 
 :class:`TunedConv2d` chooses among ``direct`` (the wrapped ``nn.Conv2d``), ``winograd`` and ``map``
-per layer and per input shape (and layout and thread count), by timing each on the first batch of
-that shape (as cuDNN's autotuning does on GPUs), and keeps an alternative only when it ran at least
-``MARGIN`` faster than the direct convolution. Choices are shared within the process by layer
-geometry, as cuDNN's autotuning cache is: a dense network and its magnitude-pruned copy (the same
-shapes) run the same algorithms, so their timings in turns differ by what pruning changed and never
-by a tuning coin-flip (``clear_decisions`` forgets them). Each layer is timed alone, so the choice is as good
-as those timings: on a machine shared with other work a layer can miss its faster algorithm (the
-answers never change). Alternatives return the input's layout. It runs the plain convolution
-whenever the input is not float32 on the CPU or gradients are wanted.
+per layer and per input shape (and layout and thread count) by timing each on the first batch of that
+shape, keeping an alternative only when it beat the direct convolution by ``MARGIN``; the choices are
+shared within the process by layer geometry (:mod:`prunelab.models.tuning`). Alternatives return the
+input's layout. It runs the plain convolution whenever the input is not float32 on the CPU or
+gradients are wanted. Winograd's intermediates live in per-thread :func:`scratch` buffers reused from
+call to call; the small-map matrix is prepacked for oneDNN where it can be (:mod:`prunelab.models.packed`).
 """
 
 from __future__ import annotations
