@@ -172,3 +172,15 @@ def test_report_names_the_linear_layers_ways():
 
     text = _conv_algos({"dense": {"128": {"packed": 2, "plain": 1}}}, 128, "Linear layers")
     assert text == ", Linear layers by measured fastest algorithm (dense 2 packed, 1 plain)"
+
+
+def test_deploy_timing_gives_the_scratch_buffers_back():
+    from test_runtime import X, lat_cfg
+
+    from prunelab.deploy import time_dense_and_pruned
+
+    wg.scratch("a", (1024,), torch.float32, torch.device("cpu"))  # as a Winograd layer would leave it
+    res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu",
+                                lat_cfg(batch_sizes=[4], dtype="float32", iters=2, warmup=1))
+    assert res["runtime"]["runtime"] == "deploy"
+    assert not wg._SCRATCH.pool

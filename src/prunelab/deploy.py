@@ -32,6 +32,7 @@ from prunelab.errors import ConfigError
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype, resolve_fuse, resolve_winograd
 from prunelab.io import compressed_bytes, save_state_dict
 from prunelab.latency import paired_stats, summarize, time_interleaved
+from prunelab.models.winograd import free_scratch
 from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         for tag in forms:
             per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
     _log(per, head, loggers)
+    free_scratch()  # the Winograd layers' buffers (hundreds of MB at batch 128) are not kept past timing
 
     desc = _describe(forms, facts, hw, transfer)
     facts.update(folded={t: x["folded"] for t, x in desc.items()}, compile=desc["dense"]["compile"],
@@ -221,6 +223,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     transfer = bool(_setting(latency_cfg, "include_transfer"))
     x = batch if transfer else forms["dense"].prepare(batch)
     samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
+    free_scratch()
     models = {"dense": summarize(samples["dense"], bs)}
     for name, (_, family) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
