@@ -84,18 +84,24 @@ def test_tuned_linear_follows_in_place_weight_changes():
         assert torch.allclose(tuned(x), lin.bias.expand(8, -1))
 
 
+@needs_onednn
 def test_tuned_linear_runs_plain_for_gradients_and_other_inputs():
     lin, tuned = _lin("packed")
-    x = torch.randn(3, 5, 40, generator=GEN)  # 3-D: not packed
-    assert torch.allclose(tuned(x), lin(x))
+    with torch.no_grad():
+        x = torch.randn(3, 5, 40, generator=GEN)  # 3-D, no gradients: still not packed
+        assert torch.allclose(tuned(x), lin(x))
+    assert tuned._cache == {}
     x2 = torch.randn(4, 40, generator=GEN, requires_grad=True)
     tuned(x2).sum().backward()  # the packed kernel has no backward: a training step must still work
     assert x2.grad is not None and lin.weight.grad is not None
-    assert tuned.choice == {} and tuned._cache == {}
+    assert tuned._cache == {}
+    with torch.no_grad():
+        tuned(x2)  # the same batch without gradients takes the packed kernel
+    assert [k[0] for k in tuned._cache] == ["packed"]
 
 
 @needs_onednn
-def test_choices_are_shared_by_geometry_and_kind():
+def test_choices_are_shared_by_geometry():
     a, b = TunedLinear(nn.Linear(40, 24)), TunedLinear(nn.Linear(40, 24))
     x = torch.randn(8, 40, generator=GEN)
     with torch.no_grad():
@@ -184,3 +190,93 @@ def test_deploy_timing_gives_the_scratch_buffers_back():
                                 lat_cfg(batch_sizes=[4], dtype="float32", iters=2, warmup=1))
     assert res["runtime"]["runtime"] == "deploy"
     assert not wg._SCRATCH.pool
+
+
+@needs_onednn
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_deploy_form_answers_through_packed_kernels(monkeypatch, channels_last):
+    """Whatever the timings: force every Linear packed and every small map through the packed matrix."""
+    monkeypatch.setattr(tuning, "pick", lambda times, margin=tuning.MARGIN, base="direct":
+                        "packed" if "packed" in times else "map" if "map" in times else base)
+    net = tiny_vgg().eval()
+    x = torch.randn(5, 3, 32, 32, generator=GEN)
+    form = deploy_form(net, channels_last=channels_last, example_batch=x)
+    d = form.describe()
+    assert d["linear_algos"]["5"] == {"packed": d["packed_linear"]}
+    maps = [v for m in form.net.modules() if isinstance(m, wg.TunedConv2d) for k, v in m._cache.items()
+            if k[0][0] == "map"]
+    assert maps and all(v.is_mkldnn for v in maps)  # the small-map matrices, prepacked
+    with torch.no_grad():
+        assert torch.allclose(form(x), net(x), atol=1e-4)
+
+
+@needs_onednn
+def test_a_used_deploy_form_copies_and_pickles():
+    """oneDNN's packed tensors have no storage: the derived cache is left out of copies and remade."""
+    import copy
+    import io
+
+    monkeypatch_pick = tuning.pick
+    try:
+        tuning.pick = lambda times, margin=tuning.MARGIN, base="direct": (
+            "packed" if "packed" in times else "map" if "map" in times else base)
+        net = tiny_vgg().eval()
+        x = torch.randn(3, 3, 32, 32, generator=GEN)
+        form = deploy_form(net, example_batch=x)
+    finally:
+        tuning.pick = monkeypatch_pick
+    with torch.no_grad():
+        ref = form(x)
+        twin = copy.deepcopy(form)
+        assert torch.allclose(twin(x), ref)
+        buf = io.BytesIO()
+        torch.save(form.net, buf)
+        buf.seek(0)
+        assert torch.allclose(torch.load(buf, weights_only=False)(x.contiguous(memory_format=torch.channels_last)),
+                              ref, atol=1e-5)
+    assert any(m._cache for m in form.net.modules() if isinstance(m, tuning.Tuned))  # the original keeps its own
+
+
+def test_resolve_pack():
+    from test_winograd import AMX, AVX2, SM90
+
+    from prunelab.errors import ConfigError
+    from prunelab.hardware import resolve_pack
+
+    assert resolve_pack("auto", AVX2, torch.float32).value is True
+    assert resolve_pack("auto", AVX2, "float32", onednn=False).value is False
+    assert resolve_pack("auto", AMX, "bfloat16").value is False
+    assert resolve_pack("auto", SM90, "auto").value is False
+    assert resolve_pack("auto", AVX2, torch.float32, compile=True).value is False
+    assert resolve_pack(False, AVX2, torch.float32).value is False
+    eager = resolve_pack(True, AVX2, torch.float32, runtime="eager")
+    assert eager.value is False and "no effect" in eager.warning
+    for hw, dtype, kw in ((SM90, "auto", {}), (AMX, "bfloat16", {}), (AVX2, "float32", {"onednn": False}),
+                          (AVX2, "float32", {"compile": True})):
+        with pytest.raises(ConfigError, match="latency.pack=true"):
+            resolve_pack(True, hw, dtype, **kw)
+
+
+@pytest.mark.parametrize("hw_name,expected", [("AVX2", True), ("AMX", False), ("SM90", False)])
+def test_composed_config_resolves_pack_after_the_dtype(tmp_path, monkeypatch, hw_name, expected):
+    import test_winograd
+
+    from conftest import compose_cfg
+    from prunelab import hardware, resolve
+
+    monkeypatch.setattr(hardware, "detect", lambda device="cpu": getattr(test_winograd, hw_name))
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke"])
+    assert cfg.latency.pack == "auto"
+    record = resolve.resolve_auto(cfg)
+    expected = expected and packed.available()
+    assert cfg.latency.pack is expected and record["latency.pack"]["value"] is expected
+
+
+def test_latency_pack_must_be_auto_or_a_bool(tmp_path):
+    from conftest import compose_cfg
+    from prunelab.config_check import check_values
+    from prunelab.errors import ConfigError
+
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke", "latency.pack=maybe"])
+    with pytest.raises(ConfigError, match="latency.pack"):
+        check_values(cfg)

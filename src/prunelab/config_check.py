@@ -149,6 +149,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("latency.channels_last", BOOL_AUTO),
         ("latency.fuse", BOOL_AUTO),
         ("latency.winograd", BOOL_AUTO),
+        ("latency.pack", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),

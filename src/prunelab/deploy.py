@@ -29,9 +29,17 @@ import torch
 from torch import nn
 
 from prunelab.errors import ConfigError
-from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype, resolve_fuse, resolve_winograd
+from prunelab.hardware import (
+    detect,
+    resolve_deploy_layout,
+    resolve_dtype,
+    resolve_fuse,
+    resolve_pack,
+    resolve_winograd,
+)
 from prunelab.io import compressed_bytes, save_state_dict
 from prunelab.latency import paired_stats, summarize, time_interleaved
+from prunelab.models import packed
 from prunelab.models.winograd import free_scratch
 from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
 
@@ -41,7 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128,
             "batch_sizes": [1, 128], "agreement_images": 512, "warmup": 5, "iters": 30,
             "include_transfer": False, "compile": False, "cuda_graph": True, "fuse": "auto",
-            "winograd": "auto"}
+            "winograd": "auto", "pack": "auto"}
 MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
 TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
                  "convolutions); here they ran slower than the dense form")
@@ -64,6 +72,12 @@ def _winograd(cfg, hw, dtype: torch.dtype) -> bool:
                                  compile=bool(_setting(cfg, "compile"))).value)
 
 
+def _pack(cfg, hw, dtype: torch.dtype) -> bool:
+    """``latency.pack`` for this device and deploy dtype (``auto`` when not resolved)."""
+    return bool(resolve_pack(_setting(cfg, "pack"), hw, dtype, runtime=str(_setting(cfg, "runtime")),
+                             compile=bool(_setting(cfg, "compile")), onednn=packed.available()).value)
+
+
 EAGER_TWO_FOUR = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
 
 
@@ -82,7 +96,7 @@ def _forms(nets: dict, two_four: set[str], batches, head, device, cfg, precision
         notes.append(res.warning)
     opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
                 compile=bool(_setting(cfg, "compile")), example_batch=batches[head], fuse=_fuse(cfg, hw),
-                winograd=_winograd(cfg, hw, res.value))
+                winograd=_winograd(cfg, hw, res.value), pack=_pack(cfg, hw, res.value))
     forms = {tag: deploy_form(net, two_four=tag in two_four, **opts) for tag, net in nets.items()}
     for bs in sorted(batches):  # capture/compile every shape before any timing
         for form in forms.values():
@@ -151,18 +165,20 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
     transfer = bool(_setting(latency_cfg, "include_transfer"))
     per = {}
-    for bs in sorted(batches):
-        # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
-        x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
-        samples = time_interleaved(forms, x, device, warmup, iters, transfer, None)
-        if pruned_net is None:
-            per[bs] = {"dense": summarize(samples["dense"], bs)}
-        else:
-            per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
-        for tag in forms:
-            per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
+    try:
+        for bs in sorted(batches):
+            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
+            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
+            samples = time_interleaved(forms, x, device, warmup, iters, transfer, None)
+            if pruned_net is None:
+                per[bs] = {"dense": summarize(samples["dense"], bs)}
+            else:
+                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+            for tag in forms:
+                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
+    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
+        free_scratch()
     _log(per, head, loggers)
-    free_scratch()  # the Winograd layers' buffers (hundreds of MB at batch 128) are not kept past timing
 
     desc = _describe(forms, facts, hw, transfer)
     facts.update(folded={t: x["folded"] for t, x in desc.items()}, compile=desc["dense"]["compile"],
@@ -222,8 +238,10 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
     transfer = bool(_setting(latency_cfg, "include_transfer"))
     x = batch if transfer else forms["dense"].prepare(batch)
-    samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
-    free_scratch()
+    try:
+        samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
+    finally:
+        free_scratch()
     models = {"dense": summarize(samples["dense"], bs)}
     for name, (_, family) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)

@@ -267,6 +267,35 @@ def resolve_winograd(requested: bool | str, hw: Hardware, dtype: torch.dtype | s
     return Resolution(value, f"auto: {hw.describe()}: {why}; winograd={value}")
 
 
+def resolve_pack(requested: bool | str, hw: Hardware, dtype: torch.dtype | str = torch.float32,
+                 runtime: str = "deploy", compile: bool = False, onednn: bool = True) -> Resolution:
+    """``latency.pack``: each Linear layer of the deploy form (and the small-map convolutions' matrix)
+    runs as a plain GEMM or one on its weight prepacked once for oneDNN, whichever was faster on the
+    first batch of each shape (``prunelab.models.packed``). auto is on for CPU forms in float32 where
+    this PyTorch has oneDNN (``onednn``): the plain GEMM re-lays the weight out on every call. Off on
+    CUDA, in bf16/fp16 (not measured there) and with compile. true where it cannot run is refused."""
+    explicit = _bool_auto(requested, "latency.pack")
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, hw).value
+    if runtime == "eager":
+        warning = "latency.pack=true has no effect with latency.runtime=eager (the model runs as trained)"
+        return Resolution(False, "latency.runtime=eager runs the model as trained; pack=False",
+                          warning if explicit else None)
+    if explicit and (hw.kind != "cpu" or dtype != torch.float32 or compile or not onednn):
+        where = (f"this run is on {hw.kind}" if hw.kind != "cpu" else "latency.compile=true traces its own kernels"
+                 if compile else f"the deploy dtype is {str(dtype).removeprefix('torch.')}"
+                 if dtype != torch.float32 else "this PyTorch has no oneDNN")
+        raise ConfigError(f"latency.pack=true prepacks CPU float32 Linear weights for oneDNN ({where}): use "
+                          "latency.pack=auto or latency.pack=false")
+    if explicit is not None:
+        return Resolution(explicit, f"explicit latency.pack={explicit} honoured")
+    value = hw.kind == "cpu" and dtype == torch.float32 and not compile and onednn
+    why = ("each Linear keeps whichever of the plain and the prepacked oneDNN GEMM ran faster" if value
+           else "CPU only" if hw.kind != "cpu" else "latency.compile traces its own kernels" if compile
+           else "this PyTorch has no oneDNN" if not onednn else "float32 only")
+    return Resolution(value, f"auto: {hw.describe()}: {why}; pack={value}")
+
+
 def resolve_compile(requested: bool | str, hw: Hardware) -> Resolution:
     """``model.compile``: auto is on for CUDA only; on CPUs compile time dominates short runs."""
     explicit = _bool_auto(requested, "model.compile")

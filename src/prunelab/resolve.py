@@ -18,6 +18,13 @@ from prunelab.errors import ConfigError
 
 log = logging.getLogger("prunelab")
 
+
+def _onednn() -> bool:
+    from prunelab.models.packed import available  # imported late: the models package pulls in Lightning
+
+    return available()
+
+
 CUDA_ACCELERATORS = ("gpu", "cuda")
 
 
@@ -36,7 +43,7 @@ def run_device(cfg: DictConfig) -> str:
 
 def resolve_auto(cfg: DictConfig) -> dict:
     """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype,
-    latency.channels_last, latency.fuse and latency.winograd with what this machine runs fastest; explicit values stay and are warned about when slow.
+    latency.channels_last, latency.fuse, latency.winograd and latency.pack with what this machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
     hw = hardware.detect(run_device(cfg))
     record: dict = {"hardware": hw.to_dict()}
@@ -53,7 +60,12 @@ def resolve_auto(cfg: DictConfig) -> dict:
                   ("latency.winograd", cfg.latency, "winograd",
                    lambda r, hw: hardware.resolve_winograd(r, hw, str(cfg.latency.get("dtype", "auto")),
                                                            runtime=str(cfg.latency.get("runtime", "deploy")),
-                                                           compile=bool(cfg.latency.get("compile", False))))]
+                                                           compile=bool(cfg.latency.get("compile", False)))),
+                  ("latency.pack", cfg.latency, "pack",
+                   lambda r, hw: hardware.resolve_pack(r, hw, str(cfg.latency.get("dtype", "auto")),
+                                                       runtime=str(cfg.latency.get("runtime", "deploy")),
+                                                       compile=bool(cfg.latency.get("compile", False)),
+                                                       onednn=_onednn()))]
     for key, node, name, rule in rules:
         if name not in node:
             continue

@@ -27,7 +27,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.evaluation import autocast_for
-from prunelab.hardware import detect, resolve_fuse, resolve_winograd
+from prunelab.hardware import detect, resolve_fuse, resolve_pack, resolve_winograd
 from prunelab.models import packed
 from prunelab.models.modes import eval_mode
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
@@ -280,9 +280,10 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     - ``winograd`` (``None``: on a float32 CPU form unless ``compile``): each 3x3 convolution runs as
       whichever of the direct convolution, Winograd F(4x4,3x3) and a small-map GEMM was fastest on the
       first batch of each shape (``prunelab.models.winograd``; the choices in ``describe()["conv_algos"]``);
-    - ``pack`` (``None``: on a float32 CPU form unless ``compile``, where oneDNN is built in): each
-      Linear layer runs as a plain GEMM or one on its weight prepacked once, whichever was faster on
-      the first batch of each shape (``prunelab.models.packed``; ``describe()["linear_algos"]``);
+    - ``pack`` (``None``: on a float32 CPU form unless ``compile``, where oneDNN is built in, as
+      ``latency.pack=auto``): each Linear layer runs as a plain GEMM or one on its weight prepacked once,
+      whichever was faster on the first batch of each shape (``prunelab.models.packed``;
+      ``describe()["linear_algos"]``), and the small-map convolutions' matrix is prepacked;
     - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
       (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
       ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
@@ -322,13 +323,13 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     if winograd and (device.type != "cpu" or dtype != torch.float32 or compile):
         raise ValueError(f"winograd=True runs CPU convolutions in float32 without compile; this form is on {device}, "
                          f"{_dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
-    tuned = tune_convs(deployed) if winograd else 0
-    if pack is None:
-        pack = device.type == "cpu" and dtype == torch.float32 and not compile and packed.available()
+    if pack is None:  # the same rule as latency.pack=auto
+        pack = bool(resolve_pack("auto", detect(device), dtype, compile=compile, onednn=packed.available()).value)
     if pack and (device.type != "cpu" or dtype != torch.float32 or compile or not packed.available()):
         raise ValueError(f"pack=True runs CPU Linear layers in float32 through oneDNN without compile; this form is "
                          f"on {device}, {_dtype_name(dtype)}{', compiled' if compile else ''}"
                          f"{'' if packed.available() else ', and this PyTorch lacks oneDNN'}: pass pack=None or False")
+    tuned = tune_convs(deployed, pack=pack) if winograd else 0
     fused = 0
     if fuse:
         deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy

@@ -9,6 +9,7 @@ does when it freezes a model) and ``linear`` multiplies by it. Both need PyTorch
 
 :class:`TunedLinear` runs as ``plain`` or ``packed``, whichever was faster on the first batch of each
 shape (:mod:`prunelab.models.tuning`); ``tune_linears`` wraps a network's Linear layers in place.
+The packed copy is kept beside the weight (twice the layer's memory while ``packed`` is chosen).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ ALGOS = ("plain", "packed")
 
 
 def available() -> bool:
-    """Whether this PyTorch has oneDNN's prepacked linear (CPU builds with mkldnn)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether this PyTorch has oneDNN's prepacked linear (CPU builds with mkldnn) and oneDNN is enabled
+    (``torch.backends.mkldnn.flags(enabled=False)`` turns it off)."""
+    return (torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,18 @@ class Tuned:
         except RuntimeError:  # an inference-mode tensor has no version counter: a change would go unseen
             return make()
         key = (name, src.data_ptr(), version)
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
-            self._cache[key] = make()
-        return self._cache[key]
+        value = self._cache.get(key)
+        if value is None:
+            value = make()
+            # A new dict, swapped in whole: another thread tuning this layer sees the old or the new one.
+            self._cache = {**{k: v for k, v in self._cache.items() if k[0] != name}, key: value}
+        return value
+
+    def __getstate__(self) -> dict:
+        # Derived tensors are remade on first use; oneDNN's packed ones have no storage to copy or pickle.
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     def invalidate(self) -> None:
         """Forget the derived weights (after changing the weight through ``.data``)."""

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.models import packed
+from prunelab.models import packed, tuning
 from prunelab.models.transforms import replace_module
-from prunelab.models.tuning import MARGIN, Tuned, algo_counts_by_batch, clear_decisions, pick, tune_record  # noqa: F401
+from prunelab.models.tuning import MARGIN, Tuned, algo_counts_by_batch, clear_decisions, pick  # noqa: F401
 
 ALGOS = ("direct", "winograd", "map")
 MAP_MAX_PIXELS = 4  # (HW)^2 multiplies per channel pair against direct's 9 HW: fewer only while HW < 9
@@ -176,17 +176,18 @@ class TunedConv2d(Tuned, nn.Conv2d):
 
     BASE, ALGOS = "direct", ALGOS
 
-    def __init__(self, conv: nn.Conv2d, algo: str = "auto"):
+    def __init__(self, conv: nn.Conv2d, algo: str = "auto", pack: bool = True):
         if not eligible(conv):
             raise ValueError(f"TunedConv2d takes a plain 3x3 stride-1 padding-1 Conv2d, got {conv}")
         # Built on the meta device (nothing allocated), then given conv's own parameters.
         super().__init__(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None, device="meta")
         self.weight, self.bias = conv.weight, conv.bias
         self.train(conv.training)
+        self.pack = pack  # the small-map matrix prepacked for oneDNN where it can be
         self._init_tuning(algo)
 
     def geometry(self) -> tuple:
-        return self.out_channels, self.bias is not None
+        return self.out_channels, self.bias is not None, self.pack and packed.available()
 
     def candidates(self, x: torch.Tensor) -> list[str]:
         return ["direct", "winograd"] + (["map"] if x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS else [])
@@ -202,7 +203,7 @@ class TunedConv2d(Tuned, nn.Conv2d):
         elif algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
             h, w = x.shape[-2:]
             rep = None if bias is None else self._derived(("bias", h, w), lambda: bias.detach().repeat(h * w), bias)
-            if packed.available():  # the matrix laid out once for oneDNN's GEMM, not on every call
+            if self.pack and packed.available():  # the matrix laid out once for oneDNN's GEMM, not on every call
                 mat = self._derived(("map", h, w), lambda: packed.pack_weight(map_matrix(self, h, w).t()))
                 y = packed.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), mat, rep).view(
                     x.shape[0], h, w, -1).permute(0, 3, 1, 2)
@@ -222,14 +223,20 @@ class TunedConv2d(Tuned, nn.Conv2d):
         return nn.Conv2d.extra_repr(self) + f", algo={self.algo}" + (f", choice={self.choice}" if self.choice else "")
 
 
-def tune_convs(net: nn.Module, algo: str = "auto") -> int:
-    """Wrap every eligible ``Conv2d`` of ``net`` (in place) in a :class:`TunedConv2d`; returns how many."""
+def tune_convs(net: nn.Module, algo: str = "auto", pack: bool = True) -> int:
+    """Wrap every eligible ``Conv2d`` of ``net`` (in place) in a :class:`TunedConv2d`; returns how many.
+    ``pack``: the small-map matrix may be prepacked for oneDNN."""
     count = 0
     for name, m in list(net.named_modules()):
         if eligible(m):
-            replace_module(net, name, TunedConv2d(m, algo))
+            replace_module(net, name, TunedConv2d(m, algo, pack))
             count += 1
     return count
+
+
+def tune_record(net: nn.Module) -> list[dict]:
+    """:func:`prunelab.models.tuning.tune_record` of the :class:`TunedConv2d` layers only."""
+    return tuning.tune_record(net, TunedConv2d)
 
 
 def conv_algos(net: nn.Module) -> dict[int, dict[str, int]]:
