@@ -11,7 +11,8 @@ model as the notebook runs it, and every single method's sparsity answer, on thi
    (eager fp32, NCHW), the dense deploy form, the latency search's answer and each method's own
    sparsity answer (its highest ratio within the tolerance) in the deploy form. Deploy forms follow
    the product's ``auto`` rules: on a float32 CPU that includes the per-layer convolution choice
-   (``latency.winograd``), so CPU results from before 2026-11-27 late (all-direct) are not comparable.
+   (``latency.winograd``) and, since 2026-11-28, Winograd's reused buffers and prepacked Linear layers
+   (``latency.pack``), so CPU results from before 2026-11-28 are not comparable.
 
     python -m benchmarks.fastest [--epochs 5] [--iters 10] [--quick]
 
