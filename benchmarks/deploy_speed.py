@@ -12,6 +12,8 @@ and 1, in one process, every model taking turns each iteration (``prunelab.laten
   3x3 convolution direct, Winograd F(4x4,3x3) or a small-map GEMM, each Linear plain or prepacked, the
   fastest on the first batch), the same form with every convolution direct and every Linear plain, so
   the choices' own gain is measured in the same turns;
+- ``dense_deploy_fp32``: on a CPU where ``auto`` chose bf16 (native bf16), the float32 deploy form
+  with its per-layer kernels, so whether the lower precision is really faster there is measured;
 - on CUDA, ``semi_deploy``: VGG16 2:4-pruned (0.5) with its 2:4 Linear layers on PyTorch's sparse
   kernels, in the same dtype and layout as ``dense_deploy`` (a speedup below 1 is reported as it is).
 
@@ -130,8 +132,8 @@ def measure(args) -> dict:
     models, built = {"dense_eager": eager_form(dense, None, channels_last=False)}, {}
 
     def add(name: str, net, layout: bool, two_four: bool = False, winograd: bool | None = None,
-            pack: bool | None = None) -> None:
-        form = deploy_form(net, dtype=dtype, channels_last=layout, device=device, cuda_graph=True,
+            pack: bool | None = None, form_dtype: torch.dtype | None = None) -> None:
+        form = deploy_form(net, dtype=form_dtype or dtype, channels_last=layout, device=device, cuda_graph=True,
                            example_batch=batches[head], two_four=two_four, winograd=winograd, pack=pack)
         for b in batches.values():
             form.warm(b)
@@ -142,6 +144,10 @@ def measure(args) -> dict:
             add(f"{name}_deploy{suffix}", net, layout)
     if built["dense_deploy"]["winograd"]:  # what the per-layer kernel choice adds, timed in the same turns
         add("dense_deploy_direct", dense, cl, winograd=False, pack=False)
+    if device.type == "cpu" and dtype != torch.float32:
+        # auto chose a lower precision for this CPU: time it against the float32 form with its own
+        # per-layer kernels (Winograd, prepacked Linear), so the rule is checked on this machine.
+        add("dense_deploy_fp32", dense, cl, form_dtype=torch.float32)
     errors = {}
     if semi is not None:
         try:  # a 2:4 backend this GPU lacks is reported; the dense and channel figures still stand
@@ -168,6 +174,9 @@ def measure(args) -> dict:
         if "dense_deploy_direct" in samples:
             timings[str(b)]["dense_deploy_vs_dense_deploy_direct"] = paired_stats(
                 samples["dense_deploy_direct"], samples["dense_deploy"], b)
+        if "dense_deploy_fp32" in samples:
+            timings[str(b)]["dense_deploy_vs_dense_deploy_fp32"] = paired_stats(
+                samples["dense_deploy_fp32"], samples["dense_deploy"], b)
         if "semi_deploy" in samples:
             timings[str(b)]["semi_deploy_vs_dense_deploy"] = paired_stats(samples["dense_deploy"], samples["semi_deploy"], b)
         for pair in [k for k in timings[str(b)] if "_vs_" in k]:
@@ -241,6 +250,10 @@ def render(res: dict) -> str:
             pairs.append((f"dense deploy vs the same form with every conv direct and every Linear plain (per-layer "
                           f"choice at this batch: convs {algo_counts(algos) or '-'}; Linear {algo_counts(lins) or '-'})",
                           t["dense_deploy_vs_dense_deploy_direct"]))
+        if "dense_deploy_vs_dense_deploy_fp32" in t:
+            pairs.append((f"dense deploy in {res['deploy']['dtype']} (auto) vs the same network's float32 deploy "
+                          "form (its per-layer kernels on; above 1: the lower precision is faster here)",
+                          t["dense_deploy_vs_dense_deploy_fp32"]))
         if "semi_deploy_vs_dense_deploy" in t:
             pairs.append(("2:4 (0.5) deploy vs dense deploy, same dtype", t["semi_deploy_vs_dense_deploy"]))
         for pair, r in pairs:

@@ -435,3 +435,22 @@ def test_deploy_speed_renders_absolute_cuda_goals_and_what_the_2_4_form_ran_on()
     assert _kernels({"deploy": {"forms": {"dense_deploy": {}}}}) == []  # no 2:4 form timed (CPU)
     note = _kernels({"deploy": {"forms": {"semi_deploy": {"kernels": "1 Linear layer(s) on cusparselt: classifier.3"}}}})
     assert "classifier.3" in note[0] and "convolutions" in note[0]
+
+
+@pytest.mark.slow
+def test_deploy_speed_times_the_float32_form_where_auto_chose_bf16(tmp_path, monkeypatch):
+    """On a native-bf16 CPU the benchmark checks the dtype rule against the float32 form (faked here)."""
+    from benchmarks import deploy_speed
+    from prunelab.hardware import Resolution
+
+    monkeypatch.setattr(deploy_speed, "resolve_dtype", lambda requested, hw: Resolution(torch.bfloat16, "faked"))
+    res = deploy_speed.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--iters", "1",
+                             "--iters-small", "1"])
+    assert res["deploy"]["dtype"] == "bfloat16"
+    fp32 = res["deploy"]["forms"]["dense_deploy_fp32"]
+    assert fp32["dtype"] == "float32" and fp32["winograd"] > 0
+    assert "dense_deploy_direct" not in res["deploy"]["forms"]  # no per-layer choice in bf16
+    assert all("dense_deploy_vs_dense_deploy_fp32" in t for t in res["timings"].values())
+    assert res["agreement"]["dense_deploy_fp32"]["agreement"] == 1.0
+    md = next(p for p in tmp_path.iterdir() if p.suffix == ".md").read_text()
+    assert "dense deploy in bfloat16 (auto) vs the same network's float32 deploy form" in md
