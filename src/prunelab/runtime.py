@@ -160,10 +160,8 @@ class Deployed(Form):
 
     def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, device: torch.device,
                  folded_at: tuple[int, int] | None, cuda_graph: bool, compiled: bool, kernels: str | None,
-                 sparse: bool, notes: list[str], fused: int = 0, tuned: int = 0, packed: int = 0):
+                 sparse: bool, notes: list[str], fused: int = 0):
         super().__init__(net, dtype, channels_last, device)
-        self.tuned = tuned  # 3x3 convolutions choosing direct/Winograd/small-map per batch shape
-        self.packed = packed  # Linear layers choosing plain/prepacked GEMM per batch shape
         self.folded_at, self.compiled, self.kernels, self.sparse = folded_at, compiled, kernels, sparse
         self.fused = fused  # Conv2d+ReLU pairs running as one cuDNN call each
         self.use_graph = cuda_graph and self.device.type == "cuda" and not compiled
@@ -236,8 +234,11 @@ class Deployed(Form):
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
                     kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused,
-                    winograd=self.tuned, conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()},
-                    conv_tuning=tune_record(self.net, TunedConv2d), packed_linear=self.packed,
+                    # 3x3 convolutions choosing direct/Winograd/small-map, Linears plain/prepacked, per batch shape
+                    winograd=sum(isinstance(m, TunedConv2d) for m in self.net.modules()),
+                    conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()},
+                    conv_tuning=tune_record(self.net, TunedConv2d),
+                    packed_linear=sum(isinstance(m, TunedLinear) for m in self.net.modules()),
                     linear_algos={str(bs): algos for bs, algos in linear_algos(self.net).items()},
                     linear_tuning=tune_record(self.net, TunedLinear))
 
@@ -329,7 +330,8 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
         raise ValueError(f"pack=True runs CPU Linear layers in float32 through oneDNN without compile; this form is "
                          f"on {device}, {_dtype_name(dtype)}{', compiled' if compile else ''}"
                          f"{'' if packed.available() else ', and this PyTorch lacks oneDNN'}: pass pack=None or False")
-    tuned = tune_convs(deployed, pack=pack) if winograd else 0
+    if winograd:
+        tune_convs(deployed, pack=pack)
     fused = 0
     if fuse:
         deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy
@@ -342,14 +344,15 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
             # layer) is worth more than 2:4's at most 2x, so it wins, and the report says so.
             kernels = f"{kernels}; classifier.0 was 2:4 but is dense once the pool is folded into it"
     # After 2:4, which swaps weights for sparse tensors on CUDA (never packed: pack is CPU only).
-    packed_count = tune_linears(deployed) if pack else 0
+    if pack:
+        tune_linears(deployed)
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" and cuda_graph else None
         # dynamic=False: one specialisation per batch shape, like the CUDA graphs.
         deployed = torch.compile(deployed, mode=mode, dynamic=False)
     form = Deployed(deployed, dtype=dtype, channels_last=channels_last, device=device, folded_at=folded_at,
                     cuda_graph=cuda_graph, compiled=compile, kernels=kernels, sparse=sparse, notes=notes,
-                    fused=fused, tuned=tuned, packed=packed_count)
+                    fused=fused)
     if example_batch is not None:
         form.warm(example_batch)
     return form

@@ -151,12 +151,17 @@ def map_matrix(conv: nn.Conv2d, h: int, w: int) -> torch.Tensor:
 def map_conv(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv(x)`` as ``x`` flattened NHWC times ``map_matrix`` (+ ``bias``: the conv's bias, or it
     already repeated for every pixel); result (N, K, H, W) in channels-last memory. ``x`` is read in
-    place when it is already channels-last."""
+    place when it is already channels-last. ``matrix`` may also be its transpose prepacked by
+    :func:`prunelab.models.packed.pack_weight` (a oneDNN tensor): then oneDNN's GEMM runs on it."""
     n, _, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(n, -1)
-    if bias is not None and bias.numel() != matrix.shape[1]:
+    outputs = matrix.shape[0] if matrix.is_mkldnn else matrix.shape[1]
+    if bias is not None and bias.numel() != outputs:
         bias = bias.repeat(h * w)
-    y = torch.mm(flat, matrix) if bias is None else torch.addmm(bias, flat, matrix)
+    if matrix.is_mkldnn:
+        y = packed.linear(flat, matrix, bias)
+    else:
+        y = torch.mm(flat, matrix) if bias is None else torch.addmm(bias, flat, matrix)
     return y.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -203,12 +208,10 @@ class TunedConv2d(Tuned, nn.Conv2d):
         elif algo == "map" and x.shape[-2] * x.shape[-1] <= MAP_MAX_PIXELS:
             h, w = x.shape[-2:]
             rep = None if bias is None else self._derived(("bias", h, w), lambda: bias.detach().repeat(h * w), bias)
-            if self.pack and packed.available():  # the matrix laid out once for oneDNN's GEMM, not on every call
-                mat = self._derived(("map", h, w), lambda: packed.pack_weight(map_matrix(self, h, w).t()))
-                y = packed.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), mat, rep).view(
-                    x.shape[0], h, w, -1).permute(0, 3, 1, 2)
-            else:
-                y = map_conv(x, self._derived(("map", h, w), lambda: map_matrix(self, h, w)), rep)
+            # Where it can be, the matrix is laid out once for oneDNN's GEMM, not on every call.
+            pack = self.pack and packed.available()
+            y = map_conv(x, self._derived(("map", h, w, pack), lambda: packed.pack_weight(map_matrix(self, h, w).t())
+                                          if pack else map_matrix(self, h, w)), rep)
         else:
             return nn.Conv2d.forward(self, x)
         # Both write NHWC; an NCHW caller gets NCHW back, so later layers keep the form's layout.
