@@ -7,7 +7,9 @@ same uint8 arrays and transforms as the real set, which cannot be downloaded off
 
 - ``notebook``: its cell (DataLoader with 2 workers, ``.item()`` per batch, validation every epoch);
 - ``defaults``: ``prunelab.finetune`` with the config's defaults (callbacks included);
-- ``fast``: the same with ``+experiment=fast`` resolved for this machine.
+- ``fast``: the same with ``+experiment=fast`` resolved for this machine;
+- ``fast-graphs`` (with ``--procedures``): fast with ``model.compile_mode=reduce-overhead``, each
+  step's kernels replayed from CUDA graphs.
 
 Reports per procedure the wall time of each epoch (prunelab's first from the fit's start, so its
 sanity validation and compile count there; each procedure's final save in its last epoch),
@@ -43,9 +45,12 @@ from prunelab.report.markdown import table
 GOAL = 10.0  # fast / notebook images/s, steady state, at full scale on an H100
 # fast right after the notebook: the goal's ratio survives a run stopped at its time limit
 PROCEDURES = ("notebook", "fast", "defaults")
+# each prunelab procedure: (+experiment=fast?, extra overrides)
+VARIANTS = {"defaults": (False, ()), "fast": (True, ()),
+            "fast-graphs": (True, ("model.compile_mode=reduce-overhead",))}
 
 
-def _cfg(spec: dict, fast: bool):
+def _cfg(spec: dict, fast: bool, extra: tuple[str, ...] = ()):
     from prunelab.compose import compose
     from prunelab.resolve import resolve_auto
 
@@ -54,8 +59,8 @@ def _cfg(spec: dict, fast: bool):
                  f"data.num_workers={spec['num_workers']}", f"model.arch={spec['arch']}", "model.weights=null",
                  f"trainer.max_epochs={spec['epochs']}", "trainer.enable_progress_bar=false",
                  f"trainer.accelerator={'gpu' if spec['device'].startswith('cuda') else 'cpu'}",
-                 "finetune.cache=false", *(["+experiment=fast"] if fast else [])]
-    cfg = compose(overrides, Path(spec["work_dir"]) / ("fast" if fast else "defaults"))
+                 "finetune.cache=false", *(["+experiment=fast"] if fast else []), *extra]
+    cfg = compose(overrides, Path(spec["work_dir"]) / spec.get("procedure", "fast" if fast else "defaults"))
     resolve_auto(cfg)
     return cfg
 
@@ -89,7 +94,8 @@ def child_prunelab(spec: dict) -> dict:
         def on_train_end(self, trainer, pl_module):  # after the last epoch's validation and checkpoint
             self.end = now()
 
-    cfg = _cfg(spec, spec["procedure"] == "fast")
+    fast, extra = VARIANTS[spec["procedure"]]
+    cfg = _cfg(spec, fast, extra)
     dm, module = build(cfg.data, "data"), build(cfg.model, "model")
     dm.setup("fit")
     clock = EpochClock()
@@ -101,7 +107,9 @@ def child_prunelab(spec: dict) -> dict:
     return {"epoch_s": [b - a for a, b in zip(marks, marks[1:], strict=False)], "fit_s": fit_s,
             "train_images": len(dm.train_set) * spec["epochs"],
             "settings": {"precision": str(cfg.trainer.precision), "channels_last": bool(cfg.model.channels_last),
-                         "compile": bool(cfg.model.compile), "on_device": bool(cfg.data.on_device),
+                         "compile": bool(cfg.model.compile),
+                         **({"compile_mode": cfg.model.compile_mode} if cfg.model.compile else {}),
+                         "on_device": bool(cfg.data.on_device),
                          "checkpoint_min_interval_s": cfg.callbacks.get("model_checkpoint", {}).get("min_interval_s"),
                          "check_val_every_n_epoch": cfg.trainer.check_val_every_n_epoch}}
 
@@ -144,7 +152,7 @@ def measure(args, save=None) -> dict:
         res["setup"] = {"arch": args.arch, "train_images": train_images, "val_images": args.train_size - train_images,
                         "epochs": args.epochs, "data": "synthetic (CIFAR-10-shaped uint8, same transforms)"}
         out = res["procedures"]
-        for name in PROCEDURES:
+        for name in getattr(args, "procedures", PROCEDURES):
             target = "benchmarks.finetune_scale:" + ("child_notebook" if name == "notebook" else "child_prunelab")
             try:
                 raw = run_child(target, dict(spec, procedure=name))
@@ -202,12 +210,16 @@ def main(argv=None) -> dict:
     p.add_argument("--train-size", type=int, default=50_000, help="images before the 80/20 train/val split")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=2, help="loader workers (the notebook's and the real set's 2)")
+    p.add_argument("--procedures", nargs="+", default=list(PROCEDURES), choices=("notebook", *VARIANTS),
+                   help=f"which to run, in this order (default: {' '.join(PROCEDURES)})")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="ResNet-18, 320 images, 2 epochs (a smoke test)")
     args = p.parse_args(argv)
     if args.quick:
         args.arch, args.train_size, args.epochs = "resnet18", 320, 2
-    tag = result_tag("finetune-scale", args.device, args.quick)
+    # a run of other procedures than the default ones is saved beside the default run's result
+    what = "finetune-scale" + ("" if args.procedures == list(PROCEDURES) else "-" + "-".join(args.procedures))
+    tag = result_tag(what, args.device, args.quick)
 
     def save(res: dict) -> None:
         write_json(Path(args.out) / f"{tag}.json", res)

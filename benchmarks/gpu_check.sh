@@ -4,9 +4,11 @@
 #   deploy   benchmarks.deploy_speed --device cuda (dense eager / deploy / channel / 2:4, in turns)
 #   call     benchmarks.deploy_call --profile (the graph alone vs the deploy call, fused conv+ReLU, kernels)
 #   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
+#   graphs   the same for notebook, fast and fast with model.compile_mode=reduce-overhead (CUDA graphs)
 #   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
 #   overhead benchmarks.step_overhead --device cuda (prunelab's training step vs a plain loop)
 #   stepvgg  the same with VGG16 in bf16-mixed (is a fine-tune step the model's or the loop's time?)
+# TESTS_K=expr narrows the tests step to pytest -k expr.
 # Default (`make gpu-check`): tests deploy call overhead fastest; `make gpu-scale`: scale. Each step has its own
 # time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
 # Results land in benchmarks/results; when the device tool sets $OUT (which returns at most 8
@@ -60,18 +62,21 @@ for s in "${steps[@]}"; do
             # Only the files with gpu-marked tests: others import test-only packages an image may lack.
             mapfile -t files < <(grep -l "pytest.mark.gpu" tests/*.py)
             workers=(); python -c "import xdist" 2>/dev/null && workers=(-n 4)
-            step tests 180 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" "${files[@]}" ;;
+            step tests 180 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" \
+                ${TESTS_K:+-k "$TESTS_K"} "${files[@]}" ;;
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
         call) step call 90 python -m benchmarks.deploy_call --profile --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
         stepvgg) step stepvgg 90 python -m benchmarks.step_overhead --device cuda --arch vgg16 --precision bf16-mixed \
             --steps 100 --out "$res" ;;
         scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
+        graphs) step graphs 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 \
+            --procedures notebook fast fast-graphs --out "$res" ;;
         fastest)
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi
             step fastest 200 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
-        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, fastest)"; exit 2 ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, graphs, fastest)"; exit 2 ;;
     esac
 done
 exit $failed

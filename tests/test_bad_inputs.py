@@ -149,6 +149,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["stages.prune=yes"], ("stages.prune",), None),
     (["model.channels_last=yes"], ("model.channels_last", "auto"), None),
     (["model.compile=maybe"], ("model.compile",), None),
+    (["model.compile_mode=fastest"], ("model.compile_mode", "reduce-overhead"), None),
     (["model.fused_optimizer=yes"], ("model.fused_optimizer",), None),
     (["model.arch=notanet"], ("model.arch",), None),
     (["model.weights=BOGUS"], ("model.weights",), None),

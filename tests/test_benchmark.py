@@ -217,6 +217,18 @@ def test_finetune_scale_records_a_failed_procedure_and_saves_after_each(monkeypa
     assert "fast failed" in md and "RuntimeError: no kernel image" in md and "not measured" in md
 
 
+def test_finetune_scale_variants_differ_only_in_their_overrides(tmp_path):
+    from benchmarks import finetune_scale as fs
+
+    spec = {"work_dir": str(tmp_path), "train_size": 100, "arch": "resnet18", "epochs": 1, "device": "cpu",
+            "num_workers": 0}
+    cfgs = {name: fs._cfg(dict(spec, procedure=name), *fs.VARIANTS[name]) for name in fs.VARIANTS}
+    assert cfgs["fast-graphs"].model.compile_mode == "reduce-overhead"
+    assert cfgs["fast"].model.compile_mode == cfgs["defaults"].model.compile_mode == "default"
+    assert cfgs["fast"].data.on_device and not cfgs["defaults"].data.on_device
+    assert "fast-graphs" not in fs.PROCEDURES  # run only when asked: it costs the GPU check a minute
+
+
 @pytest.mark.slow
 def test_fastest_quick_runs_end_to_end_and_replaces_its_partial_result(tmp_path):
     from benchmarks.fastest import main

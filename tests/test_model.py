@@ -186,3 +186,31 @@ def test_a_stop_mid_epoch_logs_that_steps_loss_and_the_partial_epoch(tmp_path):
     assert steps == pytest.approx({2: seen[2][0]}, rel=1e-6)  # the stop step's own loss, not an older one
     want = sum(v * k for v, k in seen) / sum(k for _, k in seen)
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_compile_mode_reaches_torch_compile_and_graph_modes_start_a_step_per_call(monkeypatch):
+    """The mode is torch.compile's; the CUDA-graph modes mark a new step before every call (a
+    replay overwrites the previous call's outputs), the others do not."""
+    import prunelab.models.classifier as classifier
+
+    seen, marks = [], []
+
+    def fake_compile(net, mode=None, **kwargs):
+        seen.append(mode)
+        return net
+
+    monkeypatch.setattr(classifier.torch, "compile", fake_compile)
+    monkeypatch.setattr(classifier.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    x = torch.randn(2, 3, 4, 4)
+    for mode, marked in [("default", 0), ("reduce-overhead", 2), ("max-autotune", 2),
+                         ("max-autotune-no-cudagraphs", 0)]:
+        marks.clear()
+        m = ImageClassifier(net=net, compile=True, compile_mode=mode)
+        m(x), m(x)
+        assert seen[-1] == mode and len(marks) == marked, mode
+    marks.clear()
+    ImageClassifier(net=net, compile=False, compile_mode="reduce-overhead")(x)
+    assert not marks and len(seen) == 4  # no compile, no step marks
+    with pytest.raises(ValueError, match="model.compile_mode must be one of default, reduce-overhead"):
+        ImageClassifier(net=net, compile_mode="fast")

@@ -151,6 +151,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("latency.winograd", BOOL_AUTO),
         ("latency.pack", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
+        ("model.compile_mode", choice(*hardware.COMPILE_MODES)),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),
         ("trainer.devices", either(integer(1), choice("auto", -1), list_of(integer(0), ""),

@@ -66,7 +66,7 @@ def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
     payload = {
         "data": data,
         "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                  if k not in ("compile", "fused_optimizer")},
+                  if k not in ("compile", "compile_mode", "fused_optimizer")},
         "trainer": {k: trainer.get(k) for k in trainer_keys},
         "seed": cfg.seed,
         "stream": _STREAM,

@@ -296,6 +296,11 @@ def resolve_pack(requested: bool | str, hw: Hardware, dtype: torch.dtype | str =
     return Resolution(value, f"auto: {hw.describe()}: {why}; pack={value}")
 
 
+# torch.compile's modes (model.compile_mode); the graph modes record CUDA graphs of each step on CUDA
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 def resolve_compile(requested: bool | str, hw: Hardware) -> Resolution:
     """``model.compile``: auto is on for CUDA only; on CPUs compile time dominates short runs."""
     explicit = _bool_auto(requested, "model.compile")

@@ -4,7 +4,10 @@
 ``module.net.state_dict()`` keeps plain torchvision keys either way. ``fused_optimizer`` runs
 SGD's momentum and weight-decay update as one fused kernel (VGG16 on a CPU: 0.28 s to 0.07 s a
 step, the same numbers), falling back to the multi-tensor ``foreach`` path where fused SGD is
-not available for the parameters' device or dtype.
+not available for the parameters' device or dtype. ``compile_mode`` is ``torch.compile``'s mode;
+the CUDA-graph modes (``reduce-overhead``, ``max-autotune``) replay each step's kernels from a graph,
+which pays where a step's Python and launch work outlasts its GPU arithmetic (small images, eager
+Lightning steps on an H100/H200).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.hardware import COMPILE_MODES, GRAPH_COMPILE_MODES
 from prunelab.models.factory import build_classifier
 from prunelab.models.transforms import memory_format
 
@@ -32,11 +36,14 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         fused_optimizer: bool = True,
+        compile_mode: str = "default",
         net: nn.Module | None = None,
     ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_classifier(arch, weights, num_classes)
@@ -49,7 +56,10 @@ class ImageClassifier(LightningModule):
         # Kept out of the module tree so the state_dict holds one copy of the weights under plain
         # torchvision keys (a registered OptimizedModule would add "_orig_mod." copies). It wraps
         # self.net itself, so moves to a device and in-place weight edits (pruning) apply to both.
-        object.__setattr__(self, "_compiled", torch.compile(self.net) if compile else None)
+        object.__setattr__(self, "_compiled", torch.compile(self.net, mode=compile_mode) if compile else None)
+        # A CUDA graph's outputs live in memory its next replay overwrites: each call starts a new step
+        # so that the graphs' memory is reused only once the previous step's tensors are done with.
+        self._graph_steps = bool(compile) and compile_mode in GRAPH_COMPILE_MODES
         self.criterion = nn.CrossEntropyLoss()
         # validate_args=False: torchmetrics' input check counts torch.unique(target) on the host, a
         # GPU->CPU sync in every step that serialised a CUDA step behind Python. The labels come from
@@ -65,8 +75,11 @@ class ImageClassifier(LightningModule):
             x = x.contiguous(memory_format=self.memory_format)
         # `is None`, not `or`: truth-testing an OptimizedModule calls len() on the wrapped net,
         # which raises for VGG/ResNet.
-        net = self.net if self._compiled is None else self._compiled
-        return net(x)
+        if self._compiled is None:
+            return self.net(x)
+        if self._graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled(x)
 
     def _step(self, batch, stage: str, metric) -> torch.Tensor:
         x, y = batch
