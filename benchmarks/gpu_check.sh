@@ -4,7 +4,7 @@
 #   deploy   benchmarks.deploy_speed --device cuda (dense eager / deploy / channel / 2:4, in turns)
 #   call     benchmarks.deploy_call --profile (the graph alone vs the deploy call, fused conv+ReLU, kernels)
 #   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
-#   graphs   the same for notebook, fast and fast with model.compile_mode=reduce-overhead (CUDA graphs)
+#   graphs   the same for notebook, fast and fast-compile-default (what fast's CUDA-graph compile buys)
 #   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
 #   overhead benchmarks.step_overhead --device cuda (prunelab's training step vs a plain loop)
 #   stepvgg  the same with VGG16 in bf16-mixed (is a fine-tune step the model's or the loop's time?)
@@ -71,7 +71,7 @@ for s in "${steps[@]}"; do
             --steps 100 --out "$res" ;;
         scale) step scale 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 --out "$res" ;;
         graphs) step graphs 240 python -m benchmarks.finetune_scale --device cuda --epochs 3 \
-            --procedures notebook fast fast-graphs --out "$res" ;;
+            --procedures notebook fast fast-compile-default --out "$res" ;;
         fastest)
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi

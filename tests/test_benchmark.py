@@ -223,10 +223,11 @@ def test_finetune_scale_variants_differ_only_in_their_overrides(tmp_path):
     spec = {"work_dir": str(tmp_path), "train_size": 100, "arch": "resnet18", "epochs": 1, "device": "cpu",
             "num_workers": 0}
     cfgs = {name: fs._cfg(dict(spec, procedure=name), *fs.VARIANTS[name]) for name in fs.VARIANTS}
-    assert cfgs["fast-graphs"].model.compile_mode == "reduce-overhead"
-    assert cfgs["fast"].model.compile_mode == cfgs["defaults"].model.compile_mode == "default"
-    assert cfgs["fast"].data.on_device and not cfgs["defaults"].data.on_device
-    assert "fast-graphs" not in fs.PROCEDURES  # run only when asked: it costs the GPU check a minute
+    assert cfgs["fast"].model.compile_mode == "reduce-overhead"
+    assert cfgs["fast-compile-default"].model.compile_mode == cfgs["defaults"].model.compile_mode == "default"
+    assert cfgs["fast"].data.on_device and cfgs["fast-compile-default"].data.on_device
+    assert not cfgs["defaults"].data.on_device
+    assert "fast-compile-default" not in fs.PROCEDURES  # run only when asked: it costs the GPU check a minute
 
 
 @pytest.mark.slow

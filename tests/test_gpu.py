@@ -105,7 +105,7 @@ def test_compiled_training_on_cuda_matches_the_eager_network(tmp_path, compile_m
     assert trainer.current_epoch == 2 and trainer.global_step == 12
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in trainer.callback_metrics.values())
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, module.net.parameters(), strict=True))
-    module.eval()
+    module.cuda().eval()  # Lightning's teardown moved the module to the CPU after fit
     xb = x[:32].cuda()
     with torch.no_grad():
         compiled = module(xb).clone()  # clone: the graph's output buffer is reused by the next replay

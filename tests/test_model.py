@@ -214,3 +214,27 @@ def test_compile_mode_reaches_torch_compile_and_graph_modes_start_a_step_per_cal
     assert not marks and len(seen) == 4  # no compile, no step marks
     with pytest.raises(ValueError, match="model.compile_mode must be one of default, reduce-overhead"):
         ImageClassifier(net=net, compile_mode="fast")
+
+
+def test_a_compiled_module_runs_eager_when_its_weights_sit_on_another_device(monkeypatch):
+    """Lightning's teardown moves the module to the CPU after fit. A compiled call with a CUDA batch and
+    CPU weights failed inside an Inductor kernel launch ('CUDA driver error: invalid argument', H200);
+    eager refuses with torch's own device message instead."""
+    import prunelab.models.classifier as classifier
+
+    calls = []
+
+    def fake_compile(net, mode=None, **kwargs):
+        return lambda x: calls.append(x.device) or net(x)
+
+    monkeypatch.setattr(classifier.torch, "compile", fake_compile)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    m = ImageClassifier(net=net, compile=True)
+    x = torch.randn(2, 3, 4, 4)
+    assert m(x).shape == (2, 10) and calls == [torch.device("cpu")]
+    m.net.to("meta")
+    out = m(x.to("meta"))  # same device again: compiled
+    assert out.device.type == "meta" and len(calls) == 2
+    with pytest.raises(RuntimeError, match="device"):
+        m(x)  # weights on meta, batch on the CPU: eager's refusal, not the compiled code
+    assert len(calls) == 2

@@ -75,11 +75,19 @@ class ImageClassifier(LightningModule):
             x = x.contiguous(memory_format=self.memory_format)
         # `is None`, not `or`: truth-testing an OptimizedModule calls len() on the wrapped net,
         # which raises for VGG/ResNet.
-        if self._compiled is None:
+        if self._compiled is None or self._weights_device() not in (None, x.device):
+            # Eager where the weights sit elsewhere than the batch (Lightning's teardown moves the module
+            # to the CPU after fit): eager refuses with torch's device message, where the compiled call
+            # (a CUDA batch, CPU weights; H200, torch 2.11) failed inside an Inductor kernel launch with
+            # "CUDA driver error: invalid argument".
             return self.net(x)
         if self._graph_steps:
             torch.compiler.cudagraph_mark_step_begin()
         return self._compiled(x)
+
+    def _weights_device(self) -> torch.device | None:
+        w = next(self.net.parameters(), None)
+        return None if w is None else w.device
 
     def _step(self, batch, stage: str, metric) -> torch.Tensor:
         x, y = batch
