@@ -57,8 +57,8 @@ class ImageClassifier(LightningModule):
         # torchvision keys (a registered OptimizedModule would add "_orig_mod." copies). It wraps
         # self.net itself, so moves to a device and in-place weight edits (pruning) apply to both.
         object.__setattr__(self, "_compiled", torch.compile(self.net, mode=compile_mode) if compile else None)
-        # A CUDA graph's outputs live in memory its next replay overwrites: each call starts a new step
-        # so that the graphs' memory is reused only once the previous step's tensors are done with.
+        # A CUDA graph's outputs live in memory its next replay overwrites: each call marks a new step,
+        # telling the graphs that the previous call's outputs (its loss summed, its metric updated) may go.
         self._graph_steps = bool(compile) and compile_mode in GRAPH_COMPILE_MODES
         self.criterion = nn.CrossEntropyLoss()
         # validate_args=False: torchmetrics' input check counts torch.unique(target) on the host, a
