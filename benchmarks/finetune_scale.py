@@ -47,22 +47,23 @@ from prunelab.report.markdown import table
 GOAL = 10.0  # fast / notebook images/s, steady state, at full scale on an H100
 # fast right after the notebook: the goal's ratio survives a run stopped at its time limit
 PROCEDURES = ("notebook", "fast", "defaults")
-# each prunelab procedure: (+experiment=fast?, extra overrides)
+# each config a procedure runs (the notebook's data come from "defaults"): (+experiment=fast?, extra overrides)
 VARIANTS = {"defaults": (False, ()), "fast": (True, ()),
             "fast-compile-default": (True, ("model.compile_mode=default",))}
 
 
-def _cfg(spec: dict, fast: bool, extra: tuple[str, ...] = ()):
+def _cfg(spec: dict, procedure: str):
     from prunelab.compose import compose
     from prunelab.resolve import resolve_auto
 
+    fast, extra = VARIANTS[procedure]
     overrides = ["data=synthetic", f"data.train_size={spec['train_size']}", "data.test_size=64",
                  # the real set's loader (CIFAR10DataModule's default); generated data defaults to 0
                  f"data.num_workers={spec['num_workers']}", f"model.arch={spec['arch']}", "model.weights=null",
                  f"trainer.max_epochs={spec['epochs']}", "trainer.enable_progress_bar=false",
                  f"trainer.accelerator={'gpu' if spec['device'].startswith('cuda') else 'cpu'}",
                  "finetune.cache=false", *(["+experiment=fast"] if fast else []), *extra]
-    cfg = compose(overrides, Path(spec["work_dir"]) / spec.get("procedure", "fast" if fast else "defaults"))
+    cfg = compose(overrides, Path(spec["work_dir"]) / procedure)
     resolve_auto(cfg)
     return cfg
 
@@ -96,8 +97,7 @@ def child_prunelab(spec: dict) -> dict:
         def on_train_end(self, trainer, pl_module):  # after the last epoch's validation and checkpoint
             self.end = now()
 
-    fast, extra = VARIANTS[spec["procedure"]]
-    cfg = _cfg(spec, fast, extra)
+    cfg = _cfg(spec, spec["procedure"])
     dm, module = build(cfg.data, "data"), build(cfg.model, "model")
     dm.setup("fit")
     clock = EpochClock()
@@ -120,7 +120,7 @@ def child_notebook(spec: dict) -> dict:
     from benchmarks import notebook_procedure as nb
     from prunelab.trainer import build
 
-    cfg = _cfg(spec, False)
+    cfg = _cfg(spec, "defaults")
     dm = build(cfg.data, "data")
     dm.setup("fit")
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def measure(args, save=None) -> dict:
         res["setup"] = {"arch": args.arch, "train_images": train_images, "val_images": args.train_size - train_images,
                         "epochs": args.epochs, "data": "synthetic (CIFAR-10-shaped uint8, same transforms)"}
         out = res["procedures"]
-        for name in getattr(args, "procedures", PROCEDURES):
+        for name in args.procedures:
             target = "benchmarks.finetune_scale:" + ("child_notebook" if name == "notebook" else "child_prunelab")
             try:
                 raw = run_child(target, dict(spec, procedure=name))

@@ -208,7 +208,8 @@ def test_finetune_scale_records_a_failed_procedure_and_saves_after_each(monkeypa
 
     monkeypatch.setattr(fs, "run_child", fake_child)
     saved = []
-    args = argparse.Namespace(device="cpu", train_size=100, arch="resnet18", epochs=3, num_workers=0)
+    args = argparse.Namespace(device="cpu", train_size=100, arch="resnet18", epochs=3, num_workers=0,
+                              procedures=list(fs.PROCEDURES))
     res = fs.measure(args, save=lambda r: saved.append(sorted(r["procedures"]) + sorted(r["errors"])))
     assert saved == [["notebook"], ["notebook", "fast"], ["defaults", "notebook", "fast"]]
     assert "no kernel image" in res["errors"]["fast"] and res["goal"]["fast_vs_notebook_steady"] is None
@@ -222,7 +223,7 @@ def test_finetune_scale_variants_differ_only_in_their_overrides(tmp_path):
 
     spec = {"work_dir": str(tmp_path), "train_size": 100, "arch": "resnet18", "epochs": 1, "device": "cpu",
             "num_workers": 0}
-    cfgs = {name: fs._cfg(dict(spec, procedure=name), *fs.VARIANTS[name]) for name in fs.VARIANTS}
+    cfgs = {name: fs._cfg(spec, name) for name in fs.VARIANTS}
     assert cfgs["fast"].model.compile_mode == "reduce-overhead"
     assert cfgs["fast-compile-default"].model.compile_mode == cfgs["defaults"].model.compile_mode == "default"
     assert cfgs["fast"].data.on_device and cfgs["fast-compile-default"].data.on_device
