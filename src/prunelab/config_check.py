@@ -23,6 +23,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from prunelab import hardware
 from prunelab.errors import ConfigError
+from prunelab.lr_schedule import LR_SCHEDULES
 from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES
 from prunelab.pruning.registry import methods
@@ -128,7 +129,7 @@ def rules() -> list[tuple[str, Spec]]:
                               "trainer.sync_batchnorm", "search.exact", "search.full_curve", "search.fast_eval",
                               "search.walk_all",
                               "latency.include_transfer", "latency.onnx", "latency.compile", "latency.cuda_graph")),
-        *((k, TEXT) for k in ("task_name", "data.root", "model.arch", "trainer.strategy", "finetune.cache_dir",
+        *((k, TEXT) for k in ("task_name", "data.root", "data.cache_dir", "model.arch", "trainer.strategy", "finetune.cache_dir",
                               "paths.data_dir", "paths.log_dir", "paths.cache_dir", "paths.output_dir")),
         # data
         ("data.batch_size", integer(1)),
@@ -139,12 +140,19 @@ def rules() -> list[tuple[str, Spec]]:
         ("data.test_size", optional(integer(1))),
         ("data.seed", integer(0, MAX_SEED)),
         ("data.noise", number(0)),
+        ("data.image_size", integer(8)),
+        ("data.decode_workers", optional(integer(1))),
         # model
         ("model.weights", optional(TEXT)),
         ("model.num_classes", integer(2)),
         ("model.lr", number(0, lo_open=True)),
         ("model.momentum", number(0, 1)),
         ("model.weight_decay", number(0)),
+        ("model.nesterov", BOOL),
+        ("model.label_smoothing", number(0, 1)),
+        ("model.schedule", choice(*LR_SCHEDULES)),
+        ("model.warmup_epochs", number(0)),
+        ("model.dropout", optional(number(0, 1))),
         ("model.channels_last", BOOL_AUTO),
         ("latency.channels_last", BOOL_AUTO),
         ("latency.fuse", BOOL_AUTO),

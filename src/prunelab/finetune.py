@@ -29,6 +29,7 @@ from filelock import FileLock
 from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.data import data_identity
 from prunelab.checkpoints import ResumeState, find_resume_checkpoint, read_checkpoint
 from prunelab.errors import ConfigError, WeightsFileError
 from prunelab.io import load_state_dict, save_state_dict, write_json
@@ -62,6 +63,11 @@ class FinetuneResult:
 def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _DATA_IGNORED}
     data["kind"] = cfg.data._target_
+    # what the files hold, not only where they are: a changed image is another fine-tune
+    content = data_identity(cfg.data)
+    if content is not None:
+        data["identity"] = content
+    data.pop("cache_dir", None)  # where decoded arrays are kept changes nothing they hold
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     payload = {
         "data": data,
@@ -81,7 +87,11 @@ def training_key(cfg: DictConfig) -> str:
 
 
 def lineage_key(cfg: DictConfig) -> str:
-    """``training_key`` without the run's length: runs that differ only in how long they train."""
+    """``training_key`` without the run's length: runs that differ only in how long they train. A
+    learning-rate schedule that depends on the length (cosine) keeps it: a shorter run's epochs are
+    not those of a longer one there."""
+    if (cfg.model.get("schedule") or "constant") != "constant":
+        return training_key(cfg)
     return _key(cfg, tuple(k for k in _TRAINING_KEYS if k not in _LENGTH_KEYS))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from prunelab import config_check
 from prunelab.deploy import DEFAULTS, onnx_latency, save_pruned, time_dense_and_pruned, time_together
+from prunelab.errors import ConfigError
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
 from prunelab.io import save_state_dict, state_digest, write_json, write_text
@@ -139,6 +140,14 @@ def _pair_timer(dense: nn.Module | None, timer, head: int, device: torch.device)
     return time_pair
 
 
+def _check_classes(dm, model: DictConfig) -> None:
+    """The head must have one output per class the data hold (class folders set their own count)."""
+    n = getattr(dm, "num_classes", None)
+    if n is not None and model.get("num_classes") is not None and n != model.num_classes:
+        raise ConfigError(f"the data hold {n} classes but model.num_classes={model.num_classes}; "
+                          f"set model.num_classes={n}")
+
+
 def run(cfg: DictConfig) -> dict:
     config_check.check(cfg)
     resolved = resolve_auto(cfg)  # before anything is built: every "auto" becomes a concrete value
@@ -150,6 +159,7 @@ def run(cfg: DictConfig) -> dict:
     dm.prepare_data()  # fails fast, before any work, when the data is missing and offline
     module = build(cfg.model, "model")
     dm.setup("fit")
+    _check_classes(dm, cfg.model)
     trainer = build_trainer(cfg)
 
     ft = finetune(cfg, trainer, module, dm)

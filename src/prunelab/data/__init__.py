@@ -1,6 +1,21 @@
-"""Data modules: CIFAR-10 from disk or download, and generated CIFAR-shaped data."""
+"""Data modules: CIFAR-10 from disk or download, class-folder image sets, and generated CIFAR-shaped data."""
+
+from __future__ import annotations
 
 from prunelab.data.cifar10 import CIFAR10DataModule
+from prunelab.data.imagefolder import ImageFolderDataModule
 from prunelab.data.synthetic import SyntheticDataModule
 
-__all__ = ["CIFAR10DataModule", "SyntheticDataModule"]
+IMAGEFOLDER_TARGET = "prunelab.data.ImageFolderDataModule"
+
+__all__ = ["CIFAR10DataModule", "ImageFolderDataModule", "SyntheticDataModule", "data_identity"]
+
+
+def data_identity(data) -> str | None:
+    """A key of the data's contents where the config alone does not fix them (class folders: every
+    file's path, size and modification time); None where it does (CIFAR-10's release, generated data)."""
+    if data.get("_target_") == IMAGEFOLDER_TARGET and data.get("root"):
+        from prunelab.data.imagefolder import identity
+
+        return identity(data.root, int(data.get("image_size", 32)))
+    return None

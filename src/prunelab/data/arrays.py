@@ -183,15 +183,22 @@ class ArrayDataModule(LightningDataModule):
         if self.train_set is not None:
             return
         x_train, y_train, x_test, y_test = self._load_arrays()
-        x_train, y_train = self._first(x_train, y_train, self.train_size, "train_size", "training")
         x_test, y_test = self._first(x_test, y_test, self.test_size, "test_size", "test")
-        train_idx, val_idx = split_indices(len(x_train), self.val_fraction, self.seed)
+        x_train, y_train, train_idx, val_idx = self._split(x_train, y_train)
         self.train_indices, self.val_indices = train_idx, val_idx
         self._arrays = (x_train, y_train, x_test, y_test)  # references, for the on-device loaders
-        fit_tf = train_transform() if self.augment else eval_transform()
+        size = x_train.shape[1]  # the crop keeps the images' own size (32 for CIFAR-10)
+        fit_tf = train_transform(size) if self.augment else eval_transform()
         self.train_set = Subset(ArrayDataset(x_train, y_train, fit_tf), train_idx)
         self.val_set = Subset(ArrayDataset(x_train, y_train, eval_transform()), val_idx)
         self.test_set = ArrayDataset(x_test, y_test, eval_transform())
+
+    def _split(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+        """(images, labels, train indices, val indices): the first ``train_size`` training images,
+        split by ``val_fraction`` with the data seed (CIFAR-10's 40,000/10,000)."""
+        x, y = self._first(x, y, self.train_size, "train_size", "training")
+        train_idx, val_idx = split_indices(len(x), self.val_fraction, self.seed)
+        return x, y, train_idx, val_idx
 
     def _first(self, x: np.ndarray, y: np.ndarray, n: int | None, key: str, what: str):
         """The first ``n`` images and labels (views, no copy); all of them for None."""

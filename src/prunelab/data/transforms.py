@@ -8,12 +8,12 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-def train_transform(mean=CIFAR10_MEAN, std=CIFAR10_STD) -> T.Compose:
+def train_transform(size: int = 32, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> T.Compose:
     # The crop pads the PIL image with zeros (black) before normalisation, as in the notebook.
     return T.Compose(
         [
             T.RandomHorizontalFlip(),
-            T.RandomCrop(32, padding=4),
+            T.RandomCrop(size, padding=4),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]

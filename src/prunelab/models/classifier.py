@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.hardware import COMPILE_MODES, GRAPH_COMPILE_MODES
+from prunelab.lr_schedule import LR_SCHEDULES, lr_factor
 from prunelab.models.factory import build_classifier
 from prunelab.models.transforms import memory_format
 
@@ -37,16 +38,29 @@ class ImageClassifier(LightningModule):
         compile: bool = False,
         fused_optimizer: bool = True,
         compile_mode: str = "default",
+        nesterov: bool = False,
+        label_smoothing: float = 0.0,
+        schedule: str = "constant",
+        warmup_epochs: float = 0.0,
+        dropout: float | None = None,
         net: nn.Module | None = None,
     ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"model.schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if warmup_epochs < 0:
+            raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if nesterov and momentum <= 0:
+            raise ValueError("model.nesterov=true needs model.momentum > 0")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
         self.save_hyperparameters(ignore=["net"])
-        self.net = net if net is not None else build_classifier(arch, weights, num_classes)
+        self.net = net if net is not None else build_classifier(arch, weights, num_classes, dropout)
         # The one reading of model.channels_last: the pipeline, the search and the timing ask
         # ``memory_format`` instead of re-reading the config or guessing from weight strides.
         self.memory_format = memory_format(channels_last)
@@ -60,7 +74,10 @@ class ImageClassifier(LightningModule):
         # A CUDA graph's outputs live in memory its next replay overwrites: each call marks a new step,
         # telling the graphs that the previous call's outputs (its loss summed, its metric updated) may go.
         self._graph_steps = bool(compile) and compile_mode in GRAPH_COMPILE_MODES
+        # Label smoothing shapes the training loss only: validation and test report the plain loss,
+        # comparable across recipes.
         self.criterion = nn.CrossEntropyLoss()
+        self.train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # validate_args=False: torchmetrics' input check counts torch.unique(target) on the host, a
         # GPU->CPU sync in every step that serialised a CUDA step behind Python. The labels come from
         # prunelab's own datamodules, and cross-entropy refuses a label outside num_classes anyway.
@@ -92,7 +109,7 @@ class ImageClassifier(LightningModule):
     def _step(self, batch, stage: str, metric) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)
+        loss = (self.train_criterion if stage == "train" else self.criterion)(logits, y)
         # update, not forward: forward also computes this batch's accuracy, which nothing logs.
         metric.update(logits, y)
         # The epoch's mean loss is summed on the device and logged once at the epoch's end: each
@@ -186,13 +203,26 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return make_sgd(list(self.parameters()), hp.lr, hp.momentum, hp.weight_decay,
-                        fused=hp.get("fused_optimizer", True))
+        opt = make_sgd(list(self.parameters()), hp.lr, hp.momentum, hp.weight_decay,
+                       fused=hp.get("fused_optimizer", True), nesterov=hp.get("nesterov", False))
+        schedule = hp.get("schedule", "constant")
+        warmup = float(hp.get("warmup_epochs", 0.0))
+        if schedule == "constant" and warmup == 0:
+            return opt
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        per_epoch = total / max(1, int(trainer.max_epochs or 1)) if trainer.max_epochs not in (None, -1) else total
+        factor = lr_factor(schedule, total, int(round(warmup * per_epoch)))
+        # stepped every optimiser step: the schedule's state is saved in checkpoints, so a resumed
+        # fine-tune continues the same curve
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def make_sgd(params: list, lr: float, momentum: float, weight_decay: float, fused: bool = True) -> torch.optim.SGD:
+def make_sgd(params: list, lr: float, momentum: float, weight_decay: float, fused: bool = True,
+             nesterov: bool = False) -> torch.optim.SGD:
     """SGD with the fused kernel when asked and supported, else the foreach (multi-tensor) path."""
-    kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     # torch checks a fused optimiser's devices and dtypes only at its first step, so decide here:
     # the fused SGD kernel exists for floating-point tensors on CPU and CUDA.
     if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):

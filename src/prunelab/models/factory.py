@@ -30,13 +30,22 @@ def _resolve_weights(arch: str, weights: str | None):
         raise ConfigError(f"model.weights={weights} is not a weight set of {arch}; use one of {options} or null") from None
 
 
-def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classes: int = 10) -> nn.Module:
+def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classes: int = 10,
+                     dropout: float | None = None) -> nn.Module:
+    """``dropout``: the classifier's dropout probability for architectures whose constructor takes
+    one (VGG, AlexNet, ...); None keeps the architecture's own."""
     available = tvm.list_models(module=tvm)
     if arch not in available:
         raise ConfigError(f"model.arch={arch} is not a torchvision classification model (e.g. vgg16, resnet18)")
     enum = _resolve_weights(arch, weights)
+    extra = {} if dropout is None else {"dropout": float(dropout)}
     try:
-        net = tvm.get_model(arch, weights=enum)
+        net = tvm.get_model(arch, weights=enum, **extra)
+    except TypeError:  # an unexpected keyword: the architecture has no dropout argument
+        if dropout is None:
+            raise
+        raise ConfigError(f"model.dropout={dropout} but torchvision's {arch} takes no dropout setting; "
+                          "set model.dropout=null") from None
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         filename = enum.url.rsplit("/", 1)[-1]
