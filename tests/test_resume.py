@@ -38,7 +38,10 @@ TINY = ["+experiment=smoke", "model.arch=mobilenet_v3_small", "data.train_size=6
         "callbacks.model_checkpoint.min_interval_s=0"]
 # The default path with a loader worker: its RNG is seeded once per process, so only per-sample
 # seeds make a resumed run's augmentations equal the uninterrupted run's.
-PATHS = {"default": ["data.num_workers=1"], "on_device": ["data.on_device=true"]}
+PATHS = {"default": ["data.num_workers=1"], "on_device": ["data.on_device=true"],
+         # the from-scratch recipe: a per-step schedule whose state must resume where it stopped
+         "recipe": ["data.on_device=true", "model.schedule=cosine", "model.warmup_epochs=0.5",
+                    "model.nesterov=true", "model.label_smoothing=0.1"]}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -33,6 +33,7 @@ SCHEDULES = ("oneshot", "iterative")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 OBJECTIVES = ("sparsity", "latency", "macs", "params", "bytes")
 CIFAR_TARGET = "prunelab.data.CIFAR10DataModule"
+IMAGEFOLDER_TARGET = "prunelab.data.ImageFolderDataModule"
 MODEL_TARGET = "prunelab.models.ImageClassifier"
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything swaps a seed outside [0, 2**32) for a random one
 
@@ -239,6 +240,9 @@ def _show(v) -> str:
 
 
 def check_values(cfg: DictConfig) -> None:
+    if _get(cfg, "data._target_") == IMAGEFOLDER_TARGET and not _get(cfg, "data.root"):
+        raise ConfigError("data=imagefolder needs data.root=PATH: a folder holding train/ and test/ (and val/), "
+                          "one subfolder of images per class in each")
     for key, (words, test) in rules():
         value = _get(cfg, key)
         if value is not _ABSENT and not test(value):
@@ -332,6 +336,14 @@ def _missing_prerequisites(cfg: DictConfig) -> list[str]:
         if absent:
             missing.append(f"CIFAR-10 data: {folder} lacks {', '.join(absent)} and data.download=false (put an "
                            f"extracted {FOLDER} under data.root, or set data.download=true)")
+    if data.get("_target_") == IMAGEFOLDER_TARGET:
+        from prunelab.data.imagefolder import scan
+        from prunelab.errors import DataUnavailableError
+
+        try:
+            scan(data.root)  # the folders alone: images are decoded (and refused) when the data load
+        except DataUnavailableError as exc:
+            missing.append(str(exc))
     if missing and model.get("_target_") == MODEL_TARGET and model.get("weights") is not None:
         from torchvision import models as tvm
 
