@@ -84,38 +84,10 @@ def measure(args) -> dict:
         search = fastest["search"]
         dense_sd = load_state_dict(trained["weights"])
     device = torch.device(args.device)
-    dense = build_from_state_dict(arch, dense_sd).eval().to(device)
-    models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
-    cfg = compose([f"model.arch={arch}", "+experiment=fast",
-                   f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"], CACHE / "compose")
-    resolved = resolve_auto(cfg)
-    hw = hardware.detect(device.type)
-    dtype = hardware.resolve_dtype("auto", hw).value
-    layout = bool(cfg.latency.channels_last)  # the deploy layout, resolved as the pipeline resolves it
-    batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(128, 3, 32, 32), torch.zeros(128)), 128)
-
-    def deploy(net, method: str | None = None):
-        # A 2:4 answer runs its 2:4 layers on the sparse kernels, as the search timed it (CUDA sm80+).
-        two_four = method is not None and "semi_structured" in method.split("+")
-        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch,
-                           two_four=two_four)
-
-    models["dense_deploy"] = deploy(dense)
-    answers = {}
+    timed = time_answers(dense_sd, search, device, args.iters, arch=arch)
+    resolved, hw, dtype, layout = timed["resolved"], timed["hw"], timed["dtype"], timed["layout"]
+    answers, samples, vs_notebook, speedups = (timed[k] for k in ("answers", "samples", "vs_notebook", "speedups"))
     chosen = search.get("chosen")
-    if chosen:
-        answers["latency_search"] = (chosen["method"], chosen["ratio"])
-    for method, ratio in search["best_ratio_by_method"].items():
-        if ratio > 0:
-            answers[f"sparsity_{method}"] = (method, ratio)
-    for tag, (method, ratio) in answers.items():
-        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval(),
-                                         method)
-    x = models["dense_deploy"].prepare(batch)
-    samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=args.iters)
-    base_tag = "dense_eager_fp32_nchw"
-    vs_notebook = {t: paired_stats(samples[base_tag], samples[t], 128) for t in models if t != base_tag}
-    speedups = {t: r["speedup_p50"] for t, r in vs_notebook.items()}
     latency_x = speedups.get("latency_search_deploy")
     beats = beats_sparsity(answers, speedups, samples)
     return {
@@ -142,6 +114,49 @@ def measure(args) -> dict:
                 "met": fastest["timing_s"]["search"] <= 3 * sparsity["timing_s"]["search"]},
         },
     }
+
+
+def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int, arch: str = "vgg16",
+                 batch_size: int = 128) -> dict:
+    """In one process, every model taking turns each iteration at ``batch_size``: the dense model as the
+    notebook runs it (eager fp32, NCHW), the dense deploy form, the latency search's answer and each
+    method's own sparsity answer (its highest ratio within the tolerance) in the deploy form, as the
+    product's ``auto`` rules resolve it on this machine."""
+    dense = build_from_state_dict(arch, dense_sd).eval().to(device)
+    models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
+    cfg = compose([f"model.arch={arch}", "+experiment=fast",
+                   f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"], CACHE / "compose")
+    resolved = resolve_auto(cfg)
+    hw = hardware.detect(device.type)
+    dtype = hardware.resolve_dtype("auto", hw).value
+    layout = bool(cfg.latency.channels_last)  # the deploy layout, resolved as the pipeline resolves it
+    batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(batch_size, 3, 32, 32), torch.zeros(batch_size)),
+                         batch_size)
+
+    def deploy(net, method: str | None = None):
+        # A 2:4 answer runs its 2:4 layers on the sparse kernels, as the search timed it (CUDA sm80+).
+        two_four = method is not None and "semi_structured" in method.split("+")
+        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch,
+                           two_four=two_four)
+
+    models["dense_deploy"] = deploy(dense)
+    answers = {}
+    chosen = search.get("chosen")
+    if chosen:
+        answers["latency_search"] = (chosen["method"], chosen["ratio"])
+    for method, ratio in search["best_ratio_by_method"].items():
+        if ratio > 0:
+            answers[f"sparsity_{method}"] = (method, ratio)
+    for tag, (method, ratio) in answers.items():
+        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval(),
+                                         method)
+    x = models["dense_deploy"].prepare(batch)
+    samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=iters)
+    base_tag = "dense_eager_fp32_nchw"
+    vs_notebook = {t: paired_stats(samples[base_tag], samples[t], batch_size) for t in models if t != base_tag}
+    return {"resolved": resolved, "hw": hw, "dtype": dtype, "layout": layout, "answers": answers,
+            "samples": samples, "vs_notebook": vs_notebook,
+            "speedups": {t: r["speedup_p50"] for t, r in vs_notebook.items()}}
 
 
 def beats_sparsity(answers: dict, speedups: dict, samples: dict | None = None) -> dict:

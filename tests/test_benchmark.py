@@ -265,3 +265,41 @@ def test_step_overhead_quick_times_both_loops_in_turns(tmp_path):
     assert len(res["plain_ms"]) == len(res["prunelab_ms"]) == 1
     assert res["plain_ms_median"] > 0 and res["prunelab_ms_median"] > 0
     assert res["overhead_ms"] == pytest.approx(res["prunelab_ms_median"] - res["plain_ms_median"])
+
+
+def test_worthy_unfolds_a_folded_classifier_exactly(tmp_path):
+    """The shared model stores classifier.0 folded (4096 x 512); unfolded, VGG16 gives the same
+    logits on 32x32 inputs as the folded weights applied to the pooled features' channel sums."""
+    from benchmarks.worthy import unfold
+    from prunelab.models import build_classifier
+
+    net = build_classifier("vgg16", None, 10).eval()
+    sd = net.state_dict()
+    folded = dict(sd)
+    w = torch.randn(4096, 512) * 0.05
+    folded["classifier.0.weight"] = w
+    torch.save(folded, tmp_path / "folded.pt")
+    out = unfold(str(tmp_path / "folded.pt"), tmp_path / "dense.pt")
+    unfolded = torch.load(out, weights_only=True)
+    assert unfolded["classifier.0.weight"].shape == (4096, 25088)
+    net.load_state_dict(unfolded)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = net.features(x).flatten(1)  # 512 channels at 1x1
+        expected = net.classifier[1:](feats @ w.T + unfolded["classifier.0.bias"])
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_worthy_quick_runs_every_step_and_copies_each_schedules_report(tmp_path):
+    from benchmarks.worthy import main
+
+    res = main(["--quick", "--out", str(tmp_path), "--schedules", "oneshot", "iterative"])
+    assert set(res["schedules"]) == {"oneshot", "iterative"}
+    for schedule in ("oneshot", "iterative"):
+        folder = tmp_path / res["tag"] / schedule
+        assert {"report.json", "report.md"} <= {p.name for p in folder.iterdir()}
+        assert any(p.suffix == ".png" for p in folder.iterdir())
+    assert set(res["comparison_by_batch"]) == {"8", "1"}
+    assert "dense_eager_fp32_nchw" in res["comparison_by_batch"]["8"]["latency_ms_p50"]
+    assert (tmp_path / f"{res['tag']}.json").is_file() and (tmp_path / f"{res['tag']}.md").is_file()
