@@ -116,11 +116,11 @@ def test_iterative_schedule_with_an_objective_keeps_the_measured_recovered_model
 def test_shortlist_ranks_on_own_session_speedup_not_on_p50s_from_other_sessions():
     from prunelab.search.across import shortlist
 
-    rows = [{"method": "channel", "ratio": 0.2, "val_acc": 90.0, "p50_ms": 5.0, "speedup": 1.2},
+    rows = [{"method": "channel", "ratio": 0.2, "val_acc": 90.0, "p50_ms": 5.0, "screening_ratio": 1.2},
             # the lowest p50, but timed in a quieter session: only 1.1x its own dense timing
-            {"method": "channel", "ratio": 0.3, "val_acc": 89.0, "p50_ms": 4.0, "speedup": 1.1},
-            {"method": "channel", "ratio": 0.4, "val_acc": 88.0, "p50_ms": 4.5, "speedup": 1.5},
-            {"method": "channel", "ratio": 0.5, "val_acc": 89.5, "p50_ms": 4.5, "speedup": 1.5}]
+            {"method": "channel", "ratio": 0.3, "val_acc": 89.0, "p50_ms": 4.0, "screening_ratio": 1.1},
+            {"method": "channel", "ratio": 0.4, "val_acc": 88.0, "p50_ms": 4.5, "screening_ratio": 1.5},
+            {"method": "channel", "ratio": 0.5, "val_acc": 89.5, "p50_ms": 4.5, "screening_ratio": 1.5}]
     assert [r["ratio"] for r in shortlist(rows, 3)] == [0.5, 0.4, 0.2]  # tie on speedup: higher val_acc first
     assert shortlist(rows, 0) == [] and len(shortlist(rows, 10)) == 4
 
@@ -172,12 +172,12 @@ def test_final_round_times_the_shortlist_together_and_its_fastest_wins():
 def test_final_round_prefers_the_more_accurate_when_the_fastest_is_within_noise():
     from prunelab.search.across import run_final_round
 
-    rows = [{"method": "channel", "ratio": 0.6, "val_acc": 80.0, "p50_ms": 4.0, "speedup": 2.5, "passed": True,
-             "speedup_beyond_noise": True},
-            {"method": "channel", "ratio": 0.4, "val_acc": 85.0, "p50_ms": 5.0, "speedup": 2.0, "passed": True,
-             "speedup_beyond_noise": True},
-            {"method": "channel", "ratio": 0.2, "val_acc": 88.0, "p50_ms": 8.0, "speedup": 1.3, "passed": True,
-             "speedup_beyond_noise": True}]
+    rows = [{"method": "channel", "ratio": 0.6, "val_acc": 80.0, "p50_ms": 4.0, "screening_ratio": 2.5, "passed": True,
+             "screening_beyond_noise": True},
+            {"method": "channel", "ratio": 0.4, "val_acc": 85.0, "p50_ms": 5.0, "screening_ratio": 2.0, "passed": True,
+             "screening_beyond_noise": True},
+            {"method": "channel", "ratio": 0.2, "val_acc": 88.0, "p50_ms": 8.0, "screening_ratio": 1.3, "passed": True,
+             "screening_beyond_noise": True}]
     # c0 (0.6) and c1 (0.4) swap places iteration by iteration: within each other's noise; c2 is slower
     noisy = {"c0": [4.0, 5.2, 4.1, 5.3, 4.0], "c1": [5.0, 4.1, 5.1, 4.2, 5.0], "c2": [8.0] * 5}
     chosen, record = run_final_round(rows, 3, lambda short: together_result(
@@ -194,8 +194,8 @@ def test_final_round_prefers_the_more_accurate_when_the_fastest_is_within_noise(
 def test_shortlist_takes_a_candidate_without_a_speedup_figure():
     from prunelab.search.across import shortlist
 
-    rows = [{"ratio": 0.2, "val_acc": 90.0, "speedup": None, "speedup_beyond_noise": True},
-            {"ratio": 0.4, "val_acc": 89.0, "speedup": 1.4}]
+    rows = [{"ratio": 0.2, "val_acc": 90.0, "screening_ratio": None, "screening_beyond_noise": True},
+            {"ratio": 0.4, "val_acc": 89.0, "screening_ratio": 1.4}]
     assert [r["ratio"] for r in shortlist(rows, 2)] == [0.4, 0.2]
 
 
@@ -219,10 +219,12 @@ def params_timer(models, batch, device, warmup, iters, include_transfer=False, p
     return out
 
 
-def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(tmp_path, monkeypatch):
+def test_latency_search_through_the_pipeline_quotes_one_speedup_per_model(tmp_path, monkeypatch):
     """search.objective=latency on the CPU, end to end: magnitude is not walked (dense kernels here),
-    channel's passing candidates are timed, the shortlist is timed together, and the chosen model
-    is the one the report prunes, tests and plots."""
+    channel's passing candidates are screened (not called speedups), two ratios that round to the
+    same network are one candidate timed once, the shortlist is timed together, and the chosen
+    model's final-round speedup, with its paired interval, is the one number the headline, the
+    candidates table, report.json and the latency timing quote."""
     from conftest import FAST_LEARNER, compose_cfg
     from prunelab import deploy
     from prunelab.pipeline import run
@@ -231,13 +233,19 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
 
     cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                  "search.objective=latency", "search.methods=[magnitude,channel]",
-                                 "search.grid=[0.3,0.6]", "search.refine_step=null", "search.tolerance=100",
+                                 "search.grid=[0.3,0.301,0.6]", "prune.round_to=64", "search.refine_step=null", "search.tolerance=100",
                                  "latency.iters=4", "latency.agreement_images=64"])
     report = run(cfg)
     s = report["search"]
     assert "magnitude" in s["skipped_methods"] and s["methods"] == ["channel"]
-    timed = [c for c in s["candidates"] if c["passed"]]
-    assert [c["ratio"] for c in timed] == [0.3, 0.6] and all(c["timed"] == "in turns with dense" for c in timed)
+    rows = [c for c in s["candidates"] if c["passed"]]
+    assert [c["ratio"] for c in rows] == [0.3, 0.301, 0.6]
+    twin = rows[1]  # 0.301 rounds to 0.3's widths: the same network, not timed again
+    assert twin["same_as"] == {"method": "channel", "ratio": 0.3} and twin["architecture"] == rows[0]["architecture"]
+    assert twin["params"] == rows[0]["params"] and twin["timed"].startswith("the same network")
+    timed = [rows[0], rows[2]]
+    assert all(c["timed"] == "in turns with dense" for c in timed)
+    assert all("screening_ratio" in c for c in rows)
     f = s["final_round"]
     assert [c["ratio"] for c in f["shortlist"]] == [0.6, 0.3] and f["runtime"]["runtime"] == "deploy"
     assert all(c["speedup_beyond_noise"] for c in f["shortlist"]) and f["changed_choice"] is False
@@ -249,7 +257,35 @@ def test_latency_search_through_the_pipeline_writes_front_plot_and_final_round(t
     assert report["pruned"]["method"] == "channel" and report["pruned"]["ratio"] == chosen["ratio"]
     # the deploy forms' answers were checked on the first 64 validation images (two timed batches of 32)
     assert {a["images"] for a in report["latency"]["agreement"].values()} == {64}
+    # one number: the final round's, everywhere
+    fr = chosen["final_round"]
+    lat, p = report["latency"], report["pruned"]
+    assert lat["measured_in"] == "final round of the search"
+    assert p["speedup"]["value"] == lat["speedup_p50"] == fr["speedup"] == chosen["speedup"]
+    assert p["speedup"]["paired_5_95"] == lat["speedup_paired_5_95"] == fr["paired_ratio_5_95"]
+    assert p["speedup"]["verdict"] == "faster" and p["latency_ms"]["p50"] == fr["p50_ms"]
+    assert report["dense"]["latency_ms"]["p50"] == f["dense_p50_ms"]
+    assert lat["by_batch_size"][str(lat["batch_size"])]["speedup_p50"] == fr["speedup"]
+    assert all("speedup" not in c for c in rows if not c.get("final_round"))  # screened only
     out = Path(cfg.paths.output_dir)
     md = (out / "report.md").read_text()
     assert "Final round" in md and "Pareto front" in md and "/64 (0 beyond rounding)" in md
+    quoted = f"{fr['speedup']:.2f}x (paired 5-95%"
+    head = md.split("## Search across methods")[0]
+    assert quoted in head and md.count(quoted) >= 3  # headline, candidates table, final round
+    assert [ln for ln in head.splitlines() if ln.startswith("| speed")][0].count("x (paired") == 1
     assert any(out.rglob("*.png"))
+
+
+def test_same_network_is_one_candidate_left_out_of_the_final_round_and_the_front():
+    from prunelab.search.across import mark_same_networks, shortlist
+
+    rows = [{"method": "channel", "ratio": 0.97, "val_acc": 80.0, "p50_ms": 5.0, "screening_ratio": 1.5,
+             "architecture": "a", "passed": True},
+            {"method": "channel", "ratio": 0.98, "val_acc": 80.0, "p50_ms": 2.0, "screening_ratio": 4.0,
+             "architecture": "a", "passed": True},
+            {"method": "channel", "ratio": 0.5, "val_acc": 85.0, "p50_ms": 6.0, "screening_ratio": 1.2,
+             "architecture": "b", "passed": True}]
+    mark_same_networks(rows)
+    assert rows[1]["same_as"] == {"method": "channel", "ratio": 0.97} and "same_as" not in rows[0]
+    assert [r["ratio"] for r in shortlist(rows, 3)] == [0.97, 0.5]  # the twin's lucky screening counts for nothing

@@ -116,3 +116,31 @@ def test_latency_batches_always_hold_the_headline_size():
     assert torch.equal(got[4], got[8][:4]) and float(got[8][5, 0, 0, 0]) == 0.0  # wraps round the split
     with pytest.raises(ValueError):
         batch_sizes({"batch_size": 4, "batch_sizes": [0]})
+
+
+def test_summary_carries_the_coefficient_of_variation():
+    from prunelab.latency import summarize
+
+    assert summarize([10.0, 10.0, 10.0], 4)["cv"] == 0.0
+    assert summarize([8.0, 12.0], 4)["cv"] == pytest.approx(np.std([8.0, 12.0], ddof=1) / 10.0)
+
+
+def test_a_speedup_whose_paired_interval_holds_one_is_no_measurable_difference():
+    from prunelab.report.stats import speed_text, speed_verdict
+
+    assert speed_verdict([0.95, 1.08]) == "no measurable difference"
+    assert speed_text(1.02, [0.95, 1.08]) == "no measurable difference (paired 5-95% 0.95-1.08)"
+    assert speed_text(2.31, [1.9, 2.6]) == "2.31x (paired 5-95% 1.90-2.60)"
+    assert speed_verdict([0.7, 0.9]) == "slower" and "slower" in speed_text(0.8, [0.7, 0.9])
+
+
+def test_a_noisy_timing_says_so_in_the_report():
+    from prunelab.pipeline import _timing_spread
+
+    lat: dict = {"notes": []}
+    _timing_spread(lat, {"cv": 0.02}, {"cv": 0.31})
+    assert lat["cv"] == {"dense": 0.02, "pruned": 0.31} and lat["noisy"] is True
+    assert "coefficient of variation" in lat["notes"][-1] and "31%" in lat["notes"][-1]
+    quiet: dict = {}
+    _timing_spread(quiet, {"cv": 0.02}, {"cv": 0.03})
+    assert quiet["noisy"] is False and "notes" not in quiet

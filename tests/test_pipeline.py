@@ -62,6 +62,13 @@ def test_sweep_on_learnable_data_curve_falls_and_choice_passes(tmp_path):
     assert report["pruned"]["val_acc"]["value"] == pytest.approx(chosen["val_acc"])
     assert report["pruned"]["sparsity"] == pytest.approx(best, abs=0.01)
     assert report["timing_s"]["search"] > 0 and s["scope"] == "global"
+    # unstructured zeros run the dense kernels: no speedup anywhere, the ratio kept only as noise
+    assert "speedup" not in report["pruned"] and "speedup_p50" not in report["pruned"]
+    lat = report["latency"]
+    assert "speedup_p50" not in lat and len(lat["noise"]["paired_ratio_5_95"]) == 2
+    assert set(lat["cv"]) == {"dense", "pruned"} and isinstance(lat["noisy"], bool)
+    md = (Path(cfg.paths.output_dir) / "report.md").read_text()
+    assert "speed" not in md.split("## ")[0].split("Latency:")[0] and "coefficient of variation" in md
 
 
 def test_fixed_ratio_skips_search_and_reuses_the_finetune(tmp_path):

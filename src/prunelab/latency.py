@@ -27,9 +27,19 @@ def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) ->
     return {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
 
 
+def coefficient_of_variation(samples: Sequence[float]) -> float:
+    """Sample standard deviation over the mean (0 for fewer than two samples): how much one
+    model's timings varied, the machine's load included."""
+    arr = np.asarray(samples, dtype=np.float64)
+    if arr.size < 2 or arr.mean() == 0:
+        return 0.0
+    return float(arr.std(ddof=1) / arr.mean())
+
+
 def summarize(samples_ms: Sequence[float], batch_size: int) -> dict:
     stats = percentiles(samples_ms)
     stats["mean"] = float(np.mean(samples_ms))
+    stats["cv"] = coefficient_of_variation(samples_ms)
     stats["iters"] = len(samples_ms)
     stats["batch_size"] = batch_size
     stats["images_per_s"] = batch_size / (stats["p50"] / 1000.0)

@@ -29,7 +29,7 @@ from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
-from prunelab.report.stats import drop_within_noise
+from prunelab.report.stats import NOISY_CV, drop_within_noise, speed_verdict
 from prunelab.resolve import resolve_auto
 from prunelab.trainer import build, build_trainer
 
@@ -85,9 +85,14 @@ def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_l
         return None
     layout = _layout(cfg, channels_last)
 
-    def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True) -> dict:
+    def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True,
+             head: int | None = None) -> dict:
+        # ``head``: the batch size that leads this timing when ``sizes`` leave the headline one out
+        # (it was measured elsewhere: a latency search's final round).
         chosen = batches if sizes is None else {b: batches[b] for b in sizes}
-        return time_dense_and_pruned(dense, pruned, method, chosen, device, cfg.latency, loggers if log else (),
+        lat_cfg = cfg.latency if head is None else OmegaConf.merge(cfg.latency, {"batch_size": head})
+        return time_dense_and_pruned(dense, pruned, method, chosen, device, lat_cfg,
+                                     loggers if log and head is None else (),
                                      precision=precision, channels_last=layout, check=log,
                                      agreement_batches=check_batches)
 
@@ -134,10 +139,81 @@ def _pair_timer(dense: nn.Module | None, timer, head: int, device: torch.device)
                     "speedup_beyond_noise": False, "timed": "as dense (same kernels here)"}
         r = timer(dense, candidate, kernel_family(method), sizes=[head], log=False)
         return {"p50_ms": r["pruned"]["p50"], "p90_ms": r["pruned"]["p90"], "dense_p50_ms": r["dense"]["p50"],
+                "cv": max(r["pruned"]["cv"], r["dense"]["cv"]),
                 "speedup": r["speedup_p50"], "speedup_beyond_noise": bool(r["speedup_beyond_noise"]),
                 "timed": "in turns with dense"}
 
     return time_pair
+
+
+def _measured_in_final_round(search: dict | None) -> dict | None:
+    """The chosen candidate of a latency search when the final round timed it: its speedup there is
+    the one the report quotes."""
+    chosen = (search or {}).get("chosen")
+    return chosen if chosen and chosen.get("final_round") and (search or {}).get("final_round") else None
+
+
+def _final_timing(timer, dense: nn.Module, pruned: nn.Module | None, family: str, search: dict | None,
+                  head: int, sizes: list[int], loggers) -> dict:
+    """Dense and pruned in turns at every batch size, except where a latency search's final round
+    already timed the chosen model in turns with the dense model: then the headline batch size's
+    figures are the final round's (one number per model) and only the other sizes are timed here
+    (with the deploy forms' answers checked); with no other size, all are timed and the headline
+    size's figures replaced."""
+    chosen = _measured_in_final_round(search) if pruned is not None else None
+    if chosen is None:
+        return timer(dense, pruned, family)
+    rest = [b for b in sizes if b != head]
+    # (``head`` given: timed with the answers checked, nothing logged; the final round's figures are)
+    lat = timer(dense, pruned, family, sizes=rest or None, head=max(rest) if rest else head)
+    fr, final = chosen["final_round"], search["final_round"]
+    d, q = dict(final["dense"]), dict(fr["stats"])
+    pr = dict(fr["paired_ratio"])
+    lat = dict(lat, batch_size=head, dense=d, pruned=q, speedup_p50=fr["speedup"], speedup_paired_5_95=[pr["p5"], pr["p95"]],
+               speedup_beyond_noise=fr["speedup_beyond_noise"], measured_in="final round of the search")
+    by = dict(lat["by_batch_size"], **{str(head): {"dense": d, "pruned": q, "speedup_p50": fr["speedup"], "paired_ratio": pr}})
+    lat["by_batch_size"] = {str(b): by[str(b)] for b in sorted(sizes)}
+    for lg in loggers:
+        lg.log_metrics({**{f"latency/{tag}/{k}_ms": st[k] for tag, st in (("dense", d), ("pruned", q))
+                           for k in ("p50", "p90", "p99")}, "latency/speedup_p50": fr["speedup"]}, step=0)
+    return lat
+
+
+def _headline_speed(report: dict, pruned: dict, method: str, device: torch.device) -> None:
+    """The pruned model's one speedup (value, paired interval, verdict), where its method can run
+    faster than the dense model here; where it runs the dense kernels, the ratio stays only as the
+    timing's noise, never as a speedup. Also the timing's coefficient of variation."""
+    lat = report["latency"]
+    if speeds_up(method, device):
+        pruned["speedup_p50"] = lat["speedup_p50"]
+        pruned["speedup"] = {"value": lat["speedup_p50"], "paired_5_95": lat["speedup_paired_5_95"],
+                             "verdict": speed_verdict(lat["speedup_paired_5_95"]),
+                             "measured_in": lat.get("measured_in", "final timing")}
+        chosen = (report.get("search") or {}).get("chosen")
+        if chosen is not None and "speedup" not in chosen:  # no final round: this timing is its number
+            chosen.update(speedup=lat["speedup_p50"], speedup_paired_5_95=lat["speedup_paired_5_95"],
+                          speedup_beyond_noise=lat["speedup_beyond_noise"], speedup_measured_in="final timing")
+    else:
+        ratio = lat.pop("speedup_p50")
+        interval = lat.pop("speedup_paired_5_95")
+        lat.pop("speedup_beyond_noise", None)
+        lat.setdefault("noise", {"ratio_of_p50s": ratio, "paired_ratio_5_95": interval,
+                                 "within_noise": interval[0] <= 1.0 <= interval[1]})
+
+
+def _timing_spread(lat: dict, dense: dict | None, pruned: dict | None) -> None:
+    """The coefficient of variation of each model's timings at the headline batch size, and a note
+    where it is above ``NOISY_CV``."""
+    cv = {tag: st["cv"] for tag, st in (("dense", dense), ("pruned", pruned)) if st and "cv" in st}
+    if not cv:
+        return
+    lat["cv"] = cv
+    lat["noisy"] = max(cv.values()) > NOISY_CV
+    if lat["noisy"]:
+        lat.setdefault("notes", []).append(
+            "Timings varied more than the report can stand behind (coefficient of variation "
+            + ", ".join(f"{t} {v:.0%}" for t, v in cv.items()) + f", above {NOISY_CV:.0%}): the machine was busy; "
+            "the paired interval allows for drift, but rerun on an idle machine before quoting these figures.")
 
 
 def _check_classes(dm, model: DictConfig) -> None:
@@ -198,6 +274,7 @@ def run(cfg: DictConfig) -> dict:
     report: dict = {"dense": dense}
     if alone is not None:
         report["latency"] = {k: v for k, v in alone.items() if k not in ("dense", "pruned")}
+        _timing_spread(report["latency"], alone["dense"], None)
     if batches is not None and cfg.latency.onnx:
         onnx_batch = batches[cfg.latency.batch_size]
         dense["latency_ms_onnx"] = onnx_latency(net, onnx_batch, out / "export" / "dense.onnx", cfg.latency)
@@ -232,9 +309,11 @@ def run(cfg: DictConfig) -> dict:
         kept_dense = outcome.ratio == 0
         if timer is not None:
             # Always in turns, same runtime, dtype and layout: a change in machine load hits both alike.
-            lat = timer(dense_timed, None if kept_dense else pruned_net, kernel_family(method))
+            lat = _final_timing(timer, dense_timed, None if kept_dense else pruned_net, kernel_family(method),
+                                outcome.search, cfg.latency.batch_size, sorted(batches), trainer.loggers)
             dense["latency_ms"], pruned_lat, kernel_note = lat["dense"], lat.get("pruned"), lat.get("kernels")
             report["latency"] = {k: v for k, v in lat.items() if k not in ("dense", "pruned")}
+            _timing_spread(report["latency"], lat["dense"], pruned_lat)
             del dense_timed
         timing["latency"] += time.perf_counter() - t0
         barrier()
@@ -249,10 +328,10 @@ def run(cfg: DictConfig) -> dict:
                 pruned[key] = stats[key]
         if kernel_note:
             pruned["kernels"] = kernel_note
-        if pruned_lat:
-            pruned["speedup_p50"] = report["latency"]["speedup_p50"]
         if outcome.search is not None:
             report["search"] = outcome.search
+        if pruned_lat:
+            _headline_speed(report, pruned, method, device)
         if outcome.schedule:
             report["schedule"] = outcome.schedule
         report["pruned"] = pruned

@@ -4,6 +4,7 @@ every method; returns the pruned network and what the report says about it."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,17 @@ def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
     return figures
 
 
+def architecture_key(method: str, candidate: nn.Module) -> str | None:
+    """One key per network, where equal keys mean the same network: a channel-pruned model is a
+    smaller dense network whose layer shapes fix which filters remain (each layer keeps its own
+    highest ranked), so two ratios rounded to the same widths are one model. None for other
+    methods, whose zeros or 2:4 layers differ between ratios of equal shapes."""
+    if method != "channel":
+        return None
+    shapes = [(k, tuple(v.shape)) for k, v in candidate.state_dict().items()]
+    return "channel:" + hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+
 def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
                    dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
                    memory_format, loggers, rank_zero, time_pair, speeds_up, time_together) -> PruneOutcome:
@@ -143,8 +155,21 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
             nets[f"c{i}"] = (model.to(device, memory_format=memory_format), c["method"])
         return time_together(nets)
 
-    result = search_across(net, methods, walk, s.objective,
-                           lambda method, c: candidate_figures(method, c, example, time_pair),
+    networks: dict[str, dict] = {}
+
+    def measure(method: str, candidate: nn.Module) -> dict:
+        # The same network is one candidate: measured (and timed) once. Not across recoveries,
+        # which leave the same shapes with other weights.
+        arch = architecture_key(method, candidate) if p.schedule != "iterative" else None
+        if arch is not None and arch in networks:
+            return dict(networks[arch], timed="the same network as an earlier candidate: not timed again")
+        figures = candidate_figures(method, candidate, example, time_pair)
+        if arch is not None:
+            figures["architecture"] = arch
+            networks[arch] = figures
+        return figures
+
+    result = search_across(net, methods, walk, s.objective, measure,
                            retime=retime if time_together is not None else None,
                            final_round=int(s.get("final_round", 3)))
     dense_acc = dense.acc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prunelab.report.stats import speed_text
+
 
 def _acc(a: dict | None) -> str:
     if not a:
@@ -30,9 +32,20 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         ("p90 ms", _ms(dl, "p90"), _ms(pl, "p90")),
         ("p99 ms", _ms(dl, "p99"), _ms(pl, "p99")),
     ]
-    if p.get("speedup_p50"):
-        rows.append(("speedup (p50)", "1.00x", f"{p['speedup_p50']:.2f}x"))
+    sp = p.get("speedup")
+    if isinstance(sp, dict):  # only where the method can run faster here (never for unstructured zeros)
+        rows.append(("speed vs dense (p50)", "1.00x", speed_text(sp["value"], sp["paired_5_95"])))
     return rows
+
+
+def _ratio(r: float) -> str:
+    """A ratio to two decimals, or three where two would hide a finer grid step."""
+    return f"{r:.2f}" if round(r, 2) == r else f"{r:.3f}"
+
+
+def _speed(c: dict) -> str:
+    """A candidate's one speedup, where it was measured for the record."""
+    return speed_text(c["speedup"], c["speedup_paired_5_95"]) if c.get("speedup_paired_5_95") else "-"
 
 
 def table(headers: list[str], rows: list[tuple]) -> str:
@@ -58,10 +71,12 @@ def across_section(s: dict) -> list[str]:
     conf = s.get("confidence")
     rule = (f"its paired drop's {conf:.0%} upper bound within the tolerance" if conf else
             "its validation accuracy within the tolerance (point rule)")
+    speed = f" ({_speed(chosen)}, measured in the {chosen['speedup_measured_in']})" \
+        if chosen and chosen.get("speedup_paired_5_95") else ""
     lines = ["## Search across methods", "",
              f"Objective `{s['objective']}` over {', '.join(s['methods'])}; a candidate passes with {rule} "
              f"({s['tolerance']} points below dense val {s['dense_val_acc']:.2f}%). "
-             + (f"Chosen: **{chosen['method']} at {chosen['ratio']:.2f}**." if chosen else
+             + (f"Chosen: **{chosen['method']} at {chosen['ratio']:.2f}**{speed}." if chosen else
                 "Nothing passed: the dense model stands."), ""]
     if chosen and chosen.get("paired"):
         lo, hi = chosen["paired"]["ci"]
@@ -70,28 +85,34 @@ def across_section(s: dict) -> list[str]:
                       f"(95% paired interval {lo:+.2f} to {hi:+.2f} points).", ""]
     for method, why in (s.get("skipped_methods") or {}).items():
         lines += [f"- `{method}` not walked: {why} (`search.walk_all=true` walks it).", ""]
-    headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "p50 ms", "speedup", "MACs",
-               "nonzero params", "bytes", "verdict", "front"]
-    rows = [(c["method"], f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
+    headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "screening p50 ms",
+               "screening dense/model", "speedup (paired 5-95%)", "MACs", "nonzero params", "bytes", "verdict", "front"]
+    rows = [(c["method"], _ratio(c["ratio"]), ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
              _paired(c), f"{c['p50_ms']:.2f}" if c.get("p50_ms") is not None else "-",
-             f"{c['speedup']:.2f}x" if c.get("speedup") else "-", _int(c.get("macs")), _int(c.get("params")),
+             (f"{c['screening_ratio']:.2f}" if c.get("screening_ratio") else "-")
+             + (f" (= {c['same_as']['method']} {_ratio(c['same_as']['ratio'])})" if c.get("same_as") else ""),
+             _speed(c), _int(c.get("macs")), _int(c.get("params")),
              _int(c.get("bytes")), "pass" if c["passed"] else "fail", "*" if c.get("on_pareto_front") else "")
             for c in s["candidates"]]
-    lines += [table(headers, rows), ""]
+    lines += ["Screening: each passing candidate timed in its own short session in turns with the dense model; "
+              "it ranks candidates and is not a speedup. A speedup is quoted only where a model was measured "
+              "for the record (the final round, or the final timing of the chosen model). "
+              "\"(= method ratio)\": the same network as that candidate, not timed again.", "",
+              table(headers, rows), ""]
     final = s.get("final_round")
     if final:
         lines += _final_round(final)
     if s.get("pareto"):
         lines += ["Pareto front (validation accuracy against p50 latency; no other candidate is both more "
-                  "accurate and faster): " + ", ".join(f"{c['method']} {c['ratio']:.2f} ({c['val_acc']:.2f}%, "
-                                                       f"{c['p50_ms']:.2f} ms)" for c in s["pareto"]), ""]
+                  "accurate and faster at screening): " + ", ".join(
+                      f"{c['method']} {c['ratio']:.2f} ({c['val_acc']:.2f}%, screening p50 {c['p50_ms']:.2f} ms)"
+                      for c in s["pareto"]), ""]
     return lines
 
 
 def _final_round(f: dict) -> list[str]:
     """The shortlist timed together in one session, and whether that changed the answer."""
-    rows = [(c["method"], f"{c['ratio']:.2f}", f"{c['p50_ms']:.2f}", f"{c['speedup']:.2f}x",
-             f"{c['paired_ratio_5_95'][0]:.2f}-{c['paired_ratio_5_95'][1]:.2f}",
+    rows = [(c["method"], f"{c['ratio']:.2f}", f"{c['p50_ms']:.2f}", speed_text(c["speedup"], c["paired_ratio_5_95"]),
              "yes" if c["speedup_beyond_noise"] else "no") for c in f["shortlist"]]
     before, chosen = f.get("before"), f.get("chosen")
     if chosen is None and before is None:
@@ -106,10 +127,10 @@ def _final_round(f: dict) -> list[str]:
     if tied and chosen and f.get("fastest") != chosen:
         verdict += (f" ({chosen['method']} {chosen['ratio']:.2f} is within this timing's noise of the fastest, "
                     f"{f['fastest']['method']} {f['fastest']['ratio']:.2f}, and more accurate)")
-    return [f"Final round: the {len(rows)} candidates with the best own-session speedup, timed together in turns "
+    return [f"Final round: the {len(rows)} candidates with the best screening ratio, timed together in turns "
             f"with the dense model (p50 {f['dense_p50_ms']:.2f} ms) at batch {f['batch_size']}, {f['iters']} "
             f"iterations; {verdict}.", "",
-            table(["method", "ratio", "p50 ms", "speedup", "paired 5-95%", "beyond noise"], rows), ""]
+            table(["method", "ratio", "p50 ms", "speedup (paired 5-95%)", "beyond noise"], rows), ""]
 
 
 def algo_counts(counts: dict[str, int]) -> str:
@@ -126,6 +147,12 @@ def _conv_algos(algos: dict | None, batch_size: int, what: str = "3x3 convs") ->
         if counts:
             parts.append(f"{tag} {algo_counts(counts)}")
     return f", {what} by measured fastest algorithm ({'; '.join(parts)})" if parts else ""
+
+
+def _spread(cv: dict | None) -> str:
+    if not cv:
+        return ""
+    return "; timing spread (coefficient of variation) " + ", ".join(f"{t} {v:.1%}" for t, v in cv.items())
 
 
 def render(report: dict, plots: dict[str, str]) -> str:
@@ -149,7 +176,10 @@ def render(report: dict, plots: dict[str, str]) -> str:
         lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}{extras}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
                   f"{rt.get('hardware') or rt.get('device')}; "
-                  + ("dense and pruned timed in turns." if p.get("latency_ms") else "the dense model timed alone."), ""]
+                  + ("dense and pruned timed in turns" if p.get("latency_ms") else "the dense model timed alone")
+                  + (f" (batch {report['latency']['batch_size']}: the search's final round)"
+                     if report["latency"].get("measured_in") == "final round of the search" else "")
+                  + _spread(report["latency"].get("cv")) + ".", ""]
         agreed = report["latency"].get("agreement") or {}
         if agreed:
             lines += ["Deploy forms' top-1 answers against the eager fp32 model: " + ", ".join(

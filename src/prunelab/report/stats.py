@@ -181,3 +181,29 @@ def paired_drop(
 def passes_paired(b: int, c: int, n: int, tolerance_points: float, confidence: float = 0.95) -> bool:
     """True when the upper bound of the paired drop is within ``tolerance_points`` (percentage points)."""
     return paired_drop_interval(b, c, n, confidence)[1] <= tolerance_points
+
+
+# --- Speed --------------------------------------------------------------------------------------
+# A speedup is the ratio of p50s of two models timed in turns; its interval is the 5-95% range of
+# the per-iteration paired ratios (dense_i / model_i), the noise of that very timing.
+
+NOISY_CV = 0.10  # a timing whose per-iteration spread exceeds 10% of its mean is flagged as noisy
+
+
+def speed_verdict(paired_5_95) -> str:
+    """"faster" or "slower" where the paired interval excludes 1.0, else "no measurable difference"."""
+    lo, hi = paired_5_95
+    if lo > 1.0:
+        return "faster"
+    if hi < 1.0:
+        return "slower"
+    return "no measurable difference"
+
+
+def speed_text(value: float, paired_5_95) -> str:
+    """A speedup as a report quotes it: never a bare number, never one whose interval holds 1.0."""
+    lo, hi = paired_5_95
+    verdict = speed_verdict(paired_5_95)
+    if verdict == "no measurable difference":
+        return f"no measurable difference (paired 5-95% {lo:.2f}-{hi:.2f})"
+    return f"{value:.2f}x{', slower' if verdict == 'slower' else ''} (paired 5-95% {lo:.2f}-{hi:.2f})"

@@ -11,10 +11,19 @@ faster than the dense model beyond the noise of its own paired timing.
 
 Under ``latency`` each candidate was timed in its own session against its own dense timing, so a
 drift in the machine between sessions can reorder close candidates. The final round
-(``search.final_round``) takes the best few by their own-session speedup (a ratio, robust to
+(``search.final_round``) takes the best few by their own-session screening ratio (robust to
 drift) and times them all together in turns with the dense model in one session (``retime``);
 the answer is the fastest of them there (or, among those within that timing's noise of the
 fastest, the most accurate).
+
+One number per model: the own-session timings are *screening* (``screening_ratio``, the dense p50
+over the candidate's in that session, and ``screening_beyond_noise``) and rank the shortlist
+only; a model's ``speedup`` (with ``speedup_paired_5_95`` and ``speedup_beyond_noise``) is set
+only where it was measured for the record: in the final round here, or (no final round) by the
+pipeline's final timing of the chosen model. Candidates whose ``measure`` figures carry the same
+``architecture`` (the glue's key: the same network, e.g. channel ratios that round to the same
+widths) are one candidate: the later rows name the first in ``same_as``, were not timed again and
+never enter the final round.
 """
 
 from __future__ import annotations
@@ -66,11 +75,28 @@ def candidate_row(method: str, e, threshold: float) -> dict:
     lo, hi = wilson_interval(ev.correct, ev.total)
     row = {"method": method, "ratio": e.ratio, "val_acc": ev.acc, "val_acc_ci95": [lo, hi],
            "acc_is_bound": ev.stopped, "seen": e.seen, "passed": e.passed(threshold), "paired": ev.paired}
-    for key in ("p50_ms", "p90_ms", "dense_p50_ms", "speedup", "speedup_beyond_noise", "timed", "bytes", "macs",
-                "params", "channels_removed"):
+    for key in ("p50_ms", "p90_ms", "dense_p50_ms", "cv", "timed", "bytes", "macs", "params", "channels_removed",
+                "architecture"):
         if key in ev.extra:
             row[key] = ev.extra[key]
+    # An own-session timing screens; it is not the model's speedup (see the module docstring).
+    for key, name in (("speedup", "screening_ratio"), ("speedup_beyond_noise", "screening_beyond_noise")):
+        if key in ev.extra:
+            row[name] = ev.extra[key]
     return row
+
+
+def mark_same_networks(candidates: list[dict]) -> None:
+    """Later candidates with the ``architecture`` of an earlier one name it in ``same_as``."""
+    first: dict = {}
+    for c in candidates:
+        arch = c.get("architecture")
+        if arch is None:
+            continue
+        if arch in first:
+            c["same_as"] = {"method": first[arch]["method"], "ratio": first[arch]["ratio"]}
+        else:
+            first[arch] = c
 
 
 def oneshot_walk(make_search: Callable[[str], OneShotSearch], val_set: Dataset, device: torch.device,
@@ -92,11 +118,12 @@ Retime = Callable[[list[dict]], dict]
 
 
 def shortlist(candidates: list[dict], k: int) -> list[dict]:
-    """The ``k`` candidates with the highest own-session speedup over the dense model (ties: higher
+    """The ``k`` candidates with the highest screening ratio over the dense model (ties: higher
     val_acc, then lower ratio, then input order). Ranked on the ratio to the dense model timed in
-    the same session, not on absolute p50s from different sessions, which drift."""
-    order = sorted(enumerate(candidates),
-                   key=lambda ic: (-(ic[1].get("speedup") or 0.0), -(ic[1].get("val_acc") or 0.0),
+    the same session, not on absolute p50s from different sessions, which drift. A candidate that
+    is the same network as an earlier one (``same_as``) is left out: its twin stands for it."""
+    order = sorted(((i, c) for i, c in enumerate(candidates) if not c.get("same_as")),
+                   key=lambda ic: (-(ic[1].get("screening_ratio") or 0.0), -(ic[1].get("val_acc") or 0.0),
                                    ic[1].get("ratio") or 0.0, ic[0]))
     return [c for _, c in order[:max(k, 0)]]
 
@@ -108,7 +135,7 @@ def run_final_round(passing: list[dict], k: int, retime: Retime) -> tuple[dict |
     unless others are not slower than it beyond their paired noise: then the most accurate of
     those (a speed difference within the noise is no reason to lose accuracy). ``before`` is what
     the own-session timings alone would have chosen."""
-    first = choose([c for c in passing if c.get("speedup_beyond_noise")], "latency")
+    first = choose([c for c in passing if c.get("screening_beyond_noise")], "latency")
     short = shortlist(passing, k)
     timed = retime(short)
     samples = timed.get("samples") or {}
@@ -116,7 +143,12 @@ def run_final_round(passing: list[dict], k: int, retime: Retime) -> tuple[dict |
         m = timed["models"][f"c{i}"]
         pr = m["paired_ratio"]
         c["final_round"] = {"p50_ms": m["p50"], "p90_ms": m["p90"], "speedup": m["speedup_p50"],
-                            "paired_ratio_5_95": [pr["p5"], pr["p95"]], "speedup_beyond_noise": m["speedup_beyond_noise"]}
+                            "paired_ratio_5_95": [pr["p5"], pr["p95"]], "speedup_beyond_noise": m["speedup_beyond_noise"],
+                            "paired_ratio": dict(pr), "stats": {k: v for k, v in m.items() if k not in ("speedup_p50", "paired_ratio",
+                                                                               "speedup_beyond_noise")}}
+        # the model's one speedup: this timing, with its paired interval
+        c.update(speedup=m["speedup_p50"], speedup_paired_5_95=[pr["p5"], pr["p95"]],
+                 speedup_beyond_noise=m["speedup_beyond_noise"], speedup_measured_in="final round")
     beyond = [(i, c) for i, c in enumerate(short) if c["final_round"]["speedup_beyond_noise"]]
     fastest = choose([c for _, c in beyond], "latency", key=lambda c: c["final_round"]["p50_ms"])
     chosen, tied = fastest, []
@@ -133,8 +165,9 @@ def run_final_round(passing: list[dict], k: int, retime: Retime) -> tuple[dict |
         if tied:
             chosen = max([fastest, *tied], key=lambda c: (c["val_acc"], -c["final_round"]["p50_ms"]))
     record = {"batch_size": timed["batch_size"], "iters": timed["iters"], "runtime": timed["runtime"],
-              "dense_p50_ms": timed["models"]["dense"]["p50"],
-              "shortlist": [{"method": c["method"], "ratio": c["ratio"], **c["final_round"]} for c in short],
+              "dense_p50_ms": timed["models"]["dense"]["p50"], "dense": timed["models"]["dense"],
+              "shortlist": [{"method": c["method"], "ratio": c["ratio"],
+                             **{k: v for k, v in c["final_round"].items() if k not in ("stats", "paired_ratio")}} for c in short],
               "before": {"method": first["method"], "ratio": first["ratio"]} if first else None,
               "chosen": {"method": chosen["method"], "ratio": chosen["ratio"]} if chosen else None,
               "fastest": {"method": fastest["method"], "ratio": fastest["ratio"]} if fastest else None,
@@ -157,11 +190,13 @@ def search_across(net: nn.Module, methods: list[str], walk: Walk, objective: str
         walks[method], resumed = result, resumed + reused
         candidates += [candidate_row(method, e, result.threshold) for e in result.curve]
         log.info("%s: best ratio %.2f within tolerance", method, result.best_ratio)
+    mark_same_networks(candidates)
     passing = [c for c in candidates if c["passed"] and c["ratio"] > 0]
     final = None
     # Contenders for a final round: faster than dense in their own session, even within its noise
-    # (the final round, timing them all together, judges the noise again).
-    contenders = [c for c in passing if c.get("speedup_beyond_noise") or (c.get("speedup") or 0.0) > 1.0]
+    # (the final round, timing them all together, judges the noise again); one per network.
+    contenders = [c for c in passing if not c.get("same_as")
+                  and (c.get("screening_beyond_noise") or (c.get("screening_ratio") or 0.0) > 1.0)]
     if objective == "latency" and retime is not None and final_round >= 2 and len(contenders) >= 2:
         chosen, final = run_final_round(contenders, final_round, retime)
         log.info("final round: %d candidates timed together; chose %s", len(final["shortlist"]), final["chosen"])
@@ -169,9 +204,9 @@ def search_across(net: nn.Module, methods: list[str], walk: Walk, objective: str
         if objective == "latency":
             # Faster only where the paired timing says so beyond its own noise: a candidate within the
             # noise of the dense model is not an answer to "the fastest model" (the dense one is).
-            passing = [c for c in passing if c.get("speedup_beyond_noise")]
+            passing = [c for c in passing if c.get("screening_beyond_noise") and not c.get("same_as")]
         chosen = choose(passing, objective)
-    front = pareto_front([c for c in candidates if c["passed"]], acc=lambda c: c["val_acc"],
+    front = pareto_front([c for c in candidates if c["passed"] and not c.get("same_as")], acc=lambda c: c["val_acc"],
                          cost=lambda c: c.get("p50_ms"))
     for c in candidates:
         c["on_pareto_front"] = any(c is f for f in front)
