@@ -8,6 +8,10 @@
 #   fastest  benchmarks.fastest --device cuda (the real subset when it travelled, else --quick)
 #   overhead benchmarks.step_overhead --device cuda (prunelab's training step vs a plain loop)
 #   stepvgg  the same with VGG16 in bf16-mixed (is a fine-tune step the model's or the loop's time?)
+#   worthy   benchmarks.worthy --device cuda: the recipe trains VGG16 on all of CIFAR-10 (JPEG class folders,
+#            data/cifar10-jpeg.tar.gz from gpu_bundle.sh), then the latency search one-shot and iterative
+#   seeds    the same, one-shot, for seeds 1 and 2 (each its own model), as long as its limit allows
+# WORTHY_ARGS adds arguments to both (WORTHY_ARGS="--quick --device cpu" dry-runs them without a GPU).
 # TESTS_K=expr narrows the tests step to pytest -k expr.
 # Default (`make gpu-check`): tests deploy call overhead fastest; `make gpu-scale`: scale. Each step has its own
 # time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
@@ -76,7 +80,21 @@ for s in "${steps[@]}"; do
             if [ -d data/cifar10-subset/cifar-10-batches-py ]; then args=(--data-root data/cifar10-subset --epochs 5)
             else args=(--quick); fi
             step fastest 200 python -m benchmarks.fastest --device cuda "${args[@]}" --out "$res" ;;
-        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, graphs, fastest)"; exit 2 ;;
+        worthy|seeds)
+            jpeg=/tmp/prunelab-data/cifar10-jpeg
+            if [ ! -d "$jpeg/train" ] && [ -f data/cifar10-jpeg.tar.gz ]; then
+                mkdir -p /tmp/prunelab-data && tar -C /tmp/prunelab-data -xzf data/cifar10-jpeg.tar.gz
+            fi
+            if [ -d "$jpeg/train" ]; then wargs=(--data-root "$jpeg"); else wargs=(--quick); fi
+            # shellcheck disable=SC2206 # WORTHY_ARGS is split into words on purpose
+            wargs+=(--device cuda --out "$res" ${WORTHY_ARGS:-})
+            if [ "$s" = worthy ]; then
+                step worthy 420 python -m benchmarks.worthy "${wargs[@]}" --schedules oneshot iterative --seed 0
+            else
+                step seeds 300 bash -c 'for seed in 1 2; do python -m benchmarks.worthy "$@" --seed $seed || exit 1; done' \
+                    _ "${wargs[@]}" --schedules oneshot
+            fi ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, graphs, fastest, worthy, seeds)"; exit 2 ;;
     esac
 done
 exit $failed
