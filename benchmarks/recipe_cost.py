@@ -1,0 +1,148 @@
+"""What the from-scratch recipe (``+experiment=scratch``) costs on this machine, and what it reaches.
+
+1. Training speed: a number of the recipe's optimiser steps on real batches of the class-folder data,
+   with the recipe's ``auto`` settings resolved for this machine (bf16 autocast where native), and the
+   same steps in float32 NCHW (``trainer.precision=32-true model.channels_last=false``), in one
+   process, one after the other; steady images/s (the first ``--skip`` steps left out), then the
+   seconds a 40,000-image epoch and the 10- and 30-epoch budgets take at that rate.
+2. With ``--run DIR`` (a run of the recipe, finished or in progress): its validation accuracy after
+   each epoch, from the run's ``csv/metrics.csv``.
+
+    python -m benchmarks.recipe_cost --data-root ../shared/data/cifar10-jpeg [--steps 30] [--run RUN_DIR]
+
+Results: benchmarks/results/<date>-recipe-cost-<device>.{json,md}, with the CPU's flags and the load
+average (other work on the machine slows training: a figure taken under load says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.compare import DEFAULT_OUT, REPO, result_tag
+from prunelab import hardware
+from prunelab.io import write_json, write_text
+from prunelab.report.markdown import table
+
+EPOCH_IMAGES = 40_000
+VARIANTS = {"recipe (auto)": [], "float32 NCHW": ["trainer.precision=32-true", "model.channels_last=false"]}
+
+
+def steps_per_second(overrides: list[str], steps: int, skip: int, work: Path) -> dict:
+    """Steady optimiser steps of the recipe: images/s over the steps after the first ``skip``."""
+    import lightning as L
+    from lightning import Callback
+
+    from prunelab.compose import compose
+    from prunelab.resolve import resolve_auto
+    from prunelab.trainer import build, build_trainer
+
+    cfg = compose(["+experiment=scratch", "data=imagefolder", *overrides, f"trainer.limit_train_batches={steps}",
+                   "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+                   "callbacks=none", "logger=none", "trainer.enable_progress_bar=false", "finetune.cache=false"], work)
+    resolved = resolve_auto(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm, module = build(cfg.data, "data"), build(cfg.model, "model")
+    dm.setup("fit")
+    stamps: list[float] = []
+
+    class Stamp(Callback):
+        def on_train_batch_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    trainer = build_trainer(cfg, enable_model_summary=False)
+    trainer.callbacks.append(Stamp())
+    trainer.fit(module, datamodule=dm)
+    gaps = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1:], strict=False)]
+    step_s = statistics.median(gaps)
+    return {"precision": str(cfg.trainer.precision), "channels_last": bool(cfg.model.channels_last),
+            "batch_size": int(cfg.data.batch_size), "steps_timed": len(gaps), "median_step_s": step_s,
+            "images_per_s": cfg.data.batch_size / step_s,
+            "resolved": {k: v.get("reason") for k, v in resolved.items() if k.startswith(("trainer", "model"))}}
+
+
+def val_curve(run_dir: Path) -> list[dict]:
+    """(epoch, val accuracy %) after each finished epoch of a run, from its csv/metrics.csv."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise SystemExit(f"--run {run_dir}: no csv/metrics.csv there (point it at a run folder of the recipe)")
+    out = []
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            if row.get("val/acc"):
+                out.append({"epoch": int(row["epoch"]) + 1, "val_acc": 100 * float(row["val/acc"])})
+    return out
+
+
+def measure(args) -> dict:
+    data = [f"data.root={(REPO / args.data_root).resolve()}", f"data.cache_dir={REPO / 'benchmarks' / '.cache' / 'imagefolder'}"]
+    load_start = os.getloadavg()
+    speeds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in VARIANTS.items():
+            speeds[name] = steps_per_second([*data, *extra], args.steps, args.skip, Path(tmp) / name.split()[0])
+    hw = hardware.detect("cpu")
+    rate = speeds["recipe (auto)"]["images_per_s"]
+    res = {
+        "what": "the from-scratch recipe's training speed on this machine, and its validation accuracy per epoch",
+        "date": dt.date.today().isoformat(), "machine": {**hw.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                                          "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+        "speeds": speeds, "bf16_vs_fp32": rate / speeds["float32 NCHW"]["images_per_s"],
+        "epoch_s": EPOCH_IMAGES / rate,
+        "budget_h": {str(e): e * EPOCH_IMAGES / rate / 3600 for e in (10, 30)},
+    }
+    if args.run:
+        res["run"] = str(args.run)
+        res["val_curve"] = val_curve(Path(args.run))
+    return res
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    loaded = max(res["loadavg_start"][0], res["loadavg_end"][0]) > m["threads"] + 0.5
+    rows = [(k, v["precision"], str(v["channels_last"]), f"{v['images_per_s']:.1f}", f"{v['median_step_s']:.3f}")
+            for k, v in res["speeds"].items()]
+    lines = [f"# The from-scratch recipe's cost ({res['date']})", "",
+             f"Machine: {m.get('name')} ({m['cpu_capability']}, flags {', '.join(m.get('cpu_flags') or [])}, native bf16: "
+             f"{m.get('native_bf16')}), torch {m['torch']}, {m['threads']} threads; 1-minute load average "
+             f"{res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end"
+             + (" (**other work shared the CPU: the rates are lower bounds**)." if loaded else "."), "",
+             table(["variant", "precision", "channels_last", "images/s", "median step s"], rows), "",
+             f"The recipe at this rate: {res['epoch_s'] / 60:.1f} min per 40,000-image epoch, "
+             f"{res['budget_h']['10']:.1f} h for 10 epochs, {res['budget_h']['30']:.1f} h for 30 "
+             f"(validation adds about a quarter of an epoch's forward passes). bf16 vs float32: {res['bf16_vs_fp32']:.2f}x.", ""]
+    if res.get("val_curve"):
+        rows = [(str(c["epoch"]), f"{c['val_acc']:.2f}") for c in res["val_curve"]]
+        lines += [f"Validation accuracy after each epoch of `{res['run']}`:", "", table(["epoch", "val acc %"], rows), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data/cifar10-jpeg")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps per variant")
+    p.add_argument("--skip", type=int, default=5, help="first steps left out of the rate")
+    p.add_argument("--run", default=None, help="a run folder of the recipe: its validation accuracy per epoch")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if args.steps < args.skip + 3:
+        p.error(f"--steps {args.steps} must exceed --skip {args.skip} by at least 3")
+    res = measure(args)
+    tag = result_tag("recipe-cost", "cpu")
+    write_json(Path(args.out) / f"{tag}.json", res)
+    write_text(Path(args.out) / f"{tag}.md", render(res))
+    print(render(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
