@@ -288,3 +288,35 @@ def test_cli_offline_reports_data_and_weights_together(run_cli, tmp_path):
     line = _one_error_line(r)
     assert "data.download=false" in line and "model.weights=IMAGENET1K_V1" in line
     _nothing_written(tmp_path / "logs")
+
+
+# --- found only once the dense model is known: after the fine-tune, before the search ----------------------
+
+
+def test_a_weak_dense_model_or_a_split_too_small_to_resolve_the_tolerance_is_not_searched():
+    from prunelab.prune_stage import searchable_problem
+
+    chance = searchable_problem((21, 192), 10, 1.0)  # 10.9% on 10 classes: one epoch from random init
+    assert "not surely 5 points above chance (10.00% for 10 classes)" in chance
+    assert "trainer.max_epochs" in chance and "search.allow_weak_model=true" in chance
+    tiny = searchable_problem((1, 1), 10, 1.0)  # data.train_size=5: one validation image
+    assert "1 image: one image is worth 100.00 points" in tiny and "search.tolerance=1" in tiny
+    assert "data.train_size" in tiny and "search.allow_weak_model=true" in tiny
+    assert searchable_problem((120, 192), 10, 1.0) is None  # 62.5%, and one image is 0.52 points
+    assert searchable_problem((40, 192), 2, 1.0) is not None  # 20.8% on 2 classes is below chance
+
+
+def test_a_chance_level_search_stops_with_one_line_and_allow_weak_model_goes_on(tmp_path, capsys):
+    fast = SMOKE + ["model=resnet18", "trainer.limit_train_batches=1", "stages.latency=false",
+                    "search.grid=[0.5]", "search.refine_step=null"]
+    cfg = compose_cfg(tmp_path, fast + ["search.allow_weak_model=false"])
+    capsys.readouterr()
+    assert execute(cfg) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "above chance" in lines[0] and "search.allow_weak_model=true" in lines[0]
+    assert not (Path(cfg.paths.output_dir) / "report.json").exists()
+    # the smoke experiment searches anyway (it exercises the pipeline), and its report says so
+    cfg = compose_cfg(tmp_path, fast)
+    assert execute(cfg) == 0
+    notes = __import__("json").loads((Path(cfg.paths.output_dir) / "report.json").read_text())["notes"]
+    assert any(n.startswith("search.allow_weak_model=true searched although the dense model") for n in notes)

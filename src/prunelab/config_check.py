@@ -128,7 +128,7 @@ def rules() -> list[tuple[str, Spec]]:
         *((k, BOOL) for k in ("stages.prune", "stages.latency", "finetune.cache", "data.download", "data.on_device",
                               "data.pin_memory", "data.augment", "model.fused_optimizer", "trainer.enable_progress_bar",
                               "trainer.sync_batchnorm", "search.exact", "search.full_curve", "search.fast_eval",
-                              "search.walk_all",
+                              "search.walk_all", "search.allow_weak_model",
                               "latency.include_transfer", "latency.onnx", "latency.compile", "latency.cuda_graph")),
         *((k, TEXT) for k in ("task_name", "data.root", "data.cache_dir", "model.arch", "trainer.strategy", "finetune.cache_dir",
                               "paths.data_dir", "paths.log_dir", "paths.cache_dir", "paths.output_dir")),

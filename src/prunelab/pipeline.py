@@ -330,6 +330,8 @@ def run(cfg: DictConfig) -> dict:
             pruned["kernels"] = kernel_note
         if outcome.search is not None:
             report["search"] = outcome.search
+        if outcome.notes:
+            report["prune_notes"] = outcome.notes
         if pruned_lat:
             _headline_speed(report, pruned, method, device)
         if outcome.schedule:
@@ -354,7 +356,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _notes(report: dict, cfg: DictConfig) -> list[str]:
-    notes = []
+    notes = list(report.get("prune_notes") or [])
     p = report.get("pruned")
     drop = report["dense"]["val_acc"]["value"] - p["val_acc"]["value"] if p else 0.0
     if p and p["ratio"] == 0:

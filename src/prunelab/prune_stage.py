@@ -16,12 +16,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from prunelab.callbacks import MaskKeeper
+from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
 from prunelab.pruning.channel import channel_stats, count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
+from prunelab.report.stats import wilson_interval
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
 from prunelab.search.oneshot import OneShotSearch
@@ -39,6 +41,7 @@ class PruneOutcome:
     schedule: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     method: str = "magnitude"  # the chosen model's method (a search across methods picks one)
+    notes: list[str] = field(default_factory=list)  # for the report
 
 
 def pruner_options(cfg: DictConfig) -> dict:
@@ -196,6 +199,41 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
                         method=chosen["method"])
 
 
+ABOVE_CHANCE = 5.0  # points: a dense model not surely this far above chance is not worth searching
+
+
+def searchable_problem(dense_val: tuple[int, int], num_classes: int, tolerance: float) -> str | None:
+    """Why a search's answer would mean nothing, or None (``run_prune_stage`` refuses the search
+    unless ``search.allow_weak_model=true``, which searches anyway and notes it in the report).
+
+    - The dense model is weak: the lower end of its validation accuracy's 95% Wilson interval is not
+      more than ``ABOVE_CHANCE`` points above chance (100 / classes). Then almost any pruning
+      "stays within the tolerance" of a model that has learnt next to nothing.
+    - The validation split cannot resolve the tolerance: one image is worth 100 / n points, and a
+      single disagreement between dense and candidate (the narrowest nonzero paired interval)
+      already spans more than ``search.tolerance``; the verdicts are then decided by one image.
+    """
+    correct, n = dense_val
+    if n <= 0:
+        return "the validation split is empty: use more data (data.train_size, data.val_fraction)"
+    per_image = 100.0 / n
+    if per_image > tolerance:
+        return (
+            f"the validation split has {n} image{'s' if n != 1 else ''}: one image is worth {per_image:.2f} points, "
+            f"more than search.tolerance={tolerance:g}, so single images decide every verdict; use more data "
+            f"(data.train_size, data.val_fraction), a tolerance of at least {per_image:.2f}, or "
+            "search.allow_weak_model=true to search anyway")
+    chance = 100.0 / num_classes
+    lo, _ = wilson_interval(correct, n)
+    if lo <= chance + ABOVE_CHANCE:
+        return (
+            f"the dense model scores {100.0 * correct / n:.2f}% on validation (95% interval from {lo:.2f}%), not "
+            f"surely {ABOVE_CHANCE:g} points above chance ({chance:.2f}% for {num_classes} classes): pruning it "
+            "would measure nothing; train longer (trainer.max_epochs), use more data or pretrained weights, or set "
+            "search.allow_weak_model=true to search anyway")
+    return None
+
+
 def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
                     dense_val: tuple[int, int], journal_path: Path | None, identity: dict,
                     memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
@@ -208,6 +246,21 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     ``speeds_up(method)`` says whether a method's models can run faster than dense here;
     ``time_together({name: (network, method)})`` times a latency search's shortlist all in turns
     with the dense model in one session (``deploy.time_together``'s result)."""
+    p, s = cfg.prune, cfg.search
+    problem = searchable_problem(dense_val, int(cfg.model.num_classes), float(s.tolerance)) \
+        if p.ratio is None else None
+    if problem and not s.get("allow_weak_model", False):
+        raise ConfigError(problem)
+    outcome = _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers,
+                   rank_zero, dense_hits, time_pair, speeds_up, time_together)
+    if problem:
+        outcome.notes.append("search.allow_weak_model=true searched although " + problem.split("; ")[0]
+                             + ": the chosen ratio means little.")
+    return outcome
+
+
+def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers, rank_zero,
+         dense_hits, time_pair, speeds_up, time_together) -> PruneOutcome:
     p, s = cfg.prune, cfg.search
     if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
         return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
