@@ -168,6 +168,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["++search.objective=speed"], ("search.objective",), None),
     (["++search.methods=[channel+bogus]"], ("search.methods",), None),
     (["++search.confidence=1.5"], ("search.confidence",), None),
+    (["search.methods=[channel,channel]"], ("search.methods", "channel more than once",
+                                             "search.methods=[channel]"), None),
     # files the run reads
     (["finetune.weights_path={in}/empty.pt"], ("finetune.weights_path", "empty"), empty),
     (["finetune.weights_path={in}/garbage.pt"], ("finetune.weights_path", "not a PyTorch weights file"), garbage),

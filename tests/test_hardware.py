@@ -82,8 +82,8 @@ PRECISION_CASES = [
     (AVX2, "bf16-true", "bf16-true", "emulated"),
     (AVX2, "bf16", "bf16-mixed", "emulated"),
     (AVX512, "bf16-mixed", "bf16-mixed", "emulated"),
-    (AVX2, "16-mixed", "16-mixed", "fp16 is poorly supported"),
-    (AVX512_BF16, "16", "16-mixed", "fp16 is poorly supported"),
+    (AVX2, "16-mixed", "16-mixed", "runs bf16-mixed"),
+    (AVX512_BF16, "16", "16-mixed", "runs bf16-mixed"),
     (AVX2, "32-true", "32-true", None),
     (AVX2, "32", "32-true", None),
     (AVX2, 32, "32-true", None),
@@ -237,3 +237,28 @@ def test_detect_cuda_without_a_gpu_says_so():
     else:
         with pytest.raises(ConfigError, match="no usable CUDA"):
             detect("cuda")
+
+
+def test_fp16_amp_asked_on_a_cpu_reports_the_bf16_mixed_that_lightning_runs(monkeypatch, tmp_path):
+    res = resolve_precision("16-mixed", AVX2)
+    assert res.value == "16-mixed" and res.ran == "bf16-mixed"  # the value (and the cache key) stays
+    assert "training ran bf16-mixed" in res.reason and "honoured" not in res.reason
+    assert resolve_precision("16-mixed", SM75).ran is None  # CUDA runs fp16 AMP as asked
+    from prunelab import hardware
+    from prunelab.compose import compose
+    from prunelab.resolve import resolve_auto
+
+    monkeypatch.setattr(hardware, "detect", lambda device: AVX2)
+    cfg = compose(["+experiment=smoke", "trainer.precision=16-mixed", "trainer.accelerator=cpu"], tmp_path)
+    rec = resolve_auto(cfg)
+    assert rec["trainer.precision"]["ran"] == "bf16-mixed" and cfg.trainer.precision == "16-mixed"
+    assert rec["latency.dtype"]["reason"].startswith("auto: ")
+
+
+def test_a_deploy_dtype_left_auto_is_reported_as_auto():
+    from prunelab.pipeline import _dtype_reasons
+
+    report = {"latency": {"runtime": {"dtype_reason": "explicit latency.dtype=bfloat16 honoured on x"}}}
+    _dtype_reasons(report, {"latency.dtype": {"requested": "auto", "value": "bfloat16",
+                                              "reason": "auto: native bf16; using torch.bfloat16"}})
+    assert report["latency"]["runtime"]["dtype_reason"].startswith("auto: ")

@@ -107,3 +107,20 @@ def test_sparse_kernels_on_ampere_or_newer():
     out, used, reason = to_sparse_kernels(model, torch.float16)
     assert used, reason
     assert torch.allclose(out(x.half()).float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_a_ratio_beyond_reach_reports_what_was_reached_and_why():
+    from prunelab.report.markdown import summary_rows
+
+    pruner = SemiStructuredPruner(net())
+    pruner.apply(0.7)
+    st = pruner.stats()
+    assert st["sparsity"] < 0.5 and "the most 2:4 reaches here" in st["shortfall"]
+    pruner.apply(0.1)  # between two layers: the next one would overshoot
+    assert "would have passed 0.10" in pruner.stats()["shortfall"]
+    pruner.apply(0.5)
+    assert "shortfall" not in pruner.stats() or pruner.stats()["sparsity"] < 0.495
+    pruner.finish(0.7)
+    assert "shortfall" in pruner.stats()  # still said once the pristine copy is gone
+    report = {"dense": {}, "pruned": {"ratio": 0.7, "ratio_reached": st["sparsity"]}}
+    assert summary_rows(report)[0][2] == f"0.70 asked, {st['sparsity']:.3f} reached"

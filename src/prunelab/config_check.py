@@ -259,6 +259,11 @@ def check_values(cfg: DictConfig) -> None:
         # ranks could not agree on the fastest model.
         raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
                           "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
+    methods_listed = [str(m) for m in ((cfg.get("search") or {}).get("methods") or [])]
+    repeated = sorted({m for m in methods_listed if methods_listed.count(m) > 1})
+    if repeated:  # each would be walked and listed twice, and its verdicts counted twice
+        raise ConfigError(f"search.methods lists {', '.join(repeated)} more than once; list each method once, e.g. "
+                          f"search.methods=[{','.join(dict.fromkeys(methods_listed))}]")
     if cfg.trainer.get("max_epochs") is None:  # removed with ~trainer.max_epochs: Lightning would train 1000
         raise ConfigError("trainer.max_epochs is missing; set it to the number of fine-tuning epochs, e.g. "
                           "trainer.max_epochs=10")

@@ -79,6 +79,7 @@ class Resolution:
     value: Any  # what to use: a Lightning precision string, a torch.dtype or a bool
     reason: str  # one sentence for logs and reports
     warning: str | None = None  # one line when an explicit choice will be slow or badly supported
+    ran: Any = None  # what actually runs, where a library substitutes another value for ``value``
 
 
 def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
@@ -159,6 +160,14 @@ def resolve_precision(requested: str | int, hw: Hardware) -> Resolution:
     warning = _slow_warning("trainer.precision", value, kind, hw)
     if value.startswith("transformer-engine") and hw.kind != "cuda":
         warning = f"trainer.precision={value} needs a CUDA GPU with Transformer Engine; {hw.describe()} has none"
+    if value == "16-mixed" and hw.kind == "cpu":
+        # Lightning has no fp16 AMP on a CPU and trains in bf16-mixed instead; the value itself is
+        # kept (it names the training, and so the fine-tune cache entry) but the report says what ran.
+        ran = "bf16-mixed"
+        return Resolution(value, f"explicit trainer.precision={value} on {hw.describe()}: Lightning has no fp16 AMP on "
+                                 f"a CPU, so training ran {ran} (evaluation float32)",
+                          f"trainer.precision={value} on CPU runs {ran} (Lightning's substitute for fp16 AMP there); "
+                          f"set trainer.precision={ran} or 32-true to ask for what runs", ran)
     return Resolution(value, f"explicit trainer.precision={value} honoured on {hw.describe()}", warning)
 
 

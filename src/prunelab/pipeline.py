@@ -216,6 +216,18 @@ def _timing_spread(lat: dict, dense: dict | None, pruned: dict | None) -> None:
             "the paired interval allows for drift, but rerun on an idle machine before quoting these figures.")
 
 
+def _dtype_reasons(report: dict, resolved: dict) -> None:
+    """The deploy dtype's reason as the run decided it: ``resolve_auto`` made ``latency.dtype``
+    concrete before the deploy forms saw it, so their own reason would call an ``auto`` explicit."""
+    rec = resolved.get("latency.dtype")
+    if not rec:
+        return
+    for section in (report.get("latency"), (report.get("search") or {}).get("final_round")):
+        rt = (section or {}).get("runtime")
+        if isinstance(rt, dict) and "dtype_reason" in rt:
+            rt["dtype_reason"] = rec["reason"]
+
+
 def _check_classes(dm, model: DictConfig) -> None:
     """The head must have one output per class the data hold (class folders set their own count)."""
     n = getattr(dm, "num_classes", None)
@@ -323,6 +335,11 @@ def run(cfg: DictConfig) -> dict:
                                pruned_lat)
         pruned.update(ratio=outcome.ratio, method=method, scope=p.scope, schedule=p.schedule,
                       layers=stats["layers"], sparsity=stats["sparsity"], nonzero=stats["nonzero"])
+        if stats.get("shortfall"):  # the ratio asked for was not reached: say what was, and why
+            pruned["ratio_reached"] = stats["sparsity"]
+            outcome.notes.append(f"{method} at ratio {outcome.ratio:.2f} zeroed {stats['sparsity']:.3f} of the "
+                                 f"weights: {stats['shortfall']}.")
+            report["prune_notes"] = outcome.notes
         for key in ("macs", "dense_macs", "channels", "channels_removed", "two_four_layers"):
             if key in stats:
                 pruned[key] = stats[key]
@@ -343,6 +360,7 @@ def run(cfg: DictConfig) -> dict:
                                                          out / "export" / "pruned.onnx", cfg.latency)
             files.update(save_pruned("channel" if method.startswith("channel") else method, pruned_net,
                                      out / "models", cfg.model.arch, cfg.model.num_classes))
+    _dtype_reasons(report, resolved)
     report["files"] = files
     report["finetune"] = ft.to_dict()
     report["timing_s"] = timing

@@ -75,6 +75,8 @@ def resolve_auto(cfg: DictConfig) -> dict:
         with open_dict(node):
             node[name] = value
         record[key] = {"requested": requested, "value": value, "reason": res.reason}
+        if res.ran is not None:
+            record[key]["ran"] = res.ran
         if res.warning:
             warnings.warn(res.warning, stacklevel=2)
             log.warning("%s", res.warning)

@@ -83,6 +83,7 @@ class SemiStructuredPruner:
         self._chosen: dict[float, list[str]] = {}
         self.layers: list[str] = []
         self.ratio: float = 0.0
+        self._shortfall: str | None = None
 
     def prepare(self, ratios: Iterable[float]) -> None:
         """Mask and score every eligible layer once; then each ratio's layer list is a prefix."""
@@ -124,6 +125,7 @@ class SemiStructuredPruner:
         """Restore every weight, then zero the 2:4 pattern in ``ratio``'s layers; returns the model."""
         self.layers = self.layers_for(ratio)
         self.ratio = round(float(ratio), 6)
+        self._shortfall = self._why_short(self.layers)
         chosen = set(self.layers)
         for name, w in self._state.weights.items():
             original = self._state.original[name]
@@ -133,10 +135,28 @@ class SemiStructuredPruner:
                 w.copy_(original)
         return self.model
 
+    def _why_short(self, layers: list[str]) -> str | None:
+        """Why the weights zeroed fall short of the ratio asked for (None where they reach it, to
+        half a point): whole layers go to 2:4, half of each; the head and layers whose input groups
+        are not a multiple of 4 never do."""
+        total = sum(w.numel() for w in self._state.original.values())
+        zeroed = sum(int((~self._masks[n]).sum()) for n in layers)
+        if zeroed / total >= self.ratio - 0.005:
+            return None
+        most = sum(int((~m).sum()) for m in self._masks.values()) / total
+        if len(layers) == len(self._order):
+            return (f"every eligible layer is 2:4 (half its weights zero) and the head and layers whose input groups "
+                    f"are not a multiple of 4 are never converted: {most:.3f} is the most 2:4 reaches here")
+        nxt = self._order[len(layers)][0]
+        return (f"2:4 converts whole layers, half of each: the next cheapest layer ({nxt}) would have passed "
+                f"{self.ratio:.2f}")
+
     def stats(self) -> dict:
         out = sparsity(self._state.weights if self._state else prunable_weights(self.model))
         out.update(ratio=self.ratio, two_four_layers=list(self.layers),
                    loss={name: loss for name, loss in self._order if name in set(self.layers)})
+        if self._shortfall:
+            out["shortfall"] = self._shortfall
         return out
 
     def keep_masks(self) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     d, p = report["dense"], report.get("pruned") or {}
     dl, pl = d.get("latency_ms"), p.get("latency_ms")
     rows = [
-        ("ratio", "0", f"{p['ratio']:.2f}" if p else "-"),
+        ("ratio", "0", (f"{p['ratio']:.2f}" + (f" asked, {p['ratio_reached']:.3f} reached"
+                                                if p.get("ratio_reached") is not None else "")) if p else "-"),
         ("val acc", _acc(d.get("val_acc")), _acc(p.get("val_acc"))),
         ("test acc", _acc(d.get("test_acc")), _acc(p.get("test_acc"))),
         ("nonzero weights", _int(d.get("nonzero")), _int(p.get("nonzero"))),
