@@ -303,3 +303,15 @@ def test_worthy_quick_runs_every_step_and_copies_each_schedules_report(tmp_path)
     assert set(res["comparison_by_batch"]) == {"8", "1"}
     assert "dense_eager_fp32_nchw" in res["comparison_by_batch"]["8"]["latency_ms_p50"]
     assert (tmp_path / f"{res['tag']}.json").is_file() and (tmp_path / f"{res['tag']}.md").is_file()
+
+
+def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
+    from benchmarks.recipe_cost import val_curve
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/acc,train/loss,train/loss_step,val/acc,val/loss\n"
+        "0,19,,,2.3,,\n0,312,,,,0.25,2.0\n0,312,0.2,2.1,,,\n1,625,,,,0.5,1.5\n")
+    assert val_curve(tmp_path) == [{"epoch": 1, "val_acc": 25.0}, {"epoch": 2, "val_acc": 50.0}]
+    with pytest.raises(SystemExit, match="no csv/metrics.csv"):
+        val_curve(tmp_path / "elsewhere")
