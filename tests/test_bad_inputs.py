@@ -168,6 +168,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["++search.objective=speed"], ("search.objective",), None),
     (["++search.methods=[channel+bogus]"], ("search.methods",), None),
     (["++search.confidence=1.5"], ("search.confidence",), None),
+    (["+search.tolerence=2"], ("search.tolerence", "did you mean search.tolerance?"), None),
+    (["+prune.ratoi=0.5"], ("prune.ratoi", "did you mean prune.ratio?"), None),
     (["search.methods=[channel,channel]"], ("search.methods", "channel more than once",
                                              "search.methods=[channel]"), None),
     # files the run reads
@@ -322,3 +324,27 @@ def test_a_chance_level_search_stops_with_one_line_and_allow_weak_model_goes_on(
     assert execute(cfg) == 0
     notes = __import__("json").loads((Path(cfg.paths.output_dir) / "report.json").read_text())["notes"]
     assert any(n.startswith("search.allow_weak_model=true searched although the dense model") for n in notes)
+
+
+def test_cli_refused_run_leaves_no_run_folder_and_no_hydra_warning(tmp_path):
+    """From a fresh folder, no paths given: the run folder Hydra made is gone with the refusal, and
+    the folders resolve outside a Hydra job (no RunDirCheck warning about HydraConfig)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "prunelab.train", *SMOKE, "search.grid=abc"], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, HYDRA_FULL_ERROR="0"))
+    _one_error_line(r)
+    assert "HydraConfig was not set" not in r.stderr and "RunDirCheck" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # not even logs/smoke/runs/<time>/.hydra
+
+
+def test_run_folders_of_two_processes_started_in_one_second_differ(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import prunelab.resolvers as r; from omegaconf import OmegaConf; r.register();"
+            "print(OmegaConf.create({'d': 'x_${prunelab.run_id:}'}).d)")
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+           for _ in range(2)}
+    assert len(ids) == 2

@@ -130,6 +130,24 @@ def test_multirun_ratio_grid_finetunes_once(run_cli, tmp_path):
     assert (summaries[0].parent / "summary.md").is_file()
 
 
+def test_readme_multirun_runs_from_any_folder_without_paths(tmp_path):
+    """`python -m prunelab.train -m prune.ratio=...` as the README writes it (no paths.*), from a
+    folder that is not the checkout: the sweep folder resolves before the jobs start."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "prunelab.train", "-m", "+experiment=smoke", "model=resnet18",
+                        "trainer.limit_train_batches=1", "stages.latency=false", "prune.ratio=0.3,0.5"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       env=dict(os.environ, HYDRA_FULL_ERROR="0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "HydraConfig was not set" not in r.stderr
+    sweeps = list((tmp_path / "logs" / "smoke" / "multiruns").iterdir())
+    assert len(sweeps) == 1 and (sweeps[0] / "summary.json").is_file()
+    assert sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+
+
 def test_nothing_within_tolerance_keeps_dense_and_times_it_alone(tmp_path):
     """Every candidate fails (99% of the weights gone, no tolerance): the dense model stands. It is
     not timed against itself (two timings of one model differ only by noise), no speedup or

@@ -9,6 +9,7 @@ skipped, so config groups may add keys or leave optional ones out.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
@@ -239,7 +240,40 @@ def _show(v) -> str:
     return str(v)
 
 
+# prunelab's own config groups: every key they may hold is in their option files (model, data and
+# trainer pass further keys on to torchvision, the data module and Lightning, so they are open).
+OWN_GROUPS = ("search", "prune", "latency", "finetune", "stages")
+
+
+def known_keys(group: str) -> set[str]:
+    """The keys of ``group`` across its option files under conf/ (``stages``: train.yaml's)."""
+    conf = Path(__file__).parent / "conf"
+    files = [conf / "train.yaml"] if group == "stages" else sorted((conf / group).glob("*.yaml"))
+    keys: set[str] = set()
+    for f in files:
+        node = OmegaConf.load(f)
+        node = node.get(group) if group == "stages" else node
+        keys |= {str(k) for k in (node or {}) if k != "defaults"}
+    return keys
+
+
+def check_unknown_keys(cfg: DictConfig) -> None:
+    """A key prunelab never reads, added to one of its own groups (``+search.tolerence=2``), stops
+    the run with the nearest valid name instead of being ignored."""
+    for group in OWN_GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        known = known_keys(group)
+        for key in node:
+            if str(key) not in known:
+                near = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"did you mean {group}.{near[0]}?" if near else f"valid keys: {', '.join(sorted(known))}"
+                raise ConfigError(f"{group}.{key} is not a prunelab setting (it would be ignored); {hint}")
+
+
 def check_values(cfg: DictConfig) -> None:
+    check_unknown_keys(cfg)
     if _get(cfg, "data._target_") == IMAGEFOLDER_TARGET and not _get(cfg, "data.root"):
         raise ConfigError("data=imagefolder needs data.root=PATH: a folder holding train/ and test/ (and val/), "
                           "one subfolder of images per class in each")

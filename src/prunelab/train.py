@@ -86,10 +86,36 @@ def execute(cfg: DictConfig) -> int:
     return _run(cfg)[0]
 
 
+def _remove_refused_run_folder(cfg: DictConfig) -> None:
+    """A refused run leaves nothing behind: Hydra made the run folder (its ``.hydra/`` and
+    ``train.log``) before prunelab could refuse; where that is all it holds, it goes, with the
+    folders above it that it leaves empty, up to ``paths.log_dir``."""
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        log_dir = Path(str(cfg.paths.log_dir)).resolve()
+    except Exception:  # not a Hydra run, or no paths: nothing of ours to tidy
+        return
+    if not out.is_dir() or {p.name for p in out.iterdir()} - {".hydra", "train.log"}:
+        return
+    logging.shutdown()  # closes Hydra's handle on train.log
+    shutil.rmtree(out, ignore_errors=True)
+    folder = out.resolve().parent
+    while folder != log_dir.parent and log_dir in (folder, *folder.parents) and folder.is_dir() \
+            and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     status, report = _run(cfg)
     if status:
+        _remove_refused_run_folder(cfg)
         sys.exit(status)
     # The value a Hydra sweeper would optimise: the chosen ratio's validation accuracy.
     pruned = report.get("pruned") or report.get("dense") or {}
