@@ -59,6 +59,10 @@ def lightning_ckpt(tmp: Path, cfg) -> None:
                tmp / "last.ckpt")
 
 
+def not_a_checkpoint(tmp: Path, cfg) -> None:
+    torch.save({"a": 1}, tmp / "dict.ckpt")  # loads, but holds no Lightning checkpoint
+
+
 def ckpt_and_weights(tmp: Path, cfg) -> None:
     lightning_ckpt(tmp, cfg)
     garbage(tmp, cfg)
@@ -188,6 +192,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["ckpt_path={in}"], ("ckpt_path", "directory"), None),
     (["ckpt_path={in}/empty.pt"], ("ckpt_path", "empty"), empty),
     (["ckpt_path={in}/garbage.pt"], ("ckpt_path",), garbage),
+    (["ckpt_path={in}/dict.ckpt"], ("ckpt_path", "dict.ckpt"), not_a_checkpoint),
     (["ckpt_path={in}/last.ckpt", "finetune.weights_path={in}/garbage.pt"], ("ckpt_path", "finetune.weights_path"),
      ckpt_and_weights),
     ([], ("cached fine-tune", "dense.pt", "finetune.cache=false"), corrupt_cache),
@@ -348,3 +353,18 @@ def test_run_folders_of_two_processes_started_in_one_second_differ(tmp_path):
     ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
            for _ in range(2)}
     assert len(ids) == 2
+
+
+def test_sigint_is_one_line_saying_what_was_kept_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import prunelab.pipeline
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prunelab.pipeline, "run", interrupted)
+    cfg = compose_cfg(tmp_path, SMOKE)
+    capsys.readouterr()
+    assert execute(cfg) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunelab: interrupted: kept")
+    assert "ckpt_path=auto" in err[0] and "Traceback" not in err[0]

@@ -331,6 +331,12 @@ def _check_ckpt(cfg: DictConfig) -> None:
     problem = file_problem(path, inside=("checkpoints/last.ckpt", "last.ckpt"))
     if problem is None and not zipfile.is_zipfile(path):
         problem = "is not a checkpoint written by Lightning (torch.save's zip format)"
+    if problem is None:
+        from prunelab.checkpoints import read_checkpoint
+
+        if read_checkpoint(path) is None:  # mapped, not read: cheap however large
+            problem = ("loads, but is not a complete Lightning checkpoint (no state_dict and global_step; "
+                       "a torch.save of something else, or a file cut short)")
     if problem:
         raise ConfigError(f"ckpt_path={path} {problem}; point it at a Lightning checkpoint such as an earlier "
                           "run's checkpoints/last.ckpt, or set ckpt_path=null")

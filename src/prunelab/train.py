@@ -79,6 +79,18 @@ def _run(cfg: DictConfig) -> tuple[int, dict | None]:
     except PrunelabError as exc:
         _fail(str(exc))  # one line, whatever the message holds: "one line naming what to change"
         return 2, None
+    except KeyboardInterrupt:
+        _interrupted(cfg)
+        return 130, None
+
+
+def _interrupted(cfg: DictConfig) -> None:
+    """SIGINT (Ctrl-C): one line saying what was kept and how to go on, no traceback."""
+    paths = cfg.get("paths") or {}
+    out, cache = paths.get("output_dir", "the run folder"), cfg.get("finetune", {}).get("cache_dir", "the cache")
+    print(f"prunelab: interrupted: kept what was complete in {out} (the newest checkpoints/last.ckpt while "
+          f"fine-tuning; search verdicts in the journal under {cache}/journals; result files are written whole or "
+          "not at all); resume: run the same command again with ckpt_path=auto", file=sys.stderr, flush=True)
 
 
 def execute(cfg: DictConfig) -> int:
