@@ -238,3 +238,12 @@ def test_cli_exports_real_vgg16(tmp_path, channel):
     assert (run / "export" / "dense_folded.onnx").stat().st_size < 0.3 * (run / "export" / "dense.onnx").stat().st_size
     proc = cli(run, "--batch", "0")
     assert proc.returncode != 0 and "--batch" in proc.stderr
+
+
+def test_cli_refuses_an_opset_below_the_exporters_in_one_line(tmp_path, capsys):
+    from prunelab.export import main
+
+    assert main([str(tmp_path), "--opset", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--opset 7" in err[0] and "--opset 18" in err[0]
+    assert not (tmp_path / "export").exists()

@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--batch", type=int, default=8, help="batch size of the check (the ONNX batch is dynamic)")
     args = parser.parse_args(argv)
+    if args.opset < DEFAULT_OPSET:  # the exporter would fail twice in ONNX and then write 18 anyway
+        print(f"prunelab-export: error: --opset {args.opset} is below what the exporter writes (torch.onnx's "
+              f"dynamo exporter: opset {DEFAULT_OPSET} and up); use --opset {DEFAULT_OPSET} or higher", file=sys.stderr)
+        return 2
     try:
         require_onnx()
         export_run(args.run_dir, fold=args.fold_pool, opset=args.opset, batch=args.batch)
