@@ -29,8 +29,8 @@ from filelock import FileLock
 from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.data import data_identity
 from prunelab.checkpoints import ResumeState, find_resume_checkpoint, read_checkpoint
+from prunelab.data import data_identity
 from prunelab.errors import ConfigError, WeightsFileError
 from prunelab.io import load_state_dict, save_state_dict, write_json
 
