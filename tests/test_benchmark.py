@@ -315,3 +315,25 @@ def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
     assert val_curve(tmp_path) == [{"epoch": 1, "val_acc": 25.0}, {"epoch": 2, "val_acc": 50.0}]
     with pytest.raises(SystemExit, match="no csv/metrics.csv"):
         val_curve(tmp_path / "elsewhere")
+
+
+def test_the_results_index_in_benchmarks_readme_is_what_the_result_files_give():
+    from benchmarks import results_table
+
+    assert results_table.main(["--check"]) == 0, "run: python -m benchmarks.results_table"
+
+
+def test_results_index_names_benchmarks_and_counts_goals(tmp_path):
+    from benchmarks.results_table import benchmark_of, goals_met, render, rows
+
+    assert benchmark_of("deploy-call-nvidia-h200") == ("deploy-call", "nvidia-h200")
+    assert benchmark_of("deploy-x86_64-cpu-2threads") == ("deploy", "x86_64-cpu-2threads")
+    assert benchmark_of("cpu-2threads") == ("compare", "cpu-2threads")
+    assert goals_met({"goals": {"a": {"met": True}, "b": {"met": False}, "c": True}}) == "2/3"
+    assert goals_met({}) == "-"
+    (tmp_path / "2026-01-02-worthy-cpu.json").write_text('{"goals": {"x": {"met": true}}}')
+    (tmp_path / "2026-01-02-worthy-cpu.md").write_text("# figures")
+    (tmp_path / "notes.json").write_text("{}")  # not a dated result: left out
+    table = render(rows(tmp_path))
+    assert "| 2026-01-02 | worthy | cpu | 1/1 | [2026-01-02-worthy-cpu.md](results/2026-01-02-worthy-cpu.md) |" in table
+    assert "notes" not in table
