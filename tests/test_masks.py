@@ -113,6 +113,15 @@ def tied_toy(seed=0, zeros=True):
     return model
 
 
+def with_head_floor(keep, w):
+    """The head rule spelled out slowly: a row left with no nonzero weight keeps its largest |w|."""
+    keep = keep.clone()
+    for i in range(w.shape[0]):
+        if not (keep[i] & (w[i] != 0)).any() and (w[i] != 0).any():
+            keep[i, int(w[i].abs().argmax())] = True
+    return keep
+
+
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 @pytest.mark.parametrize("zeros", [True, False])
 def test_pruner_with_ties_and_zeros_counts_exactly_and_matches_masks(scope, zeros, monkeypatch):
@@ -129,19 +138,24 @@ def test_pruner_with_ties_and_zeros_counts_exactly_and_matches_masks(scope, zero
             p.apply(r)
             live = prunable_weights(model)
             stats = p.stats()
+            kept_rows = stats.pop("head_rows_kept", 0)
             assert stats == sparsity(live), (r, chunk)  # counts from the cuts == a counting pass
             ref = magnitude_masks(pristine, r, scope)
             groups = [list(ref)] if scope == "global" else [[n] for n in ref]
             for names in groups:
                 n = sum(pristine[k].numel() for k in names)
                 assert sum(int(torch.count_nonzero(~ref[k])) for k in names) == round(r * n)
+            ref = dict(ref, **{"4": with_head_floor(ref["4"], pristine["4"])})
+            assert kept_rows == int((ref["4"] & ~magnitude_masks(pristine, r, scope)["4"]).sum()), (r, chunk)
             got = p.keep_masks()
             for name, w in live.items():
                 assert torch.equal(got[name], ref[name]), (r, chunk, name)
                 assert torch.equal(w, torch.where(ref[name], pristine[name], 0.0)), (r, chunk, name)
     # after finish the masks come from the pruned weights alone, and are the same
-    expected = magnitude_masks(pristine, 0.5, scope)
-    p.finish(0.5)
+    expected = magnitude_masks(pristine, 0.9, scope)
+    expected["4"] = with_head_floor(expected["4"], pristine["4"])
+    assert not torch.equal(expected["4"], magnitude_masks(pristine, 0.9, scope)["4"])  # the floor is exercised
+    p.finish(0.9)
     assert not p._state.original
     for name, m in p.keep_masks().items():
         assert torch.equal(m, expected[name]), name
@@ -202,3 +216,43 @@ def test_half_precision_ties_prune_exactly_the_count(dtype):
     pruner.apply(0.125)
     assert int((m.weight == 0).sum()) == 1 == pruner.stats()["zeros"]
     assert m.weight[0, 1] == 0  # the first tied entry in flat order, as torch's pruning picks
+
+
+def small_head_net():
+    """A net whose head weights are the smallest of all (as after a barely trained fine-tune)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        net[8].weight.mul_(1e-3)
+    return net
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_magnitude_099_leaves_every_head_row_a_nonzero_weight(scope):
+    net = small_head_net()
+    pristine = net[8].weight.detach().clone()
+    cut = magnitude_masks(prunable_weights(net), 0.99, scope)["8"]
+    if scope == "global":
+        assert not cut.any()  # torch's global cut alone would empty the whole head
+    p = MagnitudePruner(net, scope)
+    p.finish(0.99)
+    head = net[8].weight
+    assert bool((head != 0).any(1).all())  # every class keeps a weight
+    for i in range(10):  # ... its largest one, unchanged
+        j = int(pristine[i].abs().argmax())
+        assert head[i, j] == pristine[i, j]
+    assert p.stats()["head_rows_kept"] == int((~cut.any(1)).sum())
+    groups = [p.stats()["params"]] if scope == "global" else [w.numel() for w in prunable_weights(net).values()]
+    assert p.stats()["zeros"] == sum(round(0.99 * n) for n in groups) - p.stats()["head_rows_kept"]
+    assert bool(p.keep_masks()["8"].any(1).all())  # recovery holds the kept weights trainable
+
+
+def test_magnitude_callback_at_099_keeps_the_head():
+    from prunelab.callbacks import MagnitudePruning
+
+    net = small_head_net()
+    cb = MagnitudePruning(0.99, scope="global", when="fit_start")
+    stats = cb.prune(net)  # a plain module is its own network
+    assert bool((net[8].weight != 0).any(1).all()) and stats["head_rows_kept"] == 10
+    assert bool(cb.masks["8"].any(1).all())

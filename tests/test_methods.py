@@ -107,3 +107,24 @@ def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
     for name, w in prunable_weights(recovered).items():
         assert torch.all(w[~masks[name]] == 0), name  # momentum and weight decay revived nothing
+
+
+@pytest.mark.parametrize("method, scope", [("magnitude", "global"), ("magnitude", "layerwise"), ("semi_structured", "global"),
+                                           ("channel", "global"), ("channel+semi_structured", "global"),
+                                           ("magnitude+semi_structured", "global")])
+def test_no_method_empties_the_head_at_099(method, scope):
+    from torch import nn
+
+    from prunelab.pruning.registry import make_pruner
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        net[8].weight.mul_(1e-3)  # the smallest weights of all: a global magnitude cut takes them first
+    pruned = make_pruner(method, net, scope=scope).finish(0.99)
+    head = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1]
+    assert head.out_features == 10
+    assert bool((head.weight != 0).any(1).all()), "a class row of the head was emptied"
+    out = pruned.eval()(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)

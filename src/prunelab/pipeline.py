@@ -340,7 +340,10 @@ def run(cfg: DictConfig) -> dict:
             outcome.notes.append(f"{method} at ratio {outcome.ratio:.2f} zeroed {stats['sparsity']:.3f} of the "
                                  f"weights: {stats['shortfall']}.")
             report["prune_notes"] = outcome.notes
-        for key in ("macs", "dense_macs", "channels", "channels_removed", "two_four_layers"):
+        if stats.get("head_rows_kept"):  # the floor that keeps every class scored from the input
+            outcome.notes.append(f"{method} at ratio {outcome.ratio:.2f} would have zeroed every weight of "
+                                 f"{stats['head_rows_kept']} class row(s) of the head: each keeps its largest weight.")
+        for key in ("macs", "dense_macs", "channels", "channels_removed", "two_four_layers", "head_rows_kept"):
             if key in stats:
                 pruned[key] = stats[key]
         if kernel_note:

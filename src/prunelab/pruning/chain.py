@@ -3,7 +3,9 @@
 The chain's ratio is its first method's; every later method runs at its full extent on the network
 the earlier ones left (``semi_structured``: every eligible layer 2:4). So a search over the chain
 walks the channel ratio, each candidate a smaller dense network whose Linear layers are also 2:4.
-Stats count zeros against the original dense network, like every other pruner.
+Stats count zeros against the original dense network, like every other pruner. No link empties the
+classification head: ``channel`` and ``semi_structured`` leave it whole, and ``magnitude`` keeps each
+class row at least its largest weight.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class ChainPruner:
         self.current: nn.Module | None = None
         self.links: list = []
         self.ratio = 0.0
+
+    @property
+    def head_rule(self) -> str | None:
+        return getattr(self.first, "head_rule", None)
 
     def prepare(self, ratios: Iterable[float]) -> None:
         self.first.prepare(ratios)

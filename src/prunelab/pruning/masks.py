@@ -276,6 +276,20 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], ratio: float, scope: st
     return keep_masks(weights, rank(weights, [ratio], scope)[float(ratio)])
 
 
+@torch.no_grad()
+def emptied_rows(kept: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a head keeps one weight per class: ``(rows, cols)`` of each output row of ``source``
+    that has a nonzero weight but of which ``kept`` (a keep-mask or the cut weights, same shape)
+    leaves no nonzero one, with the column of that row's largest ``|w|`` (the first of equal ones
+    in flat order). A row whose weights are all zero has nothing to keep and is not listed."""
+    src = source.detach().reshape(source.shape[0], -1)
+    alive = kept.detach().reshape(src.shape[0], -1) != 0
+    if kept.dtype == torch.bool:
+        alive = alive & (src != 0)
+    rows = torch.nonzero(~alive.any(1) & (src != 0).any(1)).flatten()
+    return rows, src[rows].abs().argmax(1)
+
+
 def summarize(layers: dict[str, dict]) -> dict:
     """Totals over per-layer ``{"params", "zeros"}``, in the shape ``sparsity`` returns."""
     total = sum(v["params"] for v in layers.values())

@@ -130,7 +130,10 @@ class OneShotSearch:
         journal = Journal(self.journal_path if rank_zero else None,
                           dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
                                tolerance=self.tolerance, exact=self.exact, options=self.pruner_options,
-                               fast_eval=self.fast_eval, confidence=self.confidence))
+                               fast_eval=self.fast_eval, confidence=self.confidence,
+                               # A verdict reached under another head rule (magnitude before it kept
+                               # a weight per class) is not this one's.
+                               **({"head_rule": pruner.head_rule} if getattr(pruner, "head_rule", None) else {})))
 
         def evaluate(ratio: float, max_errors: int | None) -> Evaluation:
             candidate = pruner.apply(ratio).to(device)
