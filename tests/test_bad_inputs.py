@@ -8,6 +8,7 @@ caught only after training starts fails the test too; a few run as real subproce
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,14 @@ def output_is_a_file(tmp: Path, cfg) -> None:
 
 def offline(tmp: Path, cfg) -> None:
     (tmp / "nodata").mkdir()
+
+
+def no_tensorboard(tmp: Path, cfg, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # a bare install, whatever this machine has
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else find_spec(name, *a))
 
 
 # (overrides, what the one line must contain (the key first), input maker or None)
@@ -203,6 +212,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     # offline: every missing prerequisite in one message
     (["data=cifar10", "data.download=false", "data.root={in}/nodata", "model.weights=IMAGENET1K_V1"],
      ("data.download=false", "data_batch_1", "model.weights=IMAGENET1K_V1", "vgg16-397923af.pth"), offline),
+    # extras a setting needs
+    (["logger=tensorboard"], ("logger=tensorboard", "pip install prunelab[tensorboard]"), no_tensorboard),
 ]
 
 
@@ -226,8 +237,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(lightning.Trainer, "fit", no_training)
     cfg = compose_cfg(tmp_path, SMOKE + [o.replace("{in}", str(inputs)) for o in overrides])
-    if make is not None:
-        make(inputs, cfg)
+    if make is not None:  # a maker that takes monkeypatch changes what this machine has, for this case only
+        make(inputs, cfg, *([monkeypatch] if make.__code__.co_argcount == 3 else []))
     before = _files(tmp_path)
     capsys.readouterr()
 
@@ -289,6 +300,14 @@ def test_cli_unwritable_log_dir(run_cli, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     line = _one_error_line(run_cli(*SMOKE, f"paths.log_dir={tmp_path / 'afile' / 'logs'}"))
     assert "hydra.run.dir" in line and "paths.log_dir" in line
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")),
+                    reason="tensorboard is installed here")
+def test_cli_tensorboard_without_the_extra(run_cli, tmp_path):
+    line = _one_error_line(run_cli(*SMOKE, "logger=tensorboard"))
+    assert "logger=tensorboard" in line and "pip install prunelab[tensorboard]" in line
+    _nothing_written(tmp_path / "logs")
 
 
 def test_cli_offline_reports_data_and_weights_together(run_cli, tmp_path):

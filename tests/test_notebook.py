@@ -176,6 +176,28 @@ def test_notebook_reports_missing_file(tmp_path, monkeypatch, python3_kernel):
         client.execute()
 
 
+@pytest.mark.parametrize("text, says", [
+    ('{"accuracy": 0.9, "ratio": 0.5}', "is not a prunelab report (no 'dense' section)"),
+    ("[1, 2, 3]", "is not a prunelab report (no 'dense' section)"),
+    ("val_acc,ratio\n91.2,0.5\n", "is not JSON"),
+    ('{"jobs": [], "seeds": {}}', "is a multirun's summary, not a run's report"),
+])
+def test_notebook_says_in_one_line_what_is_not_a_report(tmp_path, monkeypatch, python3_kernel, text, says):
+    path = tmp_path / "other.json"
+    path.write_text(text)
+    monkeypatch.setenv("PRUNELAB_REPORT", str(path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name=python3_kernel,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as err:
+        client.execute()
+    assert says in str(err.value) and "KeyError" not in str(err.value)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and len(errors[0].traceback) == 1  # one line, no traceback
+    assert errors[0].traceback[0].startswith("ReportError: ") and str(path) in errors[0].traceback[0]
+    assert "PRUNELAB_REPORT" in errors[0].traceback[0] or "report.json" in errors[0].traceback[0]
+
+
 def make_across_report() -> dict:
     """The same run searched with search.objective=latency across magnitude and channel."""
     report = make_report()

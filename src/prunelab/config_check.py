@@ -360,6 +360,12 @@ def _check_machine(cfg: DictConfig) -> None:
                           f"{', '.join(common)}")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps but this machine has no MPS device; use trainer.accelerator=cpu or auto")
+    for name, logger in (cfg.get("logger") or {}).items():
+        # Lightning's TensorBoardLogger writes with tensorboard, or else tensorboardX.
+        if logger and str(logger.get("_target_", "")).endswith("TensorBoardLogger") and not any(
+                importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+            raise ConfigError(f"logger={name} needs the tensorboard extra (tensorboard is not installed): "
+                              "pip install prunelab[tensorboard], or use logger=csv")
     if cfg.stages.get("latency") and cfg.get("latency", {}).get("onnx"):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
