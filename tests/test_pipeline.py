@@ -1,6 +1,7 @@
 """End to end: the smoke run, a sweep on learnable synthetic data, fixed ratios, reuse, resume."""
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -31,8 +32,9 @@ def test_smoke_writes_every_output_and_vgg16_loads_strict(tmp_path):
     report = run(cfg)
     out = Path(cfg.paths.output_dir)
     assert validate(json.loads((out / "report.json").read_text())) == []
-    for name in ("report.md", "checkpoints/last.ckpt", "accuracy_vs_ratio.png", "latency.png", "layer_sparsity.png"):
+    for name in ("report.md", "accuracy_vs_ratio.png", "latency.png", "layer_sparsity.png"):
         assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # the fine-tune completed and is cached: no checkpoint kept
     for name in ("dense", "pruned"):
         net = vgg16(weights=None)
         net.classifier[6] = nn.Linear(4096, 10)
@@ -73,11 +75,21 @@ def test_sweep_on_learnable_data_curve_falls_and_choice_passes(tmp_path):
 
 def test_fixed_ratio_skips_search_and_reuses_the_finetune(tmp_path):
     overrides = FAST_LEARNER + ["prune.ratio=0.6", "prune.scope=layerwise", "stages.latency=false"]
-    first = run(compose_cfg(tmp_path, overrides))
+    cfg1 = compose_cfg(tmp_path, overrides)
+    first = run(cfg1)
     assert "search" not in first and first["pruned"]["ratio"] == 0.6
     assert first["finetune"]["reused"] is False
-    second = run(compose_cfg(tmp_path, overrides[:-2] + ["prune.ratio=0.3", "stages.latency=false"]))
+    cfg2 = compose_cfg(tmp_path, overrides[:-2] + ["prune.ratio=0.3", "stages.latency=false"])
+    second = run(cfg2)
     assert second["finetune"]["reused"] is True
+    # Stored once: both runs' models/dense.pt are the cached fine-tune's file (hard links), and the
+    # fine-tune, completed and cached, left no ~1 GB checkpoint behind in the run that trained it.
+    cached = Path(cfg1.finetune.cache_dir) / first["finetune"]["key"] / "dense.pt"
+    for cfg, report in ((cfg1, first), (cfg2, second)):
+        out = Path(cfg.paths.output_dir)
+        assert os.path.samefile(out / "models" / "dense.pt", cached)
+        assert report["files"]["dense_linked_to"] == str(cached)
+        assert not list(out.rglob("*.ckpt"))
     assert second["dense"]["val_acc"] == first["dense"]["val_acc"]  # the very same weights
     assert second["pruned"]["sparsity"] == pytest.approx(0.3, abs=0.01)
     # A change to training settings is another fine-tune.

@@ -110,10 +110,36 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_weights_and_is_cached(tmp
     weights, result, cfg = _fit(tmp_path, "resumed", [*args, "ckpt_path=auto"])
     assert not result.reused and str(ckpts / "epoch001.ckpt") in result.source
     _assert_same_weights(weights, reference(path))
+    # completed and cached: its own checkpoints went; the killed run's, which it resumed, are not its to delete
+    assert not list((tmp_path / "logs" / "smoke" / "runs" / "resumed").rglob("*.ckpt"))
+    assert (ckpts / "epoch001.ckpt").is_file()
     # cached under the config's key like a fine-tune that was never interrupted: the next run reuses it
     again, result, _ = _fit(tmp_path, "again", [*args, "ckpt_path=auto"])
     assert result.reused and result.source == str(Path(cfg.finetune.cache_dir) / training_key(cfg) / "dense.pt")
     _assert_same_weights(again, weights)
+
+
+def test_a_completed_cached_fine_tune_keeps_no_checkpoint_in_its_run_folder(tmp_path):
+    args = TINY + PATHS["on_device"]
+    runs = tmp_path / "logs" / "smoke" / "runs"
+    weights, result, cfg = _fit(tmp_path, "done", args)
+    cached = Path(cfg.finetune.cache_dir) / training_key(cfg) / "dense.pt"
+    assert not result.reused and result.cached == str(cached) and cached.is_file()
+    assert not list((runs / "done").rglob("*.ckpt")) and not (runs / "done" / "checkpoints").exists()
+    # nothing of this training is left for ckpt_path=auto, and it needs none: the cache serves the next run
+    assert find_resume_checkpoint([tmp_path / "logs"], training_key(cfg)) is None
+    again, result, _ = _fit(tmp_path, "again", [*args, "ckpt_path=auto"])
+    assert result.reused and result.cached == str(cached)
+    _assert_same_weights(again, weights)
+
+
+def test_keep_checkpoint_and_an_uncached_fine_tune_keep_the_checkpoint(tmp_path):
+    runs = tmp_path / "logs" / "smoke" / "runs"
+    args = TINY + PATHS["on_device"] + ["trainer.max_epochs=1"]
+    _, kept, cfg = _fit(tmp_path, "kept", [*args, "finetune.keep_checkpoint=true"])
+    assert kept.cached and read_checkpoint(runs / "kept" / "checkpoints" / "last.ckpt")["training_key"] == kept.key
+    _, plain, _ = _fit(tmp_path, "plain", [*args, "finetune.cache=false", "seed=1"])
+    assert plain.cached is None and (runs / "plain" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_resuming_a_shorter_run_gives_and_caches_the_longer_run(tmp_path, reference):

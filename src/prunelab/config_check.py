@@ -126,7 +126,8 @@ def rules() -> list[tuple[str, Spec]]:
     return [
         ("seed", integer(0, MAX_SEED)),
         ("ckpt_path", optional(TEXT)),
-        *((k, BOOL) for k in ("stages.prune", "stages.latency", "finetune.cache", "data.download", "data.on_device",
+        *((k, BOOL) for k in ("stages.prune", "stages.latency", "finetune.cache", "finetune.keep_checkpoint",
+                              "data.download", "data.on_device",
                               "data.pin_memory", "data.augment", "model.fused_optimizer", "trainer.enable_progress_bar",
                               "trainer.sync_batchnorm", "search.exact", "search.full_curve", "search.fast_eval",
                               "search.walk_all", "search.allow_weak_model",

@@ -16,9 +16,11 @@ run folder of the task under ``paths.log_dir``; with none, training starts from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +57,9 @@ class FinetuneResult:
     source: str
     seconds: float
     key: str
+    # The cache file holding exactly these weights (reused, or cached by this fit): the run's
+    # models/dense.pt is stored as the same file, not a second copy.
+    cached: str | None = None
 
     def to_dict(self) -> dict:
         return {"reused": self.reused, "source": self.source, "key": self.key}
@@ -254,16 +259,53 @@ def finetune(cfg: DictConfig, trainer: Trainer, module: LightningModule, dm: Lig
         if cached and not explicit:
             log.info("reusing fine-tuned weights %s", weights)
             _load_into(module, weights, lambda exc: cache_entry_error(exc, entry))
-            return FinetuneResult(True, str(weights), time.perf_counter() - t0, key)
+            return FinetuneResult(True, str(weights), time.perf_counter() - t0, key, cached=str(weights))
         # Resolved under the lock, which every job training this key holds: no checkpoint of this key
         # is being written while one is chosen (and its stale temporary files can go).
         ckpt = resolve_ckpt_path(cfg, trainer, key)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        stored = None
         if trainer.is_global_zero and not cached and _cacheable(ckpt, cfg, key):
             save_state_dict(weights, module.net.state_dict())
             write_json(entry / "config.json", {"key": key, "config": OmegaConf.to_container(cfg, resolve=False),
                                                "resumed_from": ckpt})
-    return FinetuneResult(False, _trained(ckpt), time.perf_counter() - t0, key)
+            stored = str(weights)
+            if not ft.get("keep_checkpoint"):
+                drop_run_checkpoints(trainer, key, weights)
+    return FinetuneResult(False, _trained(ckpt), time.perf_counter() - t0, key, cached=stored)
+
+
+def drop_run_checkpoints(trainer: Trainer, key: str, cached: Path) -> list[Path]:
+    """Delete this run's checkpoints of training ``key`` once its completed fine-tune is cached.
+
+    A checkpoint is what resumes an interrupted fine-tune (``ckpt_path=auto``); a completed one is
+    served from the cache instead, so its ~1 GB checkpoint (weights and SGD momentum) would only
+    double the disk a run takes. Only the checkpoint folders of this fit's own callbacks are
+    touched, ``last.ckpt`` first (a kill between the two leaves a dangling link, which nothing
+    resumes from, never a link to a half-deleted file), and only files stamped with ``key``.
+    An interrupted fit never reaches here: its checkpoints stay where ``auto`` finds them."""
+    removed: list[Path] = []
+    for cb in trainer.checkpoint_callbacks:
+        folder = Path(cb.dirpath) if getattr(cb, "dirpath", None) else None
+        if folder is None or not folder.is_dir():
+            continue
+        links = [p for p in folder.glob("*.ckpt") if p.is_symlink()]
+        files = [p for p in folder.glob("*.ckpt") if not p.is_symlink() and p.is_file()]
+        ours = [p for p in files if (read_checkpoint(p) or {}).get("training_key") == key]
+        for link in links:
+            target = os.path.realpath(link)
+            if not os.path.exists(target) or Path(target) in {p.resolve() for p in ours}:
+                link.unlink(missing_ok=True)
+                removed.append(link)
+        for path in ours:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when nothing else is in it
+    if removed:
+        log.info("the fine-tune is cached at %s: removed its checkpoint(s) %s (finetune.keep_checkpoint=true "
+                 "keeps them)", cached, ", ".join(p.name for p in removed))
+    return removed
 
 
 def _trained(ckpt: str | None) -> str:

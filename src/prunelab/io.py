@@ -8,11 +8,13 @@ destination only once complete; ``os.replace`` is atomic on POSIX within one fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -72,6 +74,35 @@ def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     """Save tensors only (no pickled code), contiguous and on the CPU."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     return _atomic(path, lambda p: torch.save(clean, p))
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Put the file ``src`` at ``dst`` stored once: a hard link where the file system allows one
+    (same bytes, no second copy on disk; deleting either name leaves the other whole), else a copy.
+    Atomic either way (a temporary name beside ``dst``, then one rename). Returns "link" or "copy".
+
+    Both names are one file, so ``src`` is made read-only first (where its owner may): a write
+    into either name would change the other. Every prunelab writer replaces files by rename,
+    which makes a new file and leaves a linked one as it was."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(src, 0o444 & ~_UMASK)
+        os.link(src, tmp)
+        how = "link"
+    except OSError:  # another file system, no hard links here, or not allowed (protected_hardlinks)
+        tmp.unlink(missing_ok=True)
+        _atomic(dst, lambda p: shutil.copyfile(src, p))
+        return "copy"
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return how
 
 
 def file_problem(path: str | os.PathLike, inside: tuple[str, ...] = ("models/dense.pt", "dense.pt")) -> str | None:

@@ -23,7 +23,7 @@ from prunelab.deploy import DEFAULTS, onnx_latency, save_pruned, time_dense_and_
 from prunelab.errors import ConfigError
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
-from prunelab.io import save_state_dict, state_digest, write_json, write_text
+from prunelab.io import link_or_copy, save_state_dict, state_digest, write_json, write_text
 from prunelab.latency import latency_batches
 from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
@@ -257,8 +257,12 @@ def run(cfg: DictConfig) -> dict:
     device = trainer.strategy.root_device
     net = module.net.to(device)
     precision = str(cfg.trainer.precision)
+    dense_stored = None
     if rank_zero:
-        save_state_dict(out / "models" / "dense.pt", net.state_dict())
+        if ft.cached:  # the cache file holds exactly these weights: one file under two names where it can
+            dense_stored = link_or_copy(ft.cached, out / "models" / "dense.pt")
+        else:
+            save_state_dict(out / "models" / "dense.pt", net.state_dict())
 
     eval_bs = dm.eval_batch_size
     params = sum(p.numel() for p in net.parameters())
@@ -291,6 +295,8 @@ def run(cfg: DictConfig) -> dict:
         onnx_batch = batches[cfg.latency.batch_size]
         dense["latency_ms_onnx"] = onnx_latency(net, onnx_batch, out / "export" / "dense.onnx", cfg.latency)
     files = {"dense_bytes": (out / "models" / "dense.pt").stat().st_size} if rank_zero else {}
+    if dense_stored == "link":
+        files["dense_linked_to"] = ft.cached  # a hard link: no second copy on disk
     if cfg.stages.prune:
         p = cfg.prune
         # The dense network as timed against every candidate and the chosen model: a copy, since
