@@ -32,11 +32,12 @@ from torch import nn
 
 from benchmarks.compare import DEFAULT_OUT, result_tag
 from benchmarks.deploy_speed import build_models
+from prunelab.deploy.checks import agreement
+from prunelab.deploy.native import deploy_form
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.report.markdown import table
-from prunelab.runtime import agreement, deploy_form
 
 
 class Replay(nn.Module):
