@@ -52,7 +52,8 @@ class OpenVinoForm(Form):
             compiled = self.core.compile_model(model, "CPU", self.config)
             req = self._requests[shape] = compiled.create_infer_request()
             self.compile_s[shape[0]] = time.perf_counter() - t0
-            self.inference_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            got = compiled.get_property("INFERENCE_PRECISION_HINT")  # what OpenVINO will really compute in
+            self.inference_precision = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
         return req
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

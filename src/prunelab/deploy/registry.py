@@ -75,10 +75,14 @@ class Runtime:
 _loaded: dict[str, Runtime] = {}
 
 
-def register(name: str, module: str) -> None:
-    """Add a runtime from your own code: ``module`` holds a ``RUNTIME`` instance."""
-    RUNTIMES[name] = module
-    _loaded.pop(name, None)
+def register(name: str, runtime: str | Runtime) -> None:
+    """Add a runtime from your own code: a module holding a ``RUNTIME`` instance, or the instance."""
+    if isinstance(runtime, str):
+        RUNTIMES[name] = runtime
+        _loaded.pop(name, None)
+    else:
+        RUNTIMES[name] = type(runtime).__module__
+        _loaded[name] = runtime
 
 
 def names() -> tuple[str, ...]:
