@@ -290,3 +290,46 @@ def test_a_latency_search_with_auto_ships_the_chosen_model_in_its_format(tmp_pat
     x = torch.randn(2, 3, 32, 32)
     got = _run_snippet(report["latency"]["shipped"]["load"], x.numpy(), out, monkeypatch)
     assert torch.allclose(got, net(x).detach(), atol=1e-3)
+
+
+# --- the benchmark --------------------------------------------------------------------------------
+
+
+def _fake_result():
+    cols = ["eager fp32", "deploy fp32", "deploy fp32 plain", "onnxruntime fp32", "openvino f32", "openvino bf16"]
+    ms = {"eager fp32": 100.0, "deploy fp32": 40.0, "deploy fp32 plain": 50.0, "onnxruntime fp32": 45.0,
+          "openvino f32": 60.0, "openvino bf16": 20.0}
+    timings = {str(b): {"iters": 3, "p50_ms": {f"{m}/{c}": {"p50": v / (100 if b == 1 else 1), "p90": v}
+                                               for m in ("dense", "channel 0.5") for c, v in ms.items()}}
+               for b in (1, 128)}
+    return {"date": "d", "machine": {"cpu": "cpu", "threads": 2, "flags": ["avx2"], "native_bf16": False,
+                                     "load_avg_start": [4.0], "load_avg_end": [4.0], "note": "busy"},
+            "versions": {"torch": "x"}, "models": ["dense", "channel 0.5"], "batch_sizes": [1, 128], "columns": cols,
+            "skipped": {"inductor bf16": "no compiler"}, "refused": {}, "agreement": {"a": {"1": {"rms_rel_logit_error": 0.001}}},
+            "timings": timings, "wall_s": 1.0}
+
+
+def test_runtimes_benchmark_verdict_and_table():
+    from benchmarks.runtimes import kernels_verdict, render
+
+    res = _fake_result()
+    res["kernels"] = verdict = kernels_verdict(res["timings"])
+    v = verdict["dense, 128"]
+    # the own fp32 kernels beat the best library fp32 runtime (ONNX Runtime, 45 ms) by 1.125x: they stay
+    assert v["best_library_fp32"] == "onnxruntime fp32" and v["vs_best_library"] == pytest.approx(1.125)
+    assert v["earns_place"] and v["vs_plain"] == pytest.approx(1.25)
+    md = render(res)
+    assert "| dense, 128 | 100.0 | 40.0 | 50.0 | 45.0 | 60.0 | **20.0** |" in md
+    assert "a loaded machine" in md and "inductor bf16: no compiler" in md and "busy" in md
+
+
+@pytest.mark.slow
+def test_runtimes_benchmark_quick(tmp_path):
+    from benchmarks.runtimes import main
+
+    res = main(["--quick", "--out", str(tmp_path)])
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    assert res["quick"] and res["batch_sizes"] == [1, 4] and not res["refused"]
+    timed = {k.split("/")[1] for k in res["timings"]["4"]["p50_ms"]}
+    assert timed | set(res["skipped"]) == set(res["columns"])
+    assert all(set(a) == {"1", "4"} for a in res["agreement"].values())  # every form checked at both sizes
