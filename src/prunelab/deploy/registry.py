@@ -37,6 +37,13 @@ RUNTIMES: dict[str, str] = {
 AUTO = "auto"
 
 
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked in sys.modules
+        return False
+
+
 class Runtime:
     """What every runtime provides; subclasses override ``build`` and, where they have them,
     ``packages``/``extra`` (optional imports) and ``save``/``load_snippet`` (a file format)."""
@@ -48,7 +55,7 @@ class Runtime:
 
     def missing(self) -> str | None:
         """One line naming the extra to install when a package is absent, else None."""
-        absent = [p for p in self.packages if importlib.util.find_spec(p) is None]
+        absent = [p for p in self.packages if not _installed(p)]
         if not absent:
             return None
         return (f"latency.runtime={self.name} needs the {self.extra} extra ({', '.join(absent)} missing): "
