@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from prunelab.deploy import registry
@@ -56,5 +55,3 @@ def save_pruned(method: str, net: nn.Module, models_dir: Path, arch: str, num_cl
     return {"pruned_bytes": path.stat().st_size, "pruned_compressed_bytes": compressed_bytes(state),
             "pruned_format": "state_dict"}
 
-
-__all__ = ["ship", "save_pruned", "torch"]
