@@ -3,7 +3,9 @@ ONNX Runtime in float32 on the CPU. Ships as ``<name>.onnx``. Extra: ``prunelab[
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +32,19 @@ def folded_fp32(net: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module,
     return out.to("cpu", torch.float32).eval().requires_grad_(False), folded_at, notes
 
 
+@contextlib.contextmanager
+def _quiet(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before, strict=True):
+            lg.setLevel(level)
+
+
 class OnnxFile:
     """A network exported once to an ONNX file in a private temporary folder (removed with this
     object), the batch dimension dynamic; what the ONNX-based runtimes load."""
@@ -40,7 +55,8 @@ class OnnxFile:
         size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
         self.net, self.folded_at, self.notes = folded_fp32(net, size)
         self._dir = tempfile.TemporaryDirectory(prefix="prunelab-onnx-")
-        self.path = export_onnx(self.net, Path(self._dir.name) / "model.onnx", batch=2, input_size=size)
+        with _quiet("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's INFO lines, per model, would flood a run's log
+            self.path = export_onnx(self.net, Path(self._dir.name) / "model.onnx", batch=2, input_size=size)
         self.input_size = size
 
 
