@@ -4,7 +4,7 @@ VGG16 (torchvision, random init, 10-class head: weights do not matter for speed)
 and 1, in one process, every model taking turns each iteration (``prunelab.latency.time_interleaved``):
 
 - ``dense_eager``: the model as trained, fp32, NCHW, no autocast: the baseline;
-- ``dense_deploy``: ``prunelab.runtime.deploy_form`` with the dtype and layout ``auto`` resolves to
+- ``dense_deploy``: ``prunelab.deploy.native.deploy_form`` with the dtype and layout ``auto`` resolves to
   here (pool folded, weights cast, CUDA graph on GPU);
 - ``channel_deploy``: the same for VGG16 with 0.5 of its conv channels removed (``round_to=16``);
 - ``*_deploy_<other layout>``: both deploy forms in the other layout, for reference;
