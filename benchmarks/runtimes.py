@@ -158,6 +158,7 @@ def measure(args) -> dict:
         "columns": list(COLUMNS), "skipped": skipped, "refused": refused, "agreement": agreement,
         "warm_s": compile_s, "timings": timings, "wall_s": round(time.perf_counter() - wall0, 1),
         "kernels": kernels_verdict(timings),
+        "goals": goals(timings, head, min(batches)) if not args.quick else {},
     }
 
 
@@ -178,6 +179,25 @@ def kernels_verdict(timings: dict) -> dict:
                                     "best_library_ms": libs[best], "vs_best_library": libs[best] / own,
                                     "vs_plain": plain / own if plain else None,
                                     "earns_place": libs[best] / own >= 1.10}
+    return out
+
+
+def goals(timings: dict, head: int, small: int) -> dict:
+    """The issue's goals, read from one run: the runtime ``auto`` would pick (fastest dense p50 at the
+    large batch) against prunelab's deploy form (bf16) at both batch sizes, channel 0.5 against dense
+    in that runtime, and batch 1 dense in milliseconds."""
+    big, one = timings[str(head)]["p50_ms"], timings[str(small)]["p50_ms"]
+    dense = {k.split("/", 1)[1]: v["p50"] for k, v in big.items() if k.startswith("dense/")}
+    if not dense or "deploy bf16" not in dense:
+        return {}
+    best = min(dense, key=dense.get)
+    out = {"vs_deploy_large": {"value": big["dense/deploy bf16"]["p50"] / big[f"dense/{best}"]["p50"], "goal": 1.2},
+           "vs_deploy_batch1": {"value": one["dense/deploy bf16"]["p50"] / one[f"dense/{best}"]["p50"], "goal": 1.7},
+           "channel_vs_dense_large": {"value": big[f"dense/{best}"]["p50"] / big[f"channel 0.5/{best}"]["p50"],
+                                      "goal": 3.5},
+           "dense_batch1_ms": {"value": one[f"dense/{best}"]["p50"], "goal": 5.0, "at_most": True}}
+    for g in out.values():
+        g.update(runtime=best, met=g["value"] <= g["goal"] if g.get("at_most") else g["value"] >= g["goal"])
     return out
 
 
@@ -213,6 +233,13 @@ def render(res: dict) -> str:
             plain = f"{v['plain_ms']:.1f}" if v["plain_ms"] else "-"
             lines.append(f"| {k} | {v['deploy_fp32_ms']:.1f} | {plain} | {v['best_library_fp32']} "
                          f"{v['best_library_ms']:.1f} | {v['vs_best_library']:.2f}x | {'yes' if v['earns_place'] else 'no'} |")
+        lines.append("")
+    g = res.get("goals") or {}
+    if g:
+        lines += [f"## Goals, in the runtime auto would pick here ({next(iter(g.values()))['runtime']})", "",
+                  "| goal | measured | wanted | met |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['value']:.2f} | {'<=' if v.get('at_most') else '>='} {v['goal']} | "
+                  f"{'yes' if v['met'] else 'no'} |" for k, v in g.items()]
         lines.append("")
     if res["skipped"] or res["refused"]:
         lines += ["Left out: " + "; ".join(f"{k}: {v}" for k, v in {**res["skipped"], **res["refused"]}.items()), ""]
