@@ -6,7 +6,7 @@ resolves to, every form taking turns each iteration (``prunelab.latency.time_int
 events), the batch handed in as the timer hands it (fp32, NCHW, on the device):
 
 - ``replay``: ``graph.replay()`` alone on a batch already in the graph's input buffer: the floor;
-- ``call``: ``prunelab.runtime.deploy_form``'s forward (size check, the copy into the buffer that
+- ``call``: ``prunelab.deploy.native.deploy_form``'s forward (size check, the copy into the buffer that
   casts the batch, replay, copy of the logits out), as the reports time it;
 - ``castfirst``: the call as it was before: a separate cast kernel, then the copy;
 - ``fused``: the deploy form with each Conv2d+ReLU pair as one cuDNN call (``deploy_form(fuse=True)``,
@@ -32,11 +32,12 @@ from torch import nn
 
 from benchmarks.compare import DEFAULT_OUT, result_tag
 from benchmarks.deploy_speed import build_models
+from prunelab.deploy.checks import agreement
+from prunelab.deploy.native import deploy_form
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.report.markdown import table
-from prunelab.runtime import agreement, deploy_form
 
 
 class Replay(nn.Module):

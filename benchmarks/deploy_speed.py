@@ -4,7 +4,7 @@ VGG16 (torchvision, random init, 10-class head: weights do not matter for speed)
 and 1, in one process, every model taking turns each iteration (``prunelab.latency.time_interleaved``):
 
 - ``dense_eager``: the model as trained, fp32, NCHW, no autocast: the baseline;
-- ``dense_deploy``: ``prunelab.runtime.deploy_form`` with the dtype and layout ``auto`` resolves to
+- ``dense_deploy``: ``prunelab.deploy.native.deploy_form`` with the dtype and layout ``auto`` resolves to
   here (pool folded, weights cast, CUDA graph on GPU);
 - ``channel_deploy``: the same for VGG16 with 0.5 of its conv channels removed (``round_to=16``);
 - ``*_deploy_<other layout>``: both deploy forms in the other layout, for reference;
@@ -43,6 +43,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.compare import device_slug
+from prunelab.deploy.checks import agreement
+from prunelab.deploy.eager import eager_form
+from prunelab.deploy.native import deploy_form
 from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
@@ -50,7 +53,6 @@ from prunelab.models.factory import build_classifier
 from prunelab.models.transforms import fold_pool
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
 from prunelab.report.markdown import algo_counts, table
-from prunelab.runtime import agreement, deploy_form, eager_form
 
 HERE = Path(__file__).resolve().parent
 GOAL = 2.5

@@ -33,6 +33,8 @@ import torch
 from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, result_tag
 from prunelab import hardware
 from prunelab.compose import compose
+from prunelab.deploy.eager import eager_form
+from prunelab.deploy.native import deploy_form
 from prunelab.io import load_state_dict, write_json, write_text
 from prunelab.latency import paired_stats, sample_batch, time_interleaved
 from prunelab.models.factory import build_from_state_dict
@@ -40,7 +42,6 @@ from prunelab.pipeline import run
 from prunelab.pruning.registry import make_pruner
 from prunelab.report.markdown import table
 from prunelab.resolve import resolve_auto
-from prunelab.runtime import deploy_form, eager_form
 
 CACHE = REPO / "benchmarks" / ".cache"
 

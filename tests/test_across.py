@@ -226,10 +226,10 @@ def test_latency_search_through_the_pipeline_quotes_one_speedup_per_model(tmp_pa
     model's final-round speedup, with its paired interval, is the one number the headline, the
     candidates table, report.json and the latency timing quote."""
     from conftest import FAST_LEARNER, compose_cfg
-    from prunelab import deploy
+    from prunelab.deploy import timing
     from prunelab.pipeline import run
 
-    monkeypatch.setattr(deploy, "time_interleaved", params_timer)
+    monkeypatch.setattr(timing, "time_interleaved", params_timer)
 
     cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                                  "search.objective=latency", "search.methods=[magnitude,channel]",

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from test_channel import tiny_vgg
 from torch import nn
 
+from prunelab.deploy.native import deploy_form
 from prunelab.models import packed, tuning
 from prunelab.models import winograd as wg
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
-from prunelab.runtime import deploy_form
 
 GEN = torch.Generator().manual_seed(0)
 needs_onednn = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN prepacked linear")
@@ -183,7 +183,7 @@ def test_report_names_the_linear_layers_ways():
 def test_deploy_timing_gives_the_scratch_buffers_back():
     from test_runtime import X, lat_cfg
 
-    from prunelab.deploy import time_dense_and_pruned
+    from prunelab.deploy.timing import time_dense_and_pruned
 
     wg.scratch("a", (1024,), torch.float32, torch.device("cpu"))  # as a Winograd layer would leave it
     res = time_dense_and_pruned(tiny_vgg(), None, None, {4: X[:4]}, "cpu",

@@ -9,11 +9,7 @@ from test_channel import tiny_vgg
 from torch import nn
 
 import prunelab
-from prunelab.deploy import DEFAULTS, MAGNITUDE_NOTE, time_dense_and_pruned
-from prunelab.errors import ConfigError, PrunelabError
-from prunelab.models.transforms import ConvReLU, fuse_conv_relu
-from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
-from prunelab.runtime import (
+from prunelab.deploy import (
     Deployed,
     DeployMismatchError,
     agreement,
@@ -21,13 +17,17 @@ from prunelab.runtime import (
     deploy_form,
     eager_form,
 )
+from prunelab.deploy.timing import MAGNITUDE_NOTE, time_dense_and_pruned
+from prunelab.errors import ConfigError, PrunelabError
+from prunelab.models.transforms import ConvReLU, fuse_conv_relu
+from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
 
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 CUDA = torch.cuda.is_available()
 
 
 def lat_cfg(**kw):
-    return {**DEFAULTS, "batch_size": 4, "batch_sizes": [1, 4], "warmup": 1, "iters": 3, **kw}
+    return {"runtime": "deploy", "batch_size": 4, "batch_sizes": [1, 4], "warmup": 1, "iters": 3, **kw}
 
 
 def snapshot(net):
@@ -143,8 +143,8 @@ def test_dense_and_pruned_take_turns_for_every_method(method, runtime):
                                 [rec], check=False)
     w, n = 1, 3
     timed = (["d"] * w + ["p"] * w + ["d", "p"] * n) * 2  # per batch size: warm-up, then turns
-    # deploy: each form runs its example batch once, then every batch size once, untimed
-    untimed = ["d", "p", "d", "p", "d", "p"] if runtime == "deploy" else []
+    # every form runs every batch size once, untimed (and deploy its example batch first)
+    untimed = ["d", "p", "d", "p", "d", "p"] if runtime == "deploy" else ["d", "p", "d", "p"]
     assert CALLS == untimed + timed
     assert res["runtime"]["runtime"] == runtime and res["runtime"]["batch_sizes"] == [1, 4]
     assert res["batch_size"] == 4 and set(res["by_batch_size"]) == {"1", "4"}
@@ -217,9 +217,15 @@ def test_refuses_a_model_pruned_in_place_and_a_missing_headline_batch():
         time_dense_and_pruned(net, Tagged("p"), "channel", {1: torch.randn(1, 3, 8, 8)}, "cpu", lat_cfg())
 
 
-def test_code_defaults_equal_the_config():
+def test_a_partial_config_takes_the_yaml_defaults():
+    from prunelab.deploy.spec import resolve_spec
+    from prunelab.hardware import Hardware
+
     conf = OmegaConf.load(prunelab.__path__[0] + "/conf/latency/default.yaml")
-    assert {k: conf[k] for k in DEFAULTS} == DEFAULTS
+    spec, _ = resolve_spec({"iters": 7}, Hardware("cpu", "x"))
+    assert spec.iters == 7 and spec.warmup == conf.warmup and spec.runtime == conf.runtime
+    assert spec.batch_size == conf.batch_size and list(spec.batch_sizes) == sorted({*conf.batch_sizes, conf.batch_size})
+    assert list(spec.auto_runtimes) == list(conf.auto_runtimes) and spec.auto_iters == conf.auto_iters
 
 
 @pytest.mark.slow
@@ -323,7 +329,7 @@ def test_fused_conv_relu_computes_the_same_on_cuda(dtype):
 
 
 def test_cudnn_autotune_is_restored_even_when_the_block_raises():
-    from prunelab.runtime import _cudnn_autotune
+    from prunelab.deploy.native import _cudnn_autotune
 
     before = torch.backends.cudnn.benchmark
     with pytest.raises(RuntimeError), _cudnn_autotune():
@@ -394,7 +400,7 @@ def test_deploy_speed_ceiling_arithmetic():
 
 
 def test_time_together_takes_turns_with_every_candidate():
-    from prunelab.deploy import time_together
+    from prunelab.deploy.timing import time_together
 
     CALLS.clear()
     res = time_together(Tagged("d"), {"c0": (Tagged("a", seed=1), "channel"), "c1": (Tagged("b", seed=2), "magnitude")},
@@ -417,7 +423,7 @@ def test_time_together_takes_turns_with_every_candidate():
 
 
 def test_time_together_runs_two_four_candidates_masked_dense_on_cpu_and_says_so():
-    from prunelab.deploy import time_together
+    from prunelab.deploy.timing import time_together
 
     dense = tiny_vgg()
     two_four = SemiStructuredPruner(copy.deepcopy(dense)).finish(0.3)

@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import compose_cfg
 from prunelab import hardware, resolve
+from prunelab.deploy.native import deploy_form
 from prunelab.errors import ConfigError
 from prunelab.hardware import Hardware, resolve_winograd
 from prunelab.models import tuning
@@ -23,7 +24,6 @@ from prunelab.models.winograd import (
     winograd_filters,
 )
 from prunelab.report.markdown import _conv_algos
-from prunelab.runtime import deploy_form
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from prunelab import hardware
+from prunelab.deploy.registry import AUTO, RUNTIMES
 from prunelab.errors import ConfigError
 from prunelab.lr_schedule import LR_SCHEDULES
 from prunelab.pruning import registry
@@ -209,7 +210,9 @@ def rules() -> list[tuple[str, Spec]]:
         ("latency.warmup", integer(0)),
         ("latency.iters", integer(1)),
         ("latency.agreement_images", integer(0)),
-        ("latency.runtime", choice("eager", "deploy")),
+        ("latency.runtime", choice(AUTO, *RUNTIMES)),
+        ("latency.auto_runtimes", list_of(choice(*RUNTIMES), "latency.auto_runtimes=[deploy,openvino]")),
+        ("latency.auto_iters", integer(1)),
         ("latency.dtype", choice("auto", *hardware.DTYPES)),
     ]
 
@@ -367,6 +370,13 @@ def _check_machine(cfg: DictConfig) -> None:
                 importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
             raise ConfigError(f"logger={name} needs the tensorboard extra (tensorboard is not installed): "
                               "pip install prunelab[tensorboard], or use logger=csv")
+    runtime = str(cfg.get("latency", {}).get("runtime", AUTO))
+    if cfg.stages.get("latency") and runtime in RUNTIMES:  # a runtime asked for by name: its extra, before any work
+        from prunelab.deploy.registry import get
+
+        missing = get(runtime).missing()
+        if missing:
+            raise ConfigError(missing)
     if cfg.stages.get("latency") and cfg.get("latency", {}).get("onnx"):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:

@@ -7,6 +7,7 @@ fixed ratio) -> pruned: val, test, latency -> report (json, md, plots) -> models
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunelab import config_check
-from prunelab.deploy import DEFAULTS, onnx_latency, save_pruned, time_dense_and_pruned, time_together
+from prunelab.deploy.auto import pick
+from prunelab.deploy.ship import save_pruned
+from prunelab.deploy.timing import onnx_latency, time_dense_and_pruned, time_together
 from prunelab.errors import ConfigError
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
@@ -30,7 +33,7 @@ from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import NOISY_CV, drop_within_noise, speed_verdict
-from prunelab.resolve import resolve_auto
+from prunelab.resolve import resolve_run
 from prunelab.trainer import build, build_trainer
 
 log = logging.getLogger("prunelab")
@@ -70,31 +73,31 @@ def _agreement_images(dataset, images: int) -> list[torch.Tensor] | None:
     return [torch.stack([dataset[i][0] for i in range(n)])] if n > 0 else None
 
 
-def _layout(cfg: DictConfig, channels_last: bool) -> bool | None:
-    """The layout latency is timed in: the deploy runtime serves in latency.channels_last (None:
-    resolved from the hardware's inference speed); eager times the model as trained, in the layout
-    it was trained in."""
-    return None if cfg.latency.runtime == "deploy" else channels_last
+def _layout(spec, channels_last: bool) -> bool | None:
+    """The layout latency is timed in: served runtimes use the spec's deploy layout (None); eager
+    times the model as trained, in the layout it was trained in."""
+    return channels_last if spec.runtime == "eager" else None
 
 
-def _timer(cfg: DictConfig, batches, device, loggers, precision: str, channels_last: bool, check_batches=None):
+def _timer(spec, batches, device, loggers, precision: str, channels_last: bool, check_batches=None, ship_to=None):
     """``time(dense, pruned, method, sizes=None) -> dict``: dense and pruned in turns in the run's
     latency runtime (``deploy.time_dense_and_pruned``); None where latency is not timed. The
-    logged (final) timings first check the deploy forms' answers on ``check_batches``."""
+    logged (final) timings first check the served forms' answers on ``check_batches`` and write
+    the timed model in its runtime's format into ``ship_to``."""
     if batches is None:
         return None
-    layout = _layout(cfg, channels_last)
+    layout = _layout(spec, channels_last)
 
     def time(dense: nn.Module, pruned: nn.Module | None, method: str | None, sizes=None, log=True,
              head: int | None = None) -> dict:
         # ``head``: the batch size that leads this timing when ``sizes`` leave the headline one out
         # (it was measured elsewhere: a latency search's final round).
         chosen = batches if sizes is None else {b: batches[b] for b in sizes}
-        lat_cfg = cfg.latency if head is None else OmegaConf.merge(cfg.latency, {"batch_size": head})
-        return time_dense_and_pruned(dense, pruned, method, chosen, device, lat_cfg,
+        spec_here = spec if head is None else dataclasses.replace(spec, batch_size=head)
+        return time_dense_and_pruned(dense, pruned, method, chosen, device, spec_here,
                                      loggers if log and head is None else (),
                                      precision=precision, channels_last=layout, check=log,
-                                     agreement_batches=check_batches)
+                                     agreement_batches=check_batches, ship_to=ship_to if log else None)
 
     return time
 
@@ -107,17 +110,17 @@ def speeds_up(method: str, device: torch.device) -> bool:
     return any(known.get(part, True) for part in method.split("+"))
 
 
-def _together_timer(dense: nn.Module | None, cfg: DictConfig, batches, device, precision: str, channels_last: bool):
+def _together_timer(dense: nn.Module | None, spec, batches, device, precision: str, channels_last: bool):
     """Times a latency search's shortlist all in turns with the dense model, at the headline batch
     size, in the run's latency runtime (``deploy.time_together``); None where latency is not timed."""
     if batches is None or dense is None:
         return None
-    layout = _layout(cfg, channels_last)
-    head = batches[cfg.latency.batch_size]
+    layout = _layout(spec, channels_last)
+    head = batches[spec.batch_size]
 
     def together(candidates: dict) -> dict:
         return time_together(dense, {n: (net, kernel_family(m)) for n, (net, m) in candidates.items()}, head, device,
-                             cfg.latency, precision=precision, channels_last=layout)
+                             spec, precision=precision, channels_last=layout)
 
     return together
 
@@ -238,7 +241,7 @@ def _check_classes(dm, model: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     config_check.check(cfg)
-    resolved = resolve_auto(cfg)  # before anything is built: every "auto" becomes a concrete value
+    resolved, spec = resolve_run(cfg)  # before anything is built: every hardware "auto" becomes a concrete value
     timing: dict[str, float | None] = {"finetune": None, "search": None, "latency": None}
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
@@ -269,9 +272,13 @@ def run(cfg: DictConfig) -> dict:
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
     batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
-    check_batches = (_agreement_images(dm.val_set, cfg.latency.get("agreement_images", DEFAULTS["agreement_images"]))
-                     if batches is not None and cfg.latency.runtime == "deploy" else None)
-    timer = _timer(cfg, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last), check_batches)
+    check_batches = _agreement_images(dm.val_set, spec.agreement_images) if batches is not None else None
+    runtime_choice = None
+    if batches is not None and spec.runtime == "auto":  # the fastest runtime for the dense model, measured here
+        spec, runtime_choice = pick(net, batches[spec.batch_size], spec, device,
+                                    torch.cat(check_batches) if check_batches else None)
+    timer = _timer(spec, batches, device, trainer.loggers, precision, bool(cfg.model.channels_last), check_batches,
+                   out / "models")
 
     # Per-image correctness too: candidates are compared with the dense model on the same images.
     dense_count = _count(net, dm.val_set, eval_bs, device, precision, record=True)
@@ -291,6 +298,8 @@ def run(cfg: DictConfig) -> dict:
     if alone is not None:
         report["latency"] = {k: v for k, v in alone.items() if k not in ("dense", "pruned")}
         _timing_spread(report["latency"], alone["dense"], None)
+    if runtime_choice is not None:
+        report["runtime_choice"] = runtime_choice
     if batches is not None and cfg.latency.onnx:
         onnx_batch = batches[cfg.latency.batch_size]
         dense["latency_ms_onnx"] = onnx_latency(net, onnx_batch, out / "export" / "dense.onnx", cfg.latency)
@@ -311,9 +320,9 @@ def run(cfg: DictConfig) -> dict:
                                   {"weights": digest, "val_images": dense_val[1],
                                    "val_correct": dense_val[0], "method": p.method},
                                   memory_format, trainer.loggers, rank_zero,
-                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, cfg.latency.batch_size, device),
+                                  dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, spec.batch_size, device),
                                   speeds_up=lambda m: speeds_up(m, device),
-                                  time_together=_together_timer(dense_timed, cfg, batches, device, precision,
+                                  time_together=_together_timer(dense_timed, spec, batches, device, precision,
                                                                 bool(cfg.model.channels_last)))
         method = outcome.method
         timing["search"] = outcome.seconds

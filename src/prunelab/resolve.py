@@ -19,12 +19,6 @@ from prunelab.errors import ConfigError
 log = logging.getLogger("prunelab")
 
 
-def _onednn() -> bool:
-    from prunelab.models.packed import available  # imported late: the models package pulls in Lightning
-
-    return available()
-
-
 CUDA_ACCELERATORS = ("gpu", "cuda")
 
 
@@ -42,45 +36,53 @@ def run_device(cfg: DictConfig) -> str:
 
 
 def resolve_auto(cfg: DictConfig) -> dict:
-    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile, latency.dtype,
-    latency.channels_last, latency.fuse, latency.winograd and latency.pack with what this machine runs fastest; explicit values stay and are warned about when slow.
+    """Replace ``auto`` in trainer.precision, model.channels_last, model.compile and the latency
+    group's hardware-dependent keys (dtype, channels_last, fuse, winograd, pack) with what this
+    machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
+    return resolve_run(cfg)[0]
+
+
+def resolve_run(cfg: DictConfig):
+    """``resolve_auto``'s record, and the run's one resolved ``DeploySpec`` (None without a
+    ``latency`` group): the latency keys are resolved once, by ``prunelab.deploy.spec``, and the
+    concrete values written back into the config so the saved config shows them."""
     hw = hardware.detect(run_device(cfg))
     record: dict = {"hardware": hw.to_dict()}
     rules = [("trainer.precision", cfg.trainer, "precision", hardware.resolve_precision),
              ("model.channels_last", cfg.model, "channels_last", hardware.resolve_channels_last),
              ("model.compile", cfg.model, "compile", hardware.resolve_compile)]
-    if "latency" in cfg:
-        rules += [("latency.dtype", cfg.latency, "dtype", hardware.resolve_dtype),
-                  ("latency.channels_last", cfg.latency, "channels_last", hardware.resolve_deploy_layout),
-                  ("latency.fuse", cfg.latency, "fuse",
-                   lambda r, hw: hardware.resolve_fuse(r, hw, compile=bool(cfg.latency.get("compile", False)),
-                                                       runtime=str(cfg.latency.get("runtime", "deploy")))),
-                  # after latency.dtype: its resolved value decides (float32 only)
-                  ("latency.winograd", cfg.latency, "winograd",
-                   lambda r, hw: hardware.resolve_winograd(r, hw, str(cfg.latency.get("dtype", "auto")),
-                                                           runtime=str(cfg.latency.get("runtime", "deploy")),
-                                                           compile=bool(cfg.latency.get("compile", False)))),
-                  ("latency.pack", cfg.latency, "pack",
-                   lambda r, hw: hardware.resolve_pack(r, hw, str(cfg.latency.get("dtype", "auto")),
-                                                       runtime=str(cfg.latency.get("runtime", "deploy")),
-                                                       compile=bool(cfg.latency.get("compile", False)),
-                                                       onednn=_onednn()))]
     for key, node, name, rule in rules:
         if name not in node:
             continue
         requested = node[name]
         res = rule(requested, hw)
-        value = str(res.value).removeprefix("torch.") if isinstance(res.value, torch.dtype) else res.value
-        with open_dict(node):
-            node[name] = value
-        record[key] = {"requested": requested, "value": value, "reason": res.reason}
-        if res.ran is not None:
-            record[key]["ran"] = res.ran
-        if res.warning:
-            warnings.warn(res.warning, stacklevel=2)
-            log.warning("%s", res.warning)
-            record[key]["warning"] = res.warning
-        if str(requested).lower() == "auto":
-            log.info("%s=auto -> %s (%s)", key, value, res.reason)
-    return record
+        _apply(record, key, node, name, requested, res.value, res.reason, res.warning, res.ran)
+    spec = None
+    if "latency" in cfg:
+        from prunelab.deploy.spec import resolve_spec
+
+        precision = record.get("trainer.precision", {})  # what trains and evaluates (the eager runtime's autocast)
+        precision = precision.get("ran", precision.get("value", str(cfg.trainer.get("precision", "32-true"))))
+        spec, resolved = resolve_spec(cfg.latency, hw, precision=str(precision))
+        for name, r in resolved.items():
+            if name in cfg.latency:
+                _apply(record, f"latency.{name}", cfg.latency, name, r["requested"], r["value"], r["reason"],
+                       r.get("warning"))
+    return record, spec
+
+
+def _apply(record: dict, key: str, node, name: str, requested, value, reason: str, warning: str | None,
+           ran=None) -> None:
+    value = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    with open_dict(node):
+        node[name] = value
+    record[key] = {"requested": requested, "value": value, "reason": reason}
+    if ran is not None:
+        record[key]["ran"] = ran
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+        log.warning("%s", warning)
+        record[key]["warning"] = warning
+    if str(requested).lower() == "auto":
+        log.info("%s=auto -> %s (%s)", key, value, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prunelab.report import runtimes
 from prunelab.report.stats import speed_text
 
 
@@ -186,6 +187,7 @@ def render(report: dict, plots: dict[str, str]) -> str:
             lines += ["Deploy forms' top-1 answers against the eager fp32 model: " + ", ".join(
                 f"{tag} {a['agree']}/{a['images']} ({a['flips_beyond_rounding']} beyond rounding)"
                 for tag, a in agreed.items()) + ".", ""]
+    lines += runtimes.choice_section(report) + runtimes.shipped_section(report)
     if report.get("notes"):
         lines += [f"- {n}" for n in report["notes"]] + [""]
     s = report.get("search")

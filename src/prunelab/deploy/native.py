@@ -1,18 +1,13 @@
-"""The deploy runtime: a trained network in the form it ships in, and a check that it still answers the same.
+"""``latency.runtime=deploy``: prunelab's own served form of a network.
 
 ``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
 VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
 layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, on a float32 CPU form runs each 3x3
 convolution by whichever algorithm was measured fastest, optionally moves 2:4 Linear weights onto
-the sparse kernels, and on CUDA replays the
-forward from a CUDA graph per batch shape, captured after cuDNN autotuning picked each
-convolution's algorithm (or runs it through ``torch.compile``). ``eager_form``
-is the model as trained under autocast, the ``latency.runtime=eager`` timing. Both are
-``nn.Module``s, so the interleaved timer takes them as they are, and neither ever runs a sparse
-model under autocast (autocast's ``to.dtype`` is not implemented for semi-structured tensors).
-
-``agreement`` compares a form's top-1 answers with the eager fp32 model's; ``check_agreement``
-raises ``DeployMismatchError`` when a form changes answers beyond rounding.
+the sparse kernels, and on CUDA replays the forward from a CUDA graph per batch shape, captured
+after cuDNN autotuning picked each convolution's algorithm (or runs it through ``torch.compile``).
+It never runs a sparse model under autocast (autocast's ``to.dtype`` is not implemented for
+semi-structured tensors). It has no file format of its own: it ships as the plain state_dict.
 """
 
 from __future__ import annotations
@@ -20,94 +15,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from prunelab.errors import PrunelabError
-from prunelab.evaluation import autocast_for
+from prunelab.deploy.form import Form, dtype_name
+from prunelab.deploy.registry import Runtime
 from prunelab.hardware import detect, resolve_fuse, resolve_pack, resolve_winograd
 from prunelab.models import packed
-from prunelab.models.modes import eval_mode
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
 from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 from prunelab.models.tuning import tune_record
 from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 
-RUNTIMES = ("eager", "deploy")
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
-
-# A flip of the top-1 answer counts as rounding only when the two forms' logits for that image
-# agree to within this fraction of the image's largest logit (then the reference had a near-tie).
-# fp32 forms only reorder sums (fold, NHWC, graph) - ~1e-6 relative, ~1e-3 where CUDA runs convs in
-# TF32; fp16 keeps 11 mantissa bits, bf16 8, and the error grows over a deep net's layers.
-ROUNDING_RTOL = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
-# Fewest answers (after excusing rounding flips) a form must keep. fp32: the same function, so more
-# than 1 in 1000 changed answers is a bug. fp16/bf16: a trained classifier has few images whose
-# top-2 margin is within ~1% of its logits; losing more than 1 in 100 means the form is broken
-# (overflow in fp16, a wrong fold or layout), not rounded.
-MIN_AGREEMENT = {torch.float32: 0.999, torch.float16: 0.99, torch.bfloat16: 0.99}
-
-
-class DeployMismatchError(PrunelabError):
-    """A deployed form gives different answers from the model it was made from."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class Form(nn.Module):
-    """A way of running a network: what the timer and ``agreement`` call."""
-
-    runtime = "form"
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype, channels_last: bool, device: torch.device):
-        super().__init__()
-        self.net = net
-        self.dtype, self.channels_last, self.device = dtype, channels_last, torch.device(device)
-        self.notes: list[str] = []
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on the form's device, in its dtype and layout (a no-op when it already is)."""
-        return x.to(device=self.device, dtype=self.dtype, memory_format=memory_format(self.channels_last))
-
-    def warm(self, x: torch.Tensor) -> None:
-        """One untimed forward of ``x``'s shape (captures or compiles it where needed)."""
-        with torch.inference_mode(), eval_mode(self):
-            self(x)
-
-    def describe(self) -> dict:
-        return {"runtime": self.runtime, "dtype": _dtype_name(self.dtype),
-                "layout": "channels_last" if self.channels_last else "contiguous", "device": str(self.device),
-                "notes": list(self.notes)}
-
-
-class Eager(Form):
-    """The model as trained (weights untouched, shared with the caller), autocast per ``precision``."""
-
-    runtime = "eager"
-
-    def __init__(self, net: nn.Module, precision: str | None, channels_last: bool):
-        p = next(net.parameters(), None)
-        super().__init__(net, p.dtype if p is not None else torch.float32, channels_last,
-                         p.device if p is not None else torch.device("cpu"))
-        self.precision = precision
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(self.device, self.precision):
-            return self.net(self.prepare(x))
-
-    def describe(self) -> dict:
-        return dict(super().describe(), precision=self.precision, folded=False, graph=False, compile=False,
-                    compile_s=None)
-
-
-def eager_form(net: nn.Module, precision: str | None = None, channels_last: bool = False) -> Eager:
-    """``latency.runtime=eager``: ``net`` as trained, its batches in the given layout, autocast per
-    ``precision`` (a Lightning precision string). Never give it a model with sparse weights."""
-    return Eager(net, precision, channels_last)
 
 
 @contextlib.contextmanager
@@ -251,7 +172,7 @@ def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple
         return net, False, ("no CUDA device: the 2:4 weights ran masked-dense (dense kernels on zeros), "
                             "so no speedup is expected from them here")
     if dtype not in SPARSE_DTYPES:
-        return net, False, (f"latency.dtype={_dtype_name(dtype)}: PyTorch's 2:4 kernels (cuSPARSELt/CUTLASS) take "
+        return net, False, (f"latency.dtype={dtype_name(dtype)}: PyTorch's 2:4 kernels (cuSPARSELt/CUTLASS) take "
                             "only float16/bfloat16, so the 2:4 weights ran masked-dense; set latency.dtype=bfloat16 "
                             "or float16 to time the sparse kernels")
     return to_sparse_kernels(net, dtype)
@@ -323,12 +244,12 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
         winograd = bool(resolve_winograd("auto", detect(device), dtype, compile=compile).value)
     if winograd and (device.type != "cpu" or dtype != torch.float32 or compile):
         raise ValueError(f"winograd=True runs CPU convolutions in float32 without compile; this form is on {device}, "
-                         f"{_dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
+                         f"{dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
     if pack is None:  # the same rule as latency.pack=auto
         pack = bool(resolve_pack("auto", detect(device), dtype, compile=compile, onednn=packed.available()).value)
     if pack and (device.type != "cpu" or dtype != torch.float32 or compile or not packed.available()):
         raise ValueError(f"pack=True runs CPU Linear layers in float32 through oneDNN without compile; this form is "
-                         f"on {device}, {_dtype_name(dtype)}{', compiled' if compile else ''}"
+                         f"on {device}, {dtype_name(dtype)}{', compiled' if compile else ''}"
                          f"{'' if packed.available() else ', and this PyTorch lacks oneDNN'}: pass pack=None or False")
     if winograd:
         tune_convs(deployed, pack=pack)
@@ -358,66 +279,14 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     return form
 
 
-def _batches(loader_or_batches: Iterable) -> Iterable[torch.Tensor]:
-    for b in loader_or_batches:
-        yield b[0] if isinstance(b, (tuple, list)) else b
+class DeployRuntime(Runtime):
+    name = "deploy"
+
+    def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
+        layout = spec.channels_last if channels_last is None else channels_last
+        return deploy_form(net, dtype=spec.dtype, channels_last=layout, device=device, cuda_graph=spec.cuda_graph,
+                           compile=spec.compile, example_batch=example_batch, two_four=two_four, fuse=spec.fuse,
+                           winograd=spec.winograd, pack=spec.pack)
 
 
-@torch.inference_mode()
-def agreement(reference_net: nn.Module, deployed: nn.Module, loader_or_batches: Iterable, device,
-              rtol: float | None = None) -> dict:
-    """Top-1 agreement of ``deployed`` with ``reference_net`` run eagerly in fp32, over the batches
-    (tensors, or ``(images, labels)`` as a loader yields them).
-
-    ``flips_beyond_rounding`` counts changed answers whose logits also differ by more than ``rtol``
-    of the image's largest reference logit: a flip within that is a near-tie the dtype's rounding
-    may break either way. ``max_rel_logit_diff`` is the largest |logit difference| over that scale.
-    """
-    device = torch.device(device)
-    dtype = getattr(deployed, "dtype", torch.float32)
-    rtol = ROUNDING_RTOL.get(dtype, ROUNDING_RTOL[torch.float32]) if rtol is None else rtol
-    ref_net = reference_net
-    if any(p.dtype != torch.float32 for p in reference_net.parameters()):
-        ref_net = copy.deepcopy(reference_net).float()
-    images = agree = beyond = nonfinite = 0
-    max_abs = max_rel = 0.0
-    with eval_mode(ref_net, deployed):
-        for x in _batches(loader_or_batches):
-            x = x.to(device=device, dtype=torch.float32)
-            ref = ref_net(x).float()
-            out = deployed(x).float()
-            bad = ~torch.isfinite(out).all(1)
-            diff = (out - ref).abs().amax(1)
-            rel = diff / ref.abs().amax(1).clamp_min(1e-12)
-            same = out.argmax(1) == ref.argmax(1)
-            beyond += int((~same & ((rel > rtol) | bad)).sum())
-            agree += int(same.sum())
-            nonfinite += int(bad.sum())
-            images += x.shape[0]
-            ok = ~bad
-            if ok.any():
-                max_abs = max(max_abs, float(diff[ok].max()))
-                max_rel = max(max_rel, float(rel[ok].max()))
-    if images == 0:
-        raise ValueError("agreement needs at least one batch")
-    return {"dtype": _dtype_name(dtype), "images": images, "agree": agree, "agreement": agree / images,
-            "flips": images - agree, "flips_beyond_rounding": beyond, "agreement_beyond_rounding": 1 - beyond / images,
-            "nonfinite": nonfinite, "max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
-            "rounding_rtol": rtol}
-
-
-def check_agreement(result: dict, min_agreement: float | None = None, what: str = "deployed form") -> dict:
-    """``result`` (from :func:`agreement`) when the form keeps its answers, else DeployMismatchError.
-
-    ``min_agreement`` defaults per dtype (:data:`MIN_AGREEMENT`: 0.999 fp32, 0.99 fp16/bf16)."""
-    dtype = getattr(torch, result["dtype"], torch.float32)
-    need = MIN_AGREEMENT.get(dtype, MIN_AGREEMENT[torch.float32]) if min_agreement is None else min_agreement
-    got = result["agreement_beyond_rounding"]
-    if result["nonfinite"] or got < need:
-        nonfinite = f"; {result['nonfinite']} image(s) gave inf/NaN logits" if result["nonfinite"] else ""
-        raise DeployMismatchError(
-            f"the {what} ({result['dtype']}) changes top-1 answers beyond rounding: {result['flips_beyond_rounding']} of "
-            f"{result['images']} images flip with logits off by more than {result['rounding_rtol']:.1%} of their scale "
-            f"(agreement {got:.4f} < {need}; largest logit difference {result['max_rel_logit_diff']:.2%}){nonfinite}. "
-            "Its latency would not be the latency of this model: try latency.dtype=float32 or latency.runtime=eager.")
-    return result
+RUNTIME = DeployRuntime()

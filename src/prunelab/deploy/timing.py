@@ -1,21 +1,18 @@
-"""How a pruned model is shipped and timed: the way it will really run.
+"""How a pruned model is timed: the way it will really run.
 
-``time_dense_and_pruned`` times the dense and the pruned model in turns, in the same runtime,
-dtype and layout, for every method; the runtime is ``prunelab.runtime``'s deploy form (pool folded,
-one dtype, a CUDA graph per batch size on GPU) or, with ``latency.runtime=eager``, the models as
-trained under autocast. Per method:
+``time_dense_and_pruned`` times the dense and the pruned model in turns, in the same runtime
+(``latency.runtime``, one of ``prunelab.deploy.registry.RUNTIMES``; ``auto`` is decided before by
+``prunelab.deploy.auto.pick``), dtype and layout, for every method, after checking every form's
+answers against the eager fp32 model at every timed batch size (``prunelab.deploy.checks``).
+Per method:
 
 - magnitude: dense kernels on a dense tensor with zeros: no speedup expected, and the result gives
   the noise of its own timing so a ratio within it is never read as a speedup;
 - channel: the smaller dense network;
-- semi_structured: the 2:4 Linear layers on PyTorch's sparse kernels (CUDA sm80+, fp16/bf16) against
-  the dense form in the same dtype; masked-dense elsewhere, and the result says so;
-- optionally the exported ONNX model under onnxruntime on the CPU.
+- semi_structured: the 2:4 Linear layers on PyTorch's sparse kernels (deploy runtime, CUDA sm80+,
+  fp16/bf16) against the dense form in the same dtype; masked-dense elsewhere, and the result says so.
 
-Files: unstructured methods save a plain torchvision state_dict (``pruned.pt``); channel-pruned
-networks save their channel counts (JSON) and weights (safetensors), loaded by
-``prunelab.pruning.channel.load_channel_pruned``. The report also gives the bytes the sparse
-weights take when stored compactly.
+``ship_to`` writes the pruned form in its runtime's own format (``prunelab.deploy.ship``).
 """
 
 from __future__ import annotations
@@ -28,95 +25,57 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunelab.errors import ConfigError
-from prunelab.hardware import (
-    detect,
-    resolve_deploy_layout,
-    resolve_dtype,
-    resolve_fuse,
-    resolve_pack,
-    resolve_winograd,
-)
-from prunelab.io import compressed_bytes, save_state_dict
+from prunelab.deploy import registry
+from prunelab.deploy.checks import check_every_size
+from prunelab.deploy.spec import DeploySpec, as_spec
+from prunelab.hardware import detect
 from prunelab.latency import paired_stats, summarize, time_interleaved
-from prunelab.models import packed
 from prunelab.models.winograd import free_scratch
-from prunelab.runtime import RUNTIMES, agreement, check_agreement, deploy_form, eager_form
 
 log = logging.getLogger(__name__)
 
-# Code defaults equal conf/latency/default.yaml's, for callers passing a partial config.
-DEFAULTS = {"runtime": "deploy", "dtype": "auto", "channels_last": "auto", "batch_size": 128,
-            "batch_sizes": [1, 128], "agreement_images": 512, "warmup": 5, "iters": 30,
-            "include_transfer": False, "compile": False, "cuda_graph": True, "fuse": "auto",
-            "winograd": "auto", "pack": "auto"}
 MAGNITUDE_NOTE = "unstructured zeros: no speedup expected; the measured ratio is noise"
 TWO_FOUR_SLOW = ("2:4 sparse kernels pay on large Linear layers at large batches (and never touch the "
                  "convolutions); here they ran slower than the dense form")
-
-
-def _setting(cfg, key: str):
-    value = cfg.get(key, None) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    return DEFAULTS[key] if value is None else value
-
-
-def _fuse(cfg, hw) -> bool:
-    """``latency.fuse`` for this device (``auto`` when a caller's config was not resolved)."""
-    return bool(resolve_fuse(_setting(cfg, "fuse"), hw, compile=bool(_setting(cfg, "compile")),
-                             runtime=str(_setting(cfg, "runtime"))).value)
-
-
-def _winograd(cfg, hw, dtype: torch.dtype) -> bool:
-    """``latency.winograd`` for this device and deploy dtype (``auto`` when not resolved)."""
-    return bool(resolve_winograd(_setting(cfg, "winograd"), hw, dtype, runtime=str(_setting(cfg, "runtime")),
-                                 compile=bool(_setting(cfg, "compile"))).value)
-
-
-def _pack(cfg, hw, dtype: torch.dtype) -> bool:
-    """``latency.pack`` for this device and deploy dtype (``auto`` when not resolved)."""
-    return bool(resolve_pack(_setting(cfg, "pack"), hw, dtype, runtime=str(_setting(cfg, "runtime")),
-                             compile=bool(_setting(cfg, "compile")), onednn=packed.available()).value)
-
-
 EAGER_TWO_FOUR = "latency.runtime=eager: the 2:4 weights ran masked-dense (dense kernels on zeros)"
 
 
-def _forms(nets: dict, two_four: set[str], batches, head, device, cfg, precision, channels_last, hw):
-    """({tag: form}, runtime facts, notes), one form per network in ``nets``, all in one runtime,
-    dtype and layout; the tags in ``two_four`` have 2:4 weights (sparse kernels where they exist)."""
-    runtime = str(_setting(cfg, "runtime"))
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"latency.runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}")
-    notes: list[str] = []
-    if runtime == "eager":
-        forms = {tag: eager_form(net, precision, channels_last) for tag, net in nets.items()}
-        return forms, {"runtime": runtime, "precision": precision}, notes
-    res = resolve_dtype(_setting(cfg, "dtype"), hw)
-    if res.warning:
-        notes.append(res.warning)
-    opts = dict(dtype=res.value, channels_last=channels_last, device=device, cuda_graph=bool(_setting(cfg, "cuda_graph")),
-                compile=bool(_setting(cfg, "compile")), example_batch=batches[head], fuse=_fuse(cfg, hw),
-                winograd=_winograd(cfg, hw, res.value), pack=_pack(cfg, hw, res.value))
-    forms = {tag: deploy_form(net, two_four=tag in two_four, **opts) for tag, net in nets.items()}
+def spec_for(latency_cfg, device, precision: str | None = None) -> DeploySpec:
+    """The resolved spec (a caller's plain config resolved for ``device``'s hardware)."""
+    return as_spec(latency_cfg, detect(device), precision)
+
+
+def build_forms(nets: dict, two_four: set[str], batches, head, device, spec: DeploySpec, channels_last):
+    """({tag: form}, runtime facts, notes), one form per network in ``nets``, all in ``spec``'s
+    runtime, dtype and layout; the tags in ``two_four`` have 2:4 weights (sparse kernels where they
+    exist). Every batch shape is warmed (captured, compiled) before any timing."""
+    if spec.runtime == registry.AUTO:
+        raise ValueError("latency.runtime=auto is decided by prunelab.deploy.auto.pick before timing")
+    runtime = registry.require(spec.runtime, spec.hardware)
+    notes: list[str] = [] if spec.runtime == "eager" else list(spec.warnings)
+    forms = {tag: runtime.build(net, spec, device=device, example_batch=batches[head], two_four=tag in two_four,
+                                channels_last=channels_last) for tag, net in nets.items()}
     for bs in sorted(batches):  # capture/compile every shape before any timing
         for form in forms.values():
             form.warm(batches[bs])
     if len({form.use_graph for form in forms.values()}) > 1:  # one runtime for all, or the ratios mean nothing
         for form in forms.values():
             form.disable_graph("another model could not be captured; all run the same way")
-    return forms, {"runtime": runtime, "dtype_reason": res.reason}, notes
+    facts = {"runtime": spec.runtime, "precision": spec.precision} if spec.runtime == "eager" else \
+        {"runtime": spec.runtime, "dtype_reason": spec.reasons.get("dtype")}
+    return forms, facts, notes
 
 
-def _chunks(batches: Iterable[torch.Tensor] | None, size: int) -> list[torch.Tensor]:
-    """``batches`` regrouped into batches of exactly ``size`` images (a remainder is left out)."""
-    if batches is None:
-        return []
-    parts = list(batches)
-    if not parts:
-        return []
-    images = torch.cat(parts)
-    full = images.shape[0] // size * size
-    return list(images[:full].split(size)) if full else []
+def _images(batches: Iterable[torch.Tensor] | None) -> torch.Tensor | None:
+    """The agreement images as one tensor (None: check on the timing batches)."""
+    parts = list(batches) if batches is not None else []
+    return torch.cat(parts) if parts else None
+
+
+def _by_size(results: dict, head: int) -> dict:
+    """The headline batch size's agreement, with every checked size's figures under ``by_batch_size``."""
+    keys = ("images", "agreement", "flips_beyond_rounding", "max_rel_logit_diff", "rms_rel_logit_error", "logit_scale")
+    return dict(results[head], by_batch_size={str(bs): {k: r[k] for k in keys} for bs, r in results.items()})
 
 
 def _kernels(forms: dict, tag: str, runtime: str) -> str | None:
@@ -127,43 +86,47 @@ def _kernels(forms: dict, tag: str, runtime: str) -> str | None:
 def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, method: str | None,
                           batches: Mapping[int, torch.Tensor], device, latency_cfg, loggers=(), *,
                           precision: str | None = None, channels_last: bool | None = None,
-                          check: bool = True, agreement_batches: Iterable[torch.Tensor] | None = None) -> dict:
+                          check: bool = True, agreement_batches: Iterable[torch.Tensor] | None = None,
+                          ship_to: Path | None = None) -> dict:
     """Dense and pruned latency, timed in turns in one runtime, per batch size; see the module doc.
 
     ``batches``: {batch size: images} (``prunelab.latency.latency_batches``), including
     ``latency.batch_size``, whose speedup is the headline. ``pruned_net=None`` times the dense
-    model alone (no pruning stage). ``precision``: the trainer's, used by ``latency.runtime=eager``
-    only. ``channels_last``: the layout both run in (None: ``latency.channels_last``, auto = the
-    hardware's choice for inference). ``check``: raise
-    ``DeployMismatchError`` when a deploy form changes top-1 answers beyond rounding on
-    ``agreement_batches`` (the pipeline passes ``latency.agreement_images`` validation images), else
-    on the headline batch. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
+    model alone (no pruning stage). ``latency_cfg``: a resolved :class:`DeploySpec` (a plain config
+    is resolved for ``device``). ``precision``: the trainer's, used by ``latency.runtime=eager``
+    only. ``channels_last``: the layout both run in (None: the spec's deploy layout; the eager
+    runtime's is NCHW unless told). ``check``: raise ``DeployMismatchError`` when a form changes
+    top-1 answers beyond rounding or its logits beyond its dtype's tolerance, at any timed batch
+    size, on ``agreement_batches`` (the pipeline passes ``latency.agreement_images`` validation
+    images), else on the timing batches. ``ship_to``: a folder where the pruned form (the dense one
+    without a pruned model) is written in its runtime's format as ``pruned``/``dense``. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
     ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
     """
     if dense_net is pruned_net:
         raise ValueError("dense_net and pruned_net are the same module (pruned in place): pass the dense weights "
                          "as a separate module, e.g. one built from models/dense.pt")
     device = torch.device(device)
-    head = int(_setting(latency_cfg, "batch_size"))
+    spec = spec_for(latency_cfg, device, precision)
+    head = spec.batch_size
     if head not in batches:
         raise ValueError(f"batches must include latency.batch_size={head}, got batch sizes {sorted(batches)}")
-    hw = detect(device)
+    hw = spec.hardware
     if channels_last is None:
-        channels_last = _layout(latency_cfg, hw)
+        channels_last = _layout(spec)
     nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
     two_four = {"pruned"} if method == "semi_structured" and pruned_net is not None else set()
-    forms, facts, notes = _forms(nets, two_four, batches, head, device, latency_cfg, precision, channels_last, hw)
+    forms, facts, notes = build_forms(nets, two_four, batches, head, device, spec, channels_last)
     kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
-    if check and facts["runtime"] == "deploy":
-        # Checked in headline-sized chunks only: the forms were captured/compiled for the timed
-        # shapes, and a new shape would capture (or compile) again, for one form perhaps not the other.
-        on = _chunks(agreement_batches, head) or [batches[head]]
-        checked = {tag: check_agreement(agreement(nets[tag], form, on, device), what=f"{tag} deploy form")
+    if check:
+        # At every timed batch size, in batches of exactly that size: the shapes already
+        # captured/compiled, so checking compiles nothing new for one form and not another.
+        images = _images(agreement_batches)
+        checked = {tag: _by_size(check_every_size(nets[tag], form, images, batches, device,
+                                                  what=f"{tag} {spec.runtime} form"), head)
                    for tag, form in forms.items()}
 
-    warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
-    transfer = bool(_setting(latency_cfg, "include_transfer"))
+    warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
     per = {}
     try:
         for bs in sorted(batches):
@@ -181,7 +144,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     _log(per, head, loggers)
 
     desc = _describe(forms, facts, hw, transfer)
-    facts.update(folded={t: x["folded"] for t, x in desc.items()}, compile=desc["dense"]["compile"],
+    facts.update(spec=spec.to_dict(), folded={t: x["folded"] for t, x in desc.items()}, compile=desc["dense"]["compile"],
                  compile_s={t: x["compile_s"] for t, x in desc.items()}, batch_sizes=sorted(batches))
     for tag, x in desc.items():
         notes += [f"{tag}: {n}" for n in x["notes"]]
@@ -189,6 +152,11 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     result = {"method": method, "batch_size": head, "dense": h["dense"], "pruned": h.get("pruned"),
               "by_batch_size": {str(bs): r for bs, r in per.items()}, "runtime": facts, "kernels": kernels,
               "agreement": checked, "notes": notes}
+    if ship_to is not None:
+        from prunelab.deploy.ship import ship
+
+        tag = "dense" if pruned_net is None else "pruned"
+        result["shipped"] = ship(forms[tag], spec, Path(ship_to), tag)
     if pruned_net is None:
         return result
     ratio = h["paired_ratio"]
@@ -229,14 +197,14 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     if any(net is dense_net for net, _ in candidates.values()):
         raise ValueError("a candidate is the dense module itself (pruned in place): pass a separate dense copy")
     device, bs = torch.device(device), int(batch.shape[0])
-    hw = detect(device)
+    spec = spec_for(latency_cfg, device, precision)
+    hw = spec.hardware
     if channels_last is None:
-        channels_last = _layout(latency_cfg, hw)
+        channels_last = _layout(spec)
     nets = {"dense": dense_net, **{name: net for name, (net, _) in candidates.items()}}
     two_four = {name for name, (_, family) in candidates.items() if family == "semi_structured"}
-    forms, facts, notes = _forms(nets, two_four, {bs: batch}, bs, device, latency_cfg, precision, channels_last, hw)
-    warmup, iters = int(_setting(latency_cfg, "warmup")), int(_setting(latency_cfg, "iters"))
-    transfer = bool(_setting(latency_cfg, "include_transfer"))
+    forms, facts, notes = build_forms(nets, two_four, {bs: batch}, bs, device, spec, channels_last)
+    warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
     x = batch if transfer else forms["dense"].prepare(batch)
     try:
         samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
@@ -271,12 +239,10 @@ def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
     return desc
 
 
-def _layout(latency_cfg, hw) -> bool:
-    """The layout both forms run in when the caller does not say: the deploy runtime's
-    ``latency.channels_last``; the eager runtime times the model as trained (NCHW unless told)."""
-    if str(_setting(latency_cfg, "runtime")) == "eager":
-        return False
-    return bool(resolve_deploy_layout(_setting(latency_cfg, "channels_last"), hw).value)
+def _layout(spec: DeploySpec) -> bool:
+    """The layout the forms run in when the caller does not say: the spec's deploy layout; the
+    eager runtime times the model as trained (NCHW unless told)."""
+    return False if spec.runtime == "eager" else spec.channels_last
 
 
 def _log(per: dict, head: int, loggers) -> None:
@@ -316,20 +282,3 @@ def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict |
     stats = summarize(samples, x.shape[0])
     stats.update(runtime=f"onnxruntime {ort.__version__} CPU", file=str(path))
     return stats
-
-
-def save_pruned(method: str, net: nn.Module, models_dir: Path, arch: str, num_classes: int) -> dict:
-    """Write the pruned model in its compact form; returns the bytes on disk."""
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    if method == "channel":
-        from prunelab.pruning.channel import META_FILE, WEIGHTS_FILE, save_channel_pruned
-
-        save_channel_pruned(net, models_dir, arch=arch, num_classes=num_classes)
-        size = sum((models_dir / f).stat().st_size for f in (META_FILE, WEIGHTS_FILE))
-        return {"pruned_bytes": size, "pruned_compressed_bytes": compressed_bytes(state), "pruned_format": "channels+safetensors"}
-    path = save_state_dict(models_dir / "pruned.pt", state)
-    return {"pruned_bytes": path.stat().st_size, "pruned_compressed_bytes": compressed_bytes(state),
-            "pruned_format": "state_dict"}
-
-
-
