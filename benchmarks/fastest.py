@@ -33,8 +33,10 @@ import torch
 from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, result_tag
 from prunelab import hardware
 from prunelab.compose import compose
+from prunelab.deploy import registry
 from prunelab.deploy.eager import eager_form
 from prunelab.deploy.native import deploy_form
+from prunelab.deploy.spec import resolve_spec
 from prunelab.io import load_state_dict, write_json, write_text
 from prunelab.latency import paired_stats, sample_batch, time_interleaved
 from prunelab.models.factory import build_from_state_dict
@@ -118,14 +120,15 @@ def measure(args) -> dict:
 
 
 def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int, arch: str = "vgg16",
-                 batch_size: int = 128) -> dict:
+                 batch_size: int = 128, runtime: str = "deploy") -> dict:
     """In one process, every model taking turns each iteration at ``batch_size``: the dense model as the
-    notebook runs it (eager fp32, NCHW), the dense deploy form, the latency search's answer and each
-    method's own sparsity answer (its highest ratio within the tolerance) in the deploy form, as the
-    product's ``auto`` rules resolve it on this machine."""
+    notebook runs it (eager fp32, NCHW), the dense model, the latency search's answer and each
+    method's own sparsity answer (its highest ratio within the tolerance) served in ``runtime`` (the
+    one the search timed them in: prunelab's deploy form by default), as the product's ``auto``
+    rules resolve it on this machine. The ``*_deploy`` names mean "as served"."""
     dense = build_from_state_dict(arch, dense_sd).eval().to(device)
     models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
-    cfg = compose([f"model.arch={arch}", "+experiment=fast",
+    cfg = compose([f"model.arch={arch}", "+experiment=fast", f"latency.runtime={runtime}",
                    f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"], CACHE / "compose")
     resolved = resolve_auto(cfg)
     hw = hardware.detect(device.type)
@@ -133,12 +136,16 @@ def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int,
     layout = bool(cfg.latency.channels_last)  # the deploy layout, resolved as the pipeline resolves it
     batch = sample_batch(torch.utils.data.TensorDataset(torch.randn(batch_size, 3, 32, 32), torch.zeros(batch_size)),
                          batch_size)
+    spec = resolve_spec(cfg.latency, hw)[0]
+    served = registry.require(runtime, hw)
 
     def deploy(net, method: str | None = None):
         # A 2:4 answer runs its 2:4 layers on the sparse kernels, as the search timed it (CUDA sm80+).
         two_four = method is not None and "semi_structured" in method.split("+")
-        return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch,
-                           two_four=two_four)
+        if runtime == "deploy":
+            return deploy_form(net.to(device), dtype=dtype, channels_last=layout, device=device, example_batch=batch,
+                               two_four=two_four)
+        return served.build(net.to(device), spec, device=device, example_batch=batch, two_four=two_four)
 
     models["dense_deploy"] = deploy(dense)
     answers = {}
@@ -155,7 +162,7 @@ def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int,
     samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=iters)
     base_tag = "dense_eager_fp32_nchw"
     vs_notebook = {t: paired_stats(samples[base_tag], samples[t], batch_size) for t in models if t != base_tag}
-    return {"resolved": resolved, "hw": hw, "dtype": dtype, "layout": layout, "answers": answers,
+    return {"resolved": resolved, "hw": hw, "dtype": dtype, "layout": layout, "answers": answers, "runtime": runtime,
             "samples": samples, "vs_notebook": vs_notebook,
             "speedups": {t: r["speedup_p50"] for t, r in vs_notebook.items()}}
 

@@ -89,7 +89,7 @@ def overrides(args, data_root: Path, weights: Path | None, work: Path) -> list[s
                  "prune.recover_epochs=1", "search.tolerance=50"]
     elif args.epochs:
         over.append(f"trainer.max_epochs={args.epochs}")
-    return over
+    return over + list(args.set)
 
 
 def _copy_report(run_dir: Path, dest: Path) -> list[str]:
@@ -131,9 +131,12 @@ def measure(args) -> dict:
         dense_sd = load_state_dict(first["dense"])
         arch = first["report"]["config"]["model"]["arch"]
         timed = {}
+        head = runs["oneshot" if "oneshot" in runs else args.schedules[0]]["report"]
+        # served as the search served them: the runtime auto picked (or the one named)
+        runtime = (head.get("runtime_choice") or {}).get("chosen") or head["config"]["latency"]["runtime"]
         for b in args.batch_sizes:
-            timed[b] = time_answers(dense_sd, runs["oneshot" if "oneshot" in runs else args.schedules[0]]["report"]["search"],
-                                    device, args.iters, arch=arch, batch_size=b)
+            timed[b] = time_answers(dense_sd, head["search"], device, args.iters, arch=arch, batch_size=b,
+                                    runtime=runtime)
     job_s = time.perf_counter() - t_job
     return summarise(args, tag, runs, timed, job_s, device)
 
@@ -163,7 +166,7 @@ def summarise(args, tag: str, runs: dict, timed: dict, job_s: float, device: tor
             "latency_ms_p50": {k: float(torch.tensor(v).median()) for k, v in t["samples"].items()},
             "speedup_vs_notebook_dense": t["speedups"],
             "paired_5_95": {k: [r["paired_ratio"]["p5"], r["paired_ratio"]["p95"]] for k, r in t["vs_notebook"].items()},
-            "deploy": {"dtype": str(t["dtype"]), "channels_last": t["layout"]},
+            "deploy": {"runtime": t["runtime"], "dtype": str(t["dtype"]), "channels_last": t["layout"]},
             "beats_best_sparsity_answer": beats_sparsity(t["answers"], t["speedups"], t["samples"]),
         }
     head = comparison.get("128") or next(iter(comparison.values()))
@@ -215,8 +218,9 @@ def render(res: dict) -> str:
                  "-" if t == "dense_eager_fp32_nchw" else "{:.2f}-{:.2f}".format(*comp["paired_5_95"][t]),
                  " / ".join(str(v) for v in comp["answers"].get(t.removesuffix("_deploy"), [])) or "-")
                 for t in comp["latency_ms_p50"]]
-        lines += [f"## Batch {b}, every model in turns (deploy form: {comp['deploy']['dtype']}, "
-                  f"channels_last={comp['deploy']['channels_last']})", "",
+        lines += [f"## Batch {b}, every model in turns (served in {comp['deploy']['runtime']}, "
+                  f"{comp['deploy']['dtype']}, channels_last={comp['deploy']['channels_last']}; the notebook's "
+                  "dense model in eager fp32 NCHW)", "",
                   table(["model", "p50 ms", "vs notebook dense", "paired 5-95%", "method / ratio"], rows), ""]
     goals = [(k, v["measured"] if not isinstance(v["measured"], float) else f"{v['measured']:.2f}",
               "met" if v["met"] else "NOT met") for k, v in res["goals"].items()]
@@ -237,6 +241,8 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=20, help="timed forwards per model in the comparison")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="generated class folders, ResNet-18, 2 epochs")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more overrides of the searched runs (e.g. latency.auto_runtimes=[deploy,openvino])")
     args = p.parse_args(argv)
     if args.quick:
         args.iters, args.batch_sizes = 2, [8, 1]
