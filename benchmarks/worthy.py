@@ -105,7 +105,8 @@ def _copy_report(run_dir: Path, dest: Path) -> list[str]:
 
 def measure(args) -> dict:
     device = torch.device(args.device)
-    tag = result_tag("worthy", args.device, args.quick) + (f"-seed{args.seed}" if args.seed else "")
+    tag = result_tag("worthy", args.device, args.quick) + (f"-seed{args.seed}" if args.seed else "") + \
+        (f"-{args.label}" if args.label else "")
     out = Path(args.out)
     t_job = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,6 +242,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=20, help="timed forwards per model in the comparison")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--quick", action="store_true", help="generated class folders, ResNet-18, 2 epochs")
+    p.add_argument("--label", default=None, help="a suffix for the result files' names (a variant of the run)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides of the searched runs (e.g. latency.auto_runtimes=[deploy,openvino])")
     args = p.parse_args(argv)
