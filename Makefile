@@ -12,12 +12,14 @@ install:
 # The suite CI runs, on two pytest-xdist workers (one torch thread each on a 2-core machine, see
 # tests/conftest.py); test-all adds the slow end-to-end runs (VGG16 smoke, DDP on two processes,
 # joblib/submitit launchers, ONNX export of VGG16, kill points, benchmarks in --quick mode), serially.
-# tests/test_export.py runs on its own, serially: under xdist, a worker that had run the OpenVINO and
-# ONNX Runtime tests before it died inside the export CLI test's subprocess call ("node down: Not
-# properly terminated"; reproduced three times with -n 2, never serially; cause not yet found).
+# The OpenVINO and ONNX Runtime tests (test_deploy_runtimes.py, test_export.py) run afterwards in one
+# serial process: an xdist worker that had loaded OpenVINO died inside a later test's subprocess call
+# ("node down: Not properly terminated": the export CLI test, then the notebook test; with -n 2 only,
+# never serially; cause not yet found).
+SERIAL_TESTS := tests/test_deploy_runtimes.py tests/test_export.py
 test:
-	$(PYTHON) -m pytest -q -m "not slow" -n 2 --ignore=tests/test_export.py
-	$(PYTHON) -m pytest -q -m "not slow" tests/test_export.py
+	$(PYTHON) -m pytest -q -m "not slow" -n 2 $(addprefix --ignore=,$(SERIAL_TESTS))
+	$(PYTHON) -m pytest -q -m "not slow" $(SERIAL_TESTS)
 
 test-all:
 	$(PYTHON) -m pytest -q
