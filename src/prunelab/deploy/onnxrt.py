@@ -99,10 +99,8 @@ class OnnxRuntime(Runtime):
     name = "onnxruntime"
     packages = ("onnxruntime", *EXPORT_PACKAGES)
     extra = "onnx"
+    cpu_only = True
     file_suffix = ".onnx"
-
-    def unusable(self, hw):
-        return None if hw.kind == "cpu" else f"latency.runtime=onnxruntime runs on the CPU here, not on {hw.kind}"
 
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         form = OnnxRuntimeForm(OnnxFile(net, example_batch), two_four)

@@ -73,10 +73,8 @@ class OpenVinoRuntime(Runtime):
     name = "openvino"
     packages = ("openvino", *EXPORT_PACKAGES)
     extra = "openvino"
+    cpu_only = True
     file_suffix = ".xml"
-
-    def unusable(self, hw):
-        return None if hw.kind == "cpu" else f"latency.runtime=openvino runs on the CPU here, not on {hw.kind}"
 
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         return OpenVinoForm(OnnxFile(net, example_batch), spec.dtype, two_four)

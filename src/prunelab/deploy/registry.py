@@ -52,6 +52,7 @@ class Runtime:
     packages: tuple[str, ...] = ()  # import names this runtime needs beyond the bare install
     extra: str | None = None  # the pip extra that installs them
     file_suffix: str | None = None  # its own file format, if it has one
+    cpu_only = False  # served on the CPU alone (the ONNX-based runtimes as prunelab builds them)
 
     def missing(self) -> str | None:
         """One line naming the extra to install when a package is absent, else None."""
@@ -63,6 +64,8 @@ class Runtime:
 
     def unusable(self, hw: Hardware) -> str | None:
         """Why this runtime cannot run on ``hw`` (installed or not), else None."""
+        if self.cpu_only and hw.kind != "cpu":
+            return f"latency.runtime={self.name} runs on the CPU here, not on {hw.kind}"
         return None
 
     def build(self, net: nn.Module, spec: DeploySpec, *, device: torch.device, example_batch: torch.Tensor,
