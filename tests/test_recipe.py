@@ -116,3 +116,71 @@ def test_the_scratch_experiment_composes_the_recipe(tmp_path):
     m = cfg.model
     assert (m.weights, m.nesterov, m.schedule, m.label_smoothing) == (None, True, "cosine", 0.1)
     assert m.warmup_epochs > 0 and cfg.trainer.max_epochs >= 10 and not math.isnan(m.lr)
+
+
+# --- model.weights=PATH: training starts from a state_dict file -------------------------------------
+
+
+def test_a_weights_file_starts_the_model_with_its_weights(tmp_path):
+    from prunelab.io import save_state_dict
+
+    source = build_classifier("resnet18", None, 10)
+    path = save_state_dict(tmp_path / "start.pt", {k: v.half() if v.is_floating_point() else v
+                                                   for k, v in source.state_dict().items()})
+    net = build_classifier("resnet18", str(path), 10)
+    for k, v in net.state_dict().items():  # cast back to the model's own dtype
+        assert v.dtype == source.state_dict()[k].dtype
+        torch.testing.assert_close(v, source.state_dict()[k].to(v.dtype).half().to(v.dtype))
+    assert not torch.equal(net.fc.weight, build_classifier("resnet18", None, 10).fc.weight)
+
+
+def test_a_weights_file_of_another_head_is_refused_naming_the_key(tmp_path):
+    from prunelab.io import save_state_dict
+
+    path = save_state_dict(tmp_path / "five.pt", build_classifier("resnet18", None, 5).state_dict())
+    with pytest.raises(ConfigError, match=r"model.weights=.*five.pt does not fit.*fc.weight"):
+        build_classifier("resnet18", str(path), 10)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.weights=.*empty.pt is empty"):
+        build_classifier("resnet18", str(tmp_path / "empty.pt"), 10)
+
+
+def test_a_folded_vgg_classifier_unfolds_to_the_same_function():
+    """Where VGG's features end at 1x1 the average pool repeats each channel 49 times; the folded
+    layer (out x C) on the channels equals the unfolded one (out x 49C) on the pooled, flattened map."""
+    from prunelab.models.factory import unfold_classifier
+
+    torch.manual_seed(0)
+    folded = torch.randn(6, 4)
+    sd = unfold_classifier({"classifier.0.weight": folded, "other": torch.ones(2)}, in_features=4 * 49)
+    w = sd["classifier.0.weight"]
+    assert w.shape == (6, 4 * 49) and torch.equal(sd["other"], torch.ones(2))
+    channels = torch.randn(3, 4, 1, 1)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(channels, 7).flatten(1)  # 1x1 -> 7x7: repeats
+    torch.testing.assert_close(pooled @ w.T, channels.flatten(1) @ folded.T)
+    same = {"classifier.0.weight": torch.randn(6, 196)}
+    assert unfold_classifier(same, 196) is same  # already in the layout: untouched
+
+
+def test_the_weights_file_is_part_of_the_training_key(tmp_path):
+    import os
+
+    from prunelab.finetune import training_key
+    from prunelab.io import save_state_dict
+
+    path = save_state_dict(tmp_path / "start.pt", build_classifier("resnet18", None, 10).state_dict())
+    over = ["+experiment=smoke", "model=resnet18", f"model.weights={path}"]
+    first = training_key(compose_cfg(tmp_path, over))
+    assert first == training_key(compose_cfg(tmp_path, over))
+    assert first != training_key(compose_cfg(tmp_path, ["+experiment=smoke", "model=resnet18"]))
+    save_state_dict(path, build_classifier("resnet18", None, 10).state_dict())  # retrained, same path
+    os.utime(path, ns=(1, 1))
+    assert training_key(compose_cfg(tmp_path, over)) != first
+
+
+def test_a_missing_weights_file_is_refused_before_any_work(tmp_path):
+    from prunelab.config_check import check
+
+    cfg = compose_cfg(tmp_path, ["+experiment=smoke", f"model.weights={tmp_path}/absent.pt"])
+    with pytest.raises(ConfigError, match=r"model.weights=.*absent.pt .*(no such|does not exist|not found)"):
+        check(cfg)

@@ -315,7 +315,16 @@ def check_values(cfg: DictConfig) -> None:
         if model.arch not in tvm.list_models(module=tvm):
             raise ConfigError(f"model.arch={model.arch} is not a torchvision classification model "
                               "(e.g. vgg16, resnet18)")
-        if model.get("weights") is not None and model.weights not in tvm.get_model_weights(model.arch).__members__:
+        from prunelab.models.factory import is_weights_file
+
+        if is_weights_file(model.get("weights")):
+            from prunelab.io import file_problem
+
+            problem = file_problem(Path(str(model.weights)).expanduser())
+            if problem:
+                raise ConfigError(f"model.weights={model.weights} {problem}; give a state_dict file of this model "
+                                  "(such as a run's models/dense.pt), a weight set name, or null")
+        elif model.get("weights") is not None and model.weights not in tvm.get_model_weights(model.arch).__members__:
             options = ", ".join(w.name for w in tvm.get_model_weights(model.arch))
             raise ConfigError(f"model.weights={model.weights} is not a weight set of {model.arch}; "
                               f"use one of {options} or null")
@@ -406,7 +415,10 @@ def _missing_prerequisites(cfg: DictConfig) -> list[str]:
             scan(data.root)  # the folders alone: images are decoded (and refused) when the data load
         except DataUnavailableError as exc:
             missing.append(str(exc))
-    if missing and model.get("_target_") == MODEL_TARGET and model.get("weights") is not None:
+    from prunelab.models.factory import is_weights_file
+
+    if missing and model.get("_target_") == MODEL_TARGET and model.get("weights") is not None \
+            and not is_weights_file(model.weights):
         from torchvision import models as tvm
 
         filename = tvm.get_model_weights(model.arch)[model.weights].url.rsplit("/", 1)[-1]

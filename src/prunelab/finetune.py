@@ -35,6 +35,7 @@ from prunelab.checkpoints import ResumeState, find_resume_checkpoint, read_check
 from prunelab.data import data_identity
 from prunelab.errors import ConfigError, WeightsFileError
 from prunelab.io import load_state_dict, save_state_dict, write_json
+from prunelab.models.factory import weights_file_identity
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,14 @@ def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
         data["identity"] = content
     data.pop("cache_dir", None)  # where decoded arrays are kept changes nothing they hold
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in ("compile", "compile_mode", "fused_optimizer")}
+    start = weights_file_identity(model.get("weights"))
+    if start is not None:  # training starts from a file: a rewritten file is another training
+        model["weights_identity"] = start
     payload = {
         "data": data,
-        "model": {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                  if k not in ("compile", "compile_mode", "fused_optimizer")},
+        "model": model,
         "trainer": {k: trainer.get(k) for k in trainer_keys},
         "seed": cfg.seed,
         "stream": _STREAM,

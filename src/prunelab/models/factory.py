@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from prunelab.errors import ConfigError, WeightsUnavailableError
+from prunelab.errors import ConfigError, WeightsFileError, WeightsUnavailableError
 from prunelab.models.transforms import replace_module, replicating_pools
 
 
@@ -18,6 +18,58 @@ def last_linear_name(net: nn.Module) -> str:
     if not names:
         raise ConfigError(f"{type(net).__name__} has no Linear layer to replace with a new head")
     return names[-1]
+
+
+def is_weights_file(weights) -> bool:
+    """``model.weights`` names a state_dict file (a path, or a .pt/.pth name) rather than one of
+    torchvision's weight sets (an upper-case enum name such as IMAGENET1K_V1)."""
+    text = str(weights) if weights is not None else ""
+    return "/" in text or text.endswith((".pt", ".pth"))
+
+
+def weights_file_identity(weights) -> str | None:
+    """Size and modification time of a ``model.weights`` file (part of the fine-tune key: a retrained
+    file at the same path is another start); None for a weight-set name or a missing file."""
+    if not is_weights_file(weights):
+        return None
+    try:
+        st = Path(str(weights)).expanduser().stat()
+    except OSError:
+        return None
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def unfold_classifier(state_dict: dict[str, torch.Tensor], in_features: int) -> dict[str, torch.Tensor]:
+    """VGG's ``classifier.0.weight`` stored folded (out x C, C channels): where the features end at
+    1x1 (32x32 inputs) the average pool repeats each channel ``in_features // C`` times, so those
+    columns act only through their sum. Spread back over the columns, the layer computes the same
+    function for such inputs, in torchvision's layout (out x in_features)."""
+    w = state_dict.get("classifier.0.weight")
+    if w is None or w.dim() != 2 or w.shape[1] == in_features or in_features % w.shape[1]:
+        return state_dict
+    repeat = in_features // w.shape[1]
+    return {**state_dict, "classifier.0.weight": w.repeat_interleave(repeat, dim=1) / repeat}
+
+
+def load_start_weights(net: nn.Module, path: str) -> nn.Module:
+    """``net`` with the weights of the state_dict file ``path`` (``model.weights=PATH``), cast to
+    ``net``'s dtypes; a folded VGG classifier is unfolded. Refusals name the key to change."""
+    from prunelab.io import load_state_dict, shape_mismatch
+
+    try:
+        state = load_state_dict(path)
+    except WeightsFileError as exc:
+        raise ConfigError(f"model.weights={path} {exc.problem}") from None
+    own = net.state_dict()
+    first = own.get("classifier.0.weight")
+    if first is not None:
+        state = unfold_classifier(state, first.shape[1])
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
+    problem = shape_mismatch({k: v.shape for k, v in own.items()}, state)
+    if problem:
+        raise ConfigError(f"model.weights={path} does not fit this model (model.arch, model.num_classes): {problem}")
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 def _resolve_weights(arch: str, weights: str | None):
@@ -32,12 +84,14 @@ def _resolve_weights(arch: str, weights: str | None):
 
 def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classes: int = 10,
                      dropout: float | None = None) -> nn.Module:
-    """``dropout``: the classifier's dropout probability for architectures whose constructor takes
+    """``weights``: a torchvision weight set (its head replaced), None (random init), or a state_dict
+    file of this very model (head included) to train on from. ``dropout``: the classifier's dropout probability for architectures whose constructor takes
     one (VGG, AlexNet, ...); None keeps the architecture's own."""
     available = tvm.list_models(module=tvm)
     if arch not in available:
         raise ConfigError(f"model.arch={arch} is not a torchvision classification model (e.g. vgg16, resnet18)")
-    enum = _resolve_weights(arch, weights)
+    start_file = weights if is_weights_file(weights) else None
+    enum = None if start_file else _resolve_weights(arch, weights)
     extra = {} if dropout is None else {"dropout": float(dropout)}
     try:
         net = tvm.get_model(arch, weights=enum, **extra)
@@ -57,6 +111,8 @@ def build_classifier(arch: str = "vgg16", weights: str | None = None, num_classe
     head = last_linear_name(net)
     old = net.get_submodule(head)
     replace_module(net, head, nn.Linear(old.in_features, num_classes))
+    if start_file:
+        load_start_weights(net, str(Path(start_file).expanduser()))
     return replicating_pools(net)  # same function; VGG's pool trains without atomic scatters on CUDA
 
 
