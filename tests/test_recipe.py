@@ -184,3 +184,15 @@ def test_a_missing_weights_file_is_refused_before_any_work(tmp_path):
     cfg = compose_cfg(tmp_path, ["+experiment=smoke", f"model.weights={tmp_path}/absent.pt"])
     with pytest.raises(ConfigError, match=r"model.weights=.*absent.pt .*(no such|does not exist|not found)"):
         check(cfg)
+
+
+def test_the_restart_experiment_is_the_recipe_from_a_weights_file(tmp_path):
+    from prunelab.io import save_state_dict
+
+    path = save_state_dict(tmp_path / "start.pt", build_classifier("resnet18", None, 10).state_dict())
+    cfg = compose_cfg(tmp_path, ["+experiment=restart", "model=resnet18", f"model.weights={path}"])
+    scratch = compose_cfg(tmp_path, ["+experiment=scratch"])
+    assert cfg.model.weights == str(path) and cfg.model.schedule == scratch.model.schedule == "cosine"
+    assert cfg.model.lr == scratch.model.lr and cfg.trainer.max_epochs < scratch.trainer.max_epochs
+    assert cfg.model.warmup_epochs < scratch.model.warmup_epochs  # a warm start needs less warm-up
+    assert compose_cfg(tmp_path, ["+experiment=restart"]).model.weights is None  # never ImageNet's
