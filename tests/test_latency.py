@@ -7,7 +7,6 @@ from torch import nn
 
 from prunelab.latency import (
     LatencyMonitor,
-    batch_sizes,
     latency_batches,
     paired_stats,
     percentiles,
@@ -108,14 +107,18 @@ def test_paired_stats_ratio_of_p50s_and_per_iteration_spread():
 
 
 def test_latency_batches_always_hold_the_headline_size():
-    assert batch_sizes({"batch_size": 64, "batch_sizes": [1, 128]}) == [1, 64, 128]
-    assert batch_sizes({"batch_size": 4, "batch_sizes": None}) == [4]
+    from prunelab.deploy.spec import resolve_spec
+    from prunelab.hardware import Hardware
+
+    cpu = Hardware("cpu", "test")
+    assert resolve_spec({"batch_size": 64, "batch_sizes": [1, 128]}, cpu)[0].batch_sizes == (1, 64, 128)
+    assert resolve_spec({"batch_size": 4, "batch_sizes": []}, cpu)[0].batch_sizes == (4,)
     data = [(torch.full((3, 2, 2), float(i)), i) for i in range(5)]
-    got = latency_batches(data, {"batch_size": 4, "batch_sizes": [1, 8]})
+    got = latency_batches(data, resolve_spec({"batch_size": 4, "batch_sizes": [1, 8]}, cpu)[0].batch_sizes)
     assert sorted(got) == [1, 4, 8] and got[8].shape == (8, 3, 2, 2)
     assert torch.equal(got[4], got[8][:4]) and float(got[8][5, 0, 0, 0]) == 0.0  # wraps round the split
     with pytest.raises(ValueError):
-        batch_sizes({"batch_size": 4, "batch_sizes": [0]})
+        latency_batches(data, [0, 4])
 
 
 def test_summary_carries_the_coefficient_of_variation():

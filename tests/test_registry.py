@@ -51,7 +51,7 @@ class FirstWeightsPruner:
 def toy_method():
     registry.register("first_weights", lambda model, **_: FirstWeightsPruner(model))
     yield "first_weights"
-    registry.PRUNERS.pop("first_weights")
+    registry.METHODS.pop("first_weights")
 
 
 def test_a_registered_method_runs_through_the_search(toy_method):
@@ -75,8 +75,32 @@ def test_the_config_check_accepts_registered_methods_only(tmp_path, toy_method):
 
 def test_code_defaults_are_the_configs():
     """One source of truth: what the code assumes when a caller passes nothing is what the config says."""
-    conf = OmegaConf.load(CONF_DIR / "prune" / "magnitude.yaml")
+    conf = OmegaConf.load(CONF_DIR / "prune" / "options" / "channel.yaml")
     for fn in (registry._channel, ChannelPruner.__init__):
         params = inspect.signature(fn).parameters
         for key in ("importance", "normalize", "min_channels", "round_to"):
             assert params[key].default == conf[key], (fn.__qualname__, key)
+
+
+def test_each_method_s_options_are_its_entry_s_and_its_option_file_s():
+    """A method's own options: checked by its registry entry, defaulted by conf/prune/options/<method>.yaml,
+    and in no other prune option file."""
+    for name, entry in registry.METHODS.items():
+        path = CONF_DIR / "prune" / "options" / f"{name}.yaml"
+        if not entry.options:
+            assert not path.exists(), name
+            continue
+        assert set(OmegaConf.load(path)) == set(entry.options), name
+    for path in (CONF_DIR / "prune").glob("*.yaml"):
+        assert not set(OmegaConf.load(path)) & set(registry.METHODS["channel"].options), path.name
+
+
+@pytest.mark.parametrize("group", ["magnitude", "channel", "semi_structured"])
+def test_every_prune_option_carries_the_channel_options(tmp_path, group):
+    """A search across methods prunes channels whatever prune.method is: prune.round_to works with any."""
+    from prunelab.pruning.spec import prune_spec
+
+    spec = prune_spec(compose_cfg(tmp_path, [f"prune={group}", "prune.round_to=8"]))
+    assert spec.method == group and spec.options["round_to"] == 8
+    assert spec.pruner_options() == {"scope": "global", "importance": "l1", "normalize": "mean", "min_channels": 1,
+                                     "round_to": 8}

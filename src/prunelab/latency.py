@@ -9,7 +9,7 @@ before reading the clock (CUDA events on GPU). By default the batch is already o
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -131,19 +131,12 @@ def sample_batch(dataset, batch_size: int) -> torch.Tensor:
     return torch.stack(xs)
 
 
-def batch_sizes(latency_cfg) -> list[int]:
-    """``latency.batch_sizes`` with ``latency.batch_size`` (the headline) always among them."""
-    sizes = latency_cfg.get("batch_sizes", None) if hasattr(latency_cfg, "get") else None
-    head = int(latency_cfg["batch_size"] if hasattr(latency_cfg, "__getitem__") else latency_cfg.batch_size)
-    out = sorted({int(b) for b in (sizes or [])} | {head})
-    if out[0] < 1:
-        raise ValueError(f"latency.batch_sizes must be >= 1, got {out}")
-    return out
-
-
-def latency_batches(dataset, latency_cfg) -> dict[int, torch.Tensor]:
-    """{batch size: the first images of ``dataset``} for every size :func:`batch_sizes` names."""
-    sizes = batch_sizes(latency_cfg)
+def latency_batches(dataset, sizes: Iterable[int]) -> dict[int, torch.Tensor]:
+    """{batch size: the first images of ``dataset``} for every size in ``sizes`` (a resolved
+    ``DeploySpec``'s ``batch_sizes``, which always hold the headline ``batch_size``)."""
+    sizes = sorted({int(b) for b in sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"latency batch sizes must be >= 1, got {sizes}")
     largest = sample_batch(dataset, sizes[-1])
     return {b: largest[:b].clone() for b in sizes}
 

@@ -22,7 +22,7 @@ from torch import nn
 from prunelab import config_check
 from prunelab.deploy.auto import pick
 from prunelab.deploy.ship import save_pruned
-from prunelab.deploy.timing import onnx_latency, time_dense_and_pruned, time_together
+from prunelab.deploy.timing import time_dense_and_pruned, time_together
 from prunelab.errors import ConfigError
 from prunelab.evaluation import Count, count_correct, shard_loader
 from prunelab.finetune import finetune
@@ -30,6 +30,7 @@ from prunelab.io import link_or_copy, save_state_dict, state_digest, write_json,
 from prunelab.latency import latency_batches
 from prunelab.prune_stage import run_prune_stage
 from prunelab.pruning.masks import prunable_weights, sparsity
+from prunelab.pruning.spec import prune_spec
 from prunelab.report import markdown, plots
 from prunelab.report.schema import device_info, model_section
 from prunelab.report.stats import NOISY_CV, drop_within_noise, speed_verdict
@@ -219,18 +220,6 @@ def _timing_spread(lat: dict, dense: dict | None, pruned: dict | None) -> None:
             "the paired interval allows for drift, but rerun on an idle machine before quoting these figures.")
 
 
-def _dtype_reasons(report: dict, resolved: dict) -> None:
-    """The deploy dtype's reason as the run decided it: ``resolve_auto`` made ``latency.dtype``
-    concrete before the deploy forms saw it, so their own reason would call an ``auto`` explicit."""
-    rec = resolved.get("latency.dtype")
-    if not rec:
-        return
-    for section in (report.get("latency"), (report.get("search") or {}).get("final_round")):
-        rt = (section or {}).get("runtime")
-        if isinstance(rt, dict) and "dtype_reason" in rt:
-            rt["dtype_reason"] = rec["reason"]
-
-
 def _check_classes(dm, model: DictConfig) -> None:
     """The head must have one output per class the data hold (class folders set their own count)."""
     n = getattr(dm, "num_classes", None)
@@ -270,7 +259,7 @@ def run(cfg: DictConfig) -> dict:
     eval_bs = dm.eval_batch_size
     params = sum(p.numel() for p in net.parameters())
     # Latency is timed on rank zero alone: concurrent ranks would share (and skew) the device.
-    batches = latency_batches(dm.test_set, cfg.latency) if cfg.stages.latency and rank_zero else None
+    batches = latency_batches(dm.test_set, spec.batch_sizes) if cfg.stages.latency and rank_zero else None
     memory_format = module.memory_format
     check_batches = _agreement_images(dm.val_set, spec.agreement_images) if batches is not None else None
     runtime_choice = None
@@ -300,14 +289,11 @@ def run(cfg: DictConfig) -> dict:
         _timing_spread(report["latency"], alone["dense"], None)
     if runtime_choice is not None:
         report["runtime_choice"] = runtime_choice
-    if batches is not None and cfg.latency.onnx:
-        onnx_batch = batches[cfg.latency.batch_size]
-        dense["latency_ms_onnx"] = onnx_latency(net, onnx_batch, out / "export" / "dense.onnx", cfg.latency)
     files = {"dense_bytes": (out / "models" / "dense.pt").stat().st_size} if rank_zero else {}
     if dense_stored == "link":
         files["dense_linked_to"] = ft.cached  # a hard link: no second copy on disk
     if cfg.stages.prune:
-        p = cfg.prune
+        p = prune_spec(cfg)
         # The dense network as timed against every candidate and the chosen model: a copy, since
         # masking methods prune ``net`` in place (rank zero only, and only when timing).
         dense_timed = copy.deepcopy(net) if timer is not None else None
@@ -337,7 +323,7 @@ def run(cfg: DictConfig) -> dict:
         if timer is not None:
             # Always in turns, same runtime, dtype and layout: a change in machine load hits both alike.
             lat = _final_timing(timer, dense_timed, None if kept_dense else pruned_net, kernel_family(method),
-                                outcome.search, cfg.latency.batch_size, sorted(batches), trainer.loggers)
+                                outcome.search, spec.batch_size, sorted(batches), trainer.loggers)
             dense["latency_ms"], pruned_lat, kernel_note = lat["dense"], lat.get("pruned"), lat.get("kernels")
             report["latency"] = {k: v for k, v in lat.items() if k not in ("dense", "pruned")}
             _timing_spread(report["latency"], lat["dense"], pruned_lat)
@@ -373,12 +359,8 @@ def run(cfg: DictConfig) -> dict:
             report["schedule"] = outcome.schedule
         report["pruned"] = pruned
         if rank_zero:
-            if batches is not None and cfg.latency.onnx:
-                pruned["latency_ms_onnx"] = onnx_latency(pruned_net, batches[cfg.latency.batch_size],
-                                                         out / "export" / "pruned.onnx", cfg.latency)
             files.update(save_pruned("channel" if method.startswith("channel") else method, pruned_net,
                                      out / "models", cfg.model.arch, cfg.model.num_classes))
-    _dtype_reasons(report, resolved)
     report["files"] = files
     report["finetune"] = ft.to_dict()
     report["timing_s"] = timing

@@ -23,11 +23,13 @@ from prunelab.models import ImageClassifier
 from prunelab.pruning.channel import channel_stats, count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
+from prunelab.pruning.spec import PruneSpec, prune_spec
 from prunelab.report.stats import wilson_interval
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
 from prunelab.search.oneshot import OneShotSearch
 from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
+from prunelab.search.spec import SearchSpec, search_spec
 from prunelab.trainer import build_trainer
 
 
@@ -44,17 +46,10 @@ class PruneOutcome:
     notes: list[str] = field(default_factory=list)  # for the report
 
 
-def pruner_options(cfg: DictConfig) -> dict:
-    """The ``prune.*`` settings every pruner is built from (each method takes what it needs)."""
-    p = cfg.prune
-    return {"scope": p.scope, "importance": p.importance, "normalize": p.normalize, "min_channels": p.min_channels,
-            "round_to": p.round_to}
-
-
 def recover_fn(cfg: DictConfig, dm: LightningDataModule, device):
     """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split,
     with the run's trainer settings, pruned weights held at zero by ``MaskKeeper``."""
-    p = cfg.prune
+    p = prune_spec(cfg)
 
     def recover(net: nn.Module, masks: dict | None) -> nn.Module:
         if p.recover_epochs <= 0:
@@ -80,9 +75,9 @@ def _evaluate_fn(dm: LightningDataModule, device, precision: str):
     return evaluate
 
 
-def search_report(result: SearchResult, cfg: DictConfig, schedule_name: str, resumed: int = 0) -> dict:
+def search_report(result: SearchResult, p: PruneSpec, schedule_name: str, resumed: int = 0) -> dict:
     """The report's ``search`` section, for one-shot and iterative searches alike."""
-    return dict(result.to_dict(), scope=cfg.prune.scope, schedule=schedule_name, resumed_candidates=resumed)
+    return dict(result.to_dict(), scope=p.scope, schedule=schedule_name, resumed_candidates=resumed)
 
 
 def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
@@ -110,12 +105,11 @@ def architecture_key(method: str, candidate: nn.Module) -> str | None:
     return "channel:" + hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
 
-def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
-                   dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
+def _search_across(cfg: DictConfig, p: PruneSpec, s: SearchSpec, net: nn.Module, dm: LightningDataModule, device,
+                   precision: str, dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
                    memory_format, loggers, rank_zero, time_pair, speeds_up, time_together) -> PruneOutcome:
-    p, s = cfg.prune, cfg.search
     t0 = time.perf_counter()
-    opts = pruner_options(cfg)
+    opts = p.pruner_options()
     example = default_example(net).to(device)
 
     def make_search(method: str) -> OneShotSearch:
@@ -127,7 +121,7 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
                              confidence=s.confidence)
 
     methods, skipped = list(s.methods), {}
-    if s.objective == "latency" and not s.get("walk_all", False) and speeds_up is not None:
+    if s.objective == "latency" and not s.walk_all and speeds_up is not None:
         # A method that runs the dense kernels on this device cannot be the fastest model: walking
         # it would only cost time (search.walk_all=true walks it anyway, for the Pareto front).
         skipped = {m: "runs the dense kernels on this device: cannot be faster than the dense model"
@@ -174,7 +168,7 @@ def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, dev
 
     result = search_across(net, methods, walk, s.objective, measure,
                            retime=retime if time_together is not None else None,
-                           final_round=int(s.get("final_round", 3)))
+                           final_round=s.final_round)
     dense_acc = dense.acc
     search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
                   threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
@@ -246,12 +240,12 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     ``speeds_up(method)`` says whether a method's models can run faster than dense here;
     ``time_together({name: (network, method)})`` times a latency search's shortlist all in turns
     with the dense model in one session (``deploy.time_together``'s result)."""
-    p, s = cfg.prune, cfg.search
+    p, s = prune_spec(cfg), search_spec(cfg)
     problem = searchable_problem(dense_val, int(cfg.model.num_classes), float(s.tolerance)) \
         if p.ratio is None else None
-    if problem and not s.get("allow_weak_model", False):
+    if problem and not s.allow_weak_model:
         raise ConfigError(problem)
-    outcome = _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers,
+    outcome = _run(cfg, p, s, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers,
                    rank_zero, dense_hits, time_pair, speeds_up, time_together)
     if problem:
         outcome.notes.append("search.allow_weak_model=true searched although " + problem.split("; ")[0]
@@ -259,15 +253,14 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     return outcome
 
 
-def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers, rank_zero,
+def _run(cfg, p, s, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers, rank_zero,
          dense_hits, time_pair, speeds_up, time_together) -> PruneOutcome:
-    p, s = cfg.prune, cfg.search
-    if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
-        return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
+    if p.ratio is None and s.across_methods:
+        return _search_across(cfg, p, s, net, dm, device, precision, dense_val, dense_hits,
                               journal_path.parent if journal_path else None, identity, memory_format, loggers,
                               rank_zero, time_pair, speeds_up, time_together)
     t0 = time.perf_counter()
-    opts = pruner_options(cfg)
+    opts = p.pruner_options()
     evaluate = _evaluate_fn(dm, device, precision)
     dense_acc = 100.0 * dense_val[0] / dense_val[1]
 
@@ -275,7 +268,7 @@ def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, mem
         recover = recover_fn(cfg, dm, device)
         if p.ratio is None:
             pruned, result = iterative_search(net, p.method, s.grid, dense_acc, s.tolerance, recover, evaluate, opts)
-            ratio, search, history = result.best_ratio, search_report(result, cfg, "iterative"), []
+            ratio, search, history = result.best_ratio, search_report(result, p, "iterative"), []
         else:
             pruned, steps = iterative(net, p.method, schedule(float(p.ratio), p.steps), recover, evaluate, opts)
             ratio, search, history = float(p.ratio), None, [st.to_dict() for st in steps]
@@ -289,14 +282,14 @@ def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, mem
                                  dm.eval_batch_size, precision, journal_path=str(journal_path) if journal_path else None,
                                  method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
                                  full_curve=bool(s.full_curve), fast_eval=bool(s.fast_eval),
-                                 memory_format=memory_format, confidence=s.get("confidence"))
+                                 memory_format=memory_format, confidence=s.confidence)
         dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
         result = searcher.run(net, dm.val_set, device, dense=dense, identity=identity, loggers=loggers,
                               rank_zero=rank_zero, dense_hits=dense_hits)
         ratio = result.best_ratio
         chosen = [e for e in result.curve if e.ratio == ratio]
         val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
-        search = search_report(result, cfg, "oneshot", searcher.resumed)
+        search = search_report(result, p, "oneshot", searcher.resumed)
         return PruneOutcome(searcher.model, ratio, val, searcher.pruner.stats(), search, [], time.perf_counter() - t0,
                             method=p.method)
 
@@ -307,4 +300,4 @@ def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, mem
                         time.perf_counter() - t0, method=p.method)
 
 
-__all__ = ["PruneOutcome", "pruner_options", "recover_fn", "run_prune_stage", "search_report"]
+__all__ = ["PruneOutcome", "recover_fn", "run_prune_stage", "search_report"]

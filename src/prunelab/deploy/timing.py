@@ -17,7 +17,6 @@ Per method:
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -256,29 +255,3 @@ def _log(per: dict, head: int, loggers) -> None:
         metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
     for lg in loggers:
         lg.log_metrics(metrics, step=0)
-
-
-def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:
-    """Export ``net`` to ONNX and time it with onnxruntime on the CPU; None without onnxruntime."""
-    import time
-
-    from prunelab.export import export_onnx, require_onnx
-
-    ort = require_onnx()  # without the export extra: one line naming it, exit 2
-
-    cpu_net = copy.deepcopy(net).to("cpu").eval()
-    x = batch.to("cpu").float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(cpu_net, path, batch=x.shape[0])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    feed = {name: x.numpy()}
-    samples = []
-    for i in range(cfg.warmup + cfg.iters):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        if i >= cfg.warmup:
-            samples.append((time.perf_counter() - t0) * 1000.0)
-    stats = summarize(samples, x.shape[0])
-    stats.update(runtime=f"onnxruntime {ort.__version__} CPU", file=str(path))
-    return stats

@@ -37,10 +37,9 @@ from prunelab.models.factory import last_linear_name, replace_module
 from prunelab.models.modes import eval_mode
 from prunelab.models.transforms import replicating_pools
 from prunelab.pruning.masks import count_to_prune, prunable_weights
+from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
 
-IMPORTANCES = ("l1", "l2")
-NORMALIZATIONS = ("mean", "none")
-# The code's defaults are the config's (conf/prune/magnitude.yaml; a test holds them equal).
+# The code's defaults are the config's (conf/prune/options/channel.yaml; a test holds them equal).
 DEFAULT_NORMALIZE = "mean"
 DEFAULT_ROUND_TO = 16
 META_FILE = "pruned_channels.json"

@@ -224,8 +224,7 @@ def render(report: dict, plots: dict[str, str]) -> str:
         lines += ["## Iterative schedule", "", table(["ratio", "after pruning %", "after recovery %"],
                   [(f"{c['ratio']:.2f}", f"{c['val_acc']:.2f}", f"{c['recovered_val_acc']:.2f}") for c in sched]), ""]
     files = report.get("files") or {}
-    d_onnx, p_onnx = report["dense"].get("latency_ms_onnx"), p.get("latency_ms_onnx")
-    if files or d_onnx:
+    if files:
         lines += ["## Size and deployment", ""]
         rows = [("bytes on disk", _int(files.get("dense_bytes")), _int(files.get("pruned_bytes")))]
         if "pruned_compressed_bytes" in files:
@@ -234,8 +233,6 @@ def render(report: dict, plots: dict[str, str]) -> str:
             rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
         if p.get("channels_removed") is not None:
             rows.append(("share of conv channels removed", "0", f"{p['channels_removed']:.3f}"))
-        if d_onnx:
-            rows.append(("ONNX Runtime CPU p50 ms", _ms(d_onnx, "p50"), _ms(p_onnx, "p50")))
         lines += [table(["", "dense", "pruned"], rows), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
