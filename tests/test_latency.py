@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from prunelab.latency import (
-    LatencyMonitor,
     latency_batches,
     paired_stats,
     percentiles,
@@ -54,15 +53,6 @@ def test_time_forward_warms_up_runs_eval_inference_and_restores_mode(include_tra
     assert m.training
 
 
-def test_monitor_records_tagged_results():
-    mon = LatencyMonitor(batch_size=4, warmup=1, iters=3)
-    stats = mon.measure(Counting(), torch.randn(4, 4), "cpu", "dense")
-    assert set(mon.results) == {"dense"} and stats["batch_size"] == 4
-    assert stats["p50"] <= stats["p90"] <= stats["p99"]
-    with pytest.raises(ValueError):
-        LatencyMonitor(iters=0)
-
-
 class Logged(Counting):
     """Counts its calls and writes each one, tagged, to a shared log (to see the turn order)."""
 
@@ -85,13 +75,6 @@ def test_interleaved_timing_takes_turns_after_warmup_and_restores_modes():
     assert log == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
     assert a.modes == b.modes == {(False, True)}
     assert not a.training and b.training
-
-
-def test_monitor_interleaved_reports_each_tag_with_its_partner():
-    mon = LatencyMonitor(batch_size=4, warmup=0, iters=2)
-    out = mon.measure_interleaved({"dense": Counting(), "pruned": Counting()}, torch.randn(4, 4), "cpu")
-    assert set(out) == set(mon.results) == {"dense", "pruned"}
-    assert out["dense"]["interleaved_with"] == ["pruned"] and out["pruned"]["iters"] == 2
 
 
 def test_paired_stats_ratio_of_p50s_and_per_iteration_spread():

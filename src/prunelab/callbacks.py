@@ -2,10 +2,12 @@
 
 - ``MaskKeeper``: keep pruned weights at zero while a pruned network trains (the pipeline's
   recovery fine-tuning uses it).
-- ``MagnitudePruning``: prune a module by magnitude at fit start or fit end, then keep it pruned.
+- ``PruningCallback``: prune a module with any registered method at fit start or fit end, then
+  keep it pruned (``MagnitudePruning``: the same with method magnitude).
 - ``RatioSearch``: after a fit, the one-shot search (``prunelab.search.oneshot``) on the fit's
   validation split, leaving the module pruned at the chosen ratio.
-- ``LatencyCallback``: after testing, time the module's forward pass and log p50/p90/p99.
+- ``LatencyCallback``: after testing, serve the module in a latency runtime as a run does
+  (``prunelab.deploy.session``), time it and log p50/p90/p99.
 
 None of them reparametrises weights (no ``weight_orig``/``weight_mask``): pruned weights are
 plain zeros, so checkpoints, ``state_dict`` and timing always see a permanent, ordinary model.
@@ -18,8 +20,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
-from prunelab.latency import LatencyMonitor, sample_batch
-from prunelab.pruning.magnitude import MagnitudePruner
+from prunelab.deploy.spec import DeploySpec
+from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES, prunable_weights
 from prunelab.search.oneshot import OneShotSearch, log_sparsity
 from prunelab.search.rules import Evaluation, SearchResult
@@ -50,38 +52,66 @@ class MaskKeeper(Callback):
             w.mul_(keep.to(w.device))
 
 
-class MagnitudePruning(MaskKeeper):
-    """Prune by magnitude at ``ratio`` (global or layerwise) at fit start or fit end.
+class PruningCallback(MaskKeeper):
+    """Prune the module's network at ``ratio`` with any registered method (``method``; a chain such
+    as ``channel+semi_structured`` too) at fit start or fit end, then keep it pruned.
 
-    Pruned at fit start, the weights stay exactly zero through training (see ``MaskKeeper``).
+    ``options`` are the method's own (``prune.*``: channel's ``round_to``, ...); ``scope`` is
+    ``global`` or ``layerwise``. Pruned at fit start, masked weights stay exactly zero through
+    training (see ``MaskKeeper``); a method that builds a new, smaller network (channel) replaces
+    the module's ``net`` before Lightning builds the optimiser, so the new network is what trains.
     """
 
-    def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+    def __init__(self, ratio: float, method: str = "magnitude", scope: str = "global", when: str = "fit_end",
+                 **options):
         super().__init__(None)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"prune.ratio must be in [0, 1), got {ratio}")
+        if not registry.is_known(method):
+            raise ValueError(f"prune.method must be one of {registry.methods()} or a chain such as "
+                             f"channel+semi_structured, got {method!r}")
         if scope not in SCOPES:
             raise ValueError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
         if when not in ("fit_start", "fit_end"):
             raise ValueError(f"when must be 'fit_start' or 'fit_end', got {when!r}")
-        self.ratio, self.scope, self.when = ratio, scope, when
+        self.ratio, self.method, self.scope, self.when, self.options = ratio, method, scope, when, options
 
     def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
-        pruner = MagnitudePruner(_net(pl_module), self.scope)
-        pruner.finish(self.ratio)
+        net = _net(pl_module)
+        pruner = registry.make_pruner(self.method, net, self.scope, **self.options)
+        pruned = pruner.finish(self.ratio)
+        if pruned is not net:  # a new, smaller network: the module must hold it from now on
+            if not hasattr(pl_module, "net"):
+                raise ValueError(f"prune.method={self.method} builds a new network: the LightningModule needs a "
+                                 "`net` attribute to hold it")
+            pl_module.net = pruned
         self.masks = pruner.keep_masks()
         stats = pruner.stats()
         if trainer is not None:
             log_sparsity(trainer.loggers, stats, trainer.global_step)
         return stats
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning builds the optimiser between setup and on_fit_start: a method that builds a new
+        # network prunes here, or the optimiser would hold (and train) the old parameters.
+        if stage == "fit" and self.when == "fit_start" and not registry.in_place(self.method):
+            self.prune(pl_module, trainer)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.when == "fit_start":
+        if self.when == "fit_start" and registry.in_place(self.method):
             self.prune(pl_module, trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.when == "fit_end":
             self.prune(pl_module, trainer)
+
+
+class MagnitudePruning(PruningCallback):
+    """``PruningCallback`` with ``method="magnitude"``: prune by magnitude at ``ratio`` (global or
+    layerwise) at fit start or fit end."""
+
+    def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+        super().__init__(ratio, "magnitude", scope, when)
 
 
 class RatioSearch(OneShotSearch, Callback):
@@ -101,15 +131,42 @@ class RatioSearch(OneShotSearch, Callback):
                            rank_zero=trainer is None or trainer.is_global_zero)
 
 
-class LatencyCallback(LatencyMonitor, Callback):
-    """After ``trainer.test``, time the module's forward pass on the first test images and log
-    ``latency/<tag>/p50_ms`` (and p90, p99) through the trainer's loggers."""
+class LatencyCallback(Callback):
+    """After ``trainer.test``, the module's network served and timed as a run times it: ``latency``
+    (the ``latency`` group's keys, e.g. ``runtime="deploy", batch_size=32``; keys left out take
+    ``conf/latency/default.yaml``'s values) resolved into a ``DeploySpec`` for the module's device
+    (or ``spec``, one already resolved), ``auto`` decided as the run decides it, the served form's
+    answers checked against the eager fp32 model (on the first validation images where the data
+    module has a validation split, else on the timing batches), then timed in that runtime at every
+    batch size. Logs ``latency/<tag>/{p50,p90,p99}_ms`` at the headline batch size; ``results[tag]``
+    holds those figures, ``timings[tag]`` the whole timing (runtime, dtype, every batch size)."""
 
-    def __init__(self, tag: str = "model", **kwargs):
-        LatencyMonitor.__init__(self, **kwargs)
-        self.tag = tag
+    def __init__(self, tag: str = "model", spec: DeploySpec | None = None, **latency):
+        from omegaconf import OmegaConf
+
+        from prunelab.deploy.spec import check, yaml_defaults
+
+        unknown = sorted(set(latency) - set(yaml_defaults()))
+        if unknown:
+            raise ValueError(f"LatencyCallback: {', '.join(unknown)} not a latency setting; "
+                             f"use any of {', '.join(yaml_defaults())}")
+        check(OmegaConf.create({"latency": latency}))
+        self.tag, self.spec, self.latency = tag, spec, latency
+        self.results: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        batch = sample_batch(trainer.datamodule.test_set, self.batch_size)
-        batch = batch.contiguous(memory_format=getattr(pl_module, "memory_format", torch.contiguous_format))
-        self.measure(pl_module, batch, pl_module.device, self.tag, trainer.loggers)
+        from prunelab.deploy.session import open_session
+        from prunelab.deploy.spec import resolve_spec
+        from prunelab.hardware import detect
+
+        net, device, precision = _net(pl_module), pl_module.device, str(trainer.precision)
+        spec = self.spec or resolve_spec(self.latency, detect(device), precision)[0]
+        dm = trainer.datamodule
+        layout = getattr(pl_module, "memory_format", torch.contiguous_format) == torch.channels_last
+        session = open_session(spec, net, dm.test_set, getattr(dm, "val_set", None), device, precision, layout)
+        timing = session.time(net, None, None)
+        stats = self.results[self.tag] = timing["dense"]
+        self.timings[self.tag] = timing
+        for lg in trainer.loggers:
+            lg.log_metrics({f"latency/{self.tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)

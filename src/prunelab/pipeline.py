@@ -29,6 +29,7 @@ from prunelab.finetune import finetune
 from prunelab.io import link_or_copy, save_state_dict, state_digest, write_json, write_text
 from prunelab.latency import latency_batches
 from prunelab.prune_stage import run_prune_stage
+from prunelab.pruning import registry
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.spec import prune_spec
 from prunelab.report import markdown, plots
@@ -60,11 +61,6 @@ def barrier() -> None:
 def _count(model, dataset, batch_size, device, precision, record: bool = False) -> Count:
     loader, total = shard_loader(dataset, batch_size)
     return count_correct(model, loader, total, device=device, precision=precision, record=record)
-
-
-def kernel_family(method: str) -> str:
-    """How a method's model runs: a chain with 2:4 in it runs its 2:4 layers on sparse kernels."""
-    return "semi_structured" if "semi_structured" in method.split("+") else method
 
 
 def _agreement_images(dataset, images: int) -> list[torch.Tensor] | None:
@@ -103,14 +99,6 @@ def _timer(spec, batches, device, loggers, precision: str, channels_last: bool, 
     return time
 
 
-def speeds_up(method: str, device: torch.device) -> bool:
-    """Whether a method's model can run faster than the dense one here: removed channels always;
-    2:4 only on CUDA (sparse kernels); unstructured zeros never. Unknown (registered) methods are
-    timed, to be safe."""
-    known = {"magnitude": False, "semi_structured": device.type == "cuda", "channel": True}
-    return any(known.get(part, True) for part in method.split("+"))
-
-
 def _together_timer(dense: nn.Module | None, spec, batches, device, precision: str, channels_last: bool):
     """Times a latency search's shortlist all in turns with the dense model, at the headline batch
     size, in the run's latency runtime (``deploy.time_together``); None where latency is not timed."""
@@ -120,8 +108,7 @@ def _together_timer(dense: nn.Module | None, spec, batches, device, precision: s
     head = batches[spec.batch_size]
 
     def together(candidates: dict) -> dict:
-        return time_together(dense, {n: (net, kernel_family(m)) for n, (net, m) in candidates.items()}, head, device,
-                             spec, precision=precision, channels_last=layout)
+        return time_together(dense, candidates, head, device, spec, precision=precision, channels_last=layout)
 
     return together
 
@@ -135,13 +122,13 @@ def _pair_timer(dense: nn.Module | None, timer, head: int, device: torch.device)
     dense_alone: dict = {}
 
     def time_pair(candidate: nn.Module, method: str) -> dict:
-        if not speeds_up(method, device):
+        if not registry.speeds_up(method, device.type):
             if not dense_alone:
                 dense_alone.update(timer(dense, None, None, sizes=[head], log=False)["dense"])
             p50 = dense_alone["p50"]
             return {"p50_ms": p50, "p90_ms": dense_alone["p90"], "dense_p50_ms": p50, "speedup": 1.0,
                     "speedup_beyond_noise": False, "timed": "as dense (same kernels here)"}
-        r = timer(dense, candidate, kernel_family(method), sizes=[head], log=False)
+        r = timer(dense, candidate, method, sizes=[head], log=False)
         return {"p50_ms": r["pruned"]["p50"], "p90_ms": r["pruned"]["p90"], "dense_p50_ms": r["dense"]["p50"],
                 "cv": max(r["pruned"]["cv"], r["dense"]["cv"]),
                 "speedup": r["speedup_p50"], "speedup_beyond_noise": bool(r["speedup_beyond_noise"]),
@@ -188,7 +175,7 @@ def _headline_speed(report: dict, pruned: dict, method: str, device: torch.devic
     faster than the dense model here; where it runs the dense kernels, the ratio stays only as the
     timing's noise, never as a speedup. Also the timing's coefficient of variation."""
     lat = report["latency"]
-    if speeds_up(method, device):
+    if registry.speeds_up(method, device.type):
         pruned["speedup_p50"] = lat["speedup_p50"]
         pruned["speedup"] = {"value": lat["speedup_p50"], "paired_5_95": lat["speedup_paired_5_95"],
                              "verdict": speed_verdict(lat["speedup_paired_5_95"]),
@@ -307,7 +294,6 @@ def run(cfg: DictConfig) -> dict:
                                    "val_correct": dense_val[0], "method": p.method},
                                   memory_format, trainer.loggers, rank_zero,
                                   dense_hits=dense_count.hits, time_pair=_pair_timer(dense_timed, timer, spec.batch_size, device),
-                                  speeds_up=lambda m: speeds_up(m, device),
                                   time_together=_together_timer(dense_timed, spec, batches, device, precision,
                                                                 bool(cfg.model.channels_last)))
         method = outcome.method
@@ -322,7 +308,7 @@ def run(cfg: DictConfig) -> dict:
         kept_dense = outcome.ratio == 0
         if timer is not None:
             # Always in turns, same runtime, dtype and layout: a change in machine load hits both alike.
-            lat = _final_timing(timer, dense_timed, None if kept_dense else pruned_net, kernel_family(method),
+            lat = _final_timing(timer, dense_timed, None if kept_dense else pruned_net, method,
                                 outcome.search, spec.batch_size, sorted(batches), trainer.loggers)
             dense["latency_ms"], pruned_lat, kernel_note = lat["dense"], lat.get("pruned"), lat.get("kernels")
             report["latency"] = {k: v for k, v in lat.items() if k not in ("dense", "pruned")}
@@ -332,7 +318,7 @@ def run(cfg: DictConfig) -> dict:
         barrier()
         stats = outcome.stats
         pruned = model_section(outcome.val, pruned_test, sum(q.numel() for q in pruned_net.parameters()),
-                               stats if method.startswith("channel") else sparsity(prunable_weights(pruned_net)),
+                               registry.counted_weights(method, pruned_net, stats),
                                pruned_lat)
         pruned.update(ratio=outcome.ratio, method=method, scope=p.scope, schedule=p.schedule,
                       layers=stats["layers"], sparsity=stats["sparsity"], nonzero=stats["nonzero"])
@@ -359,7 +345,7 @@ def run(cfg: DictConfig) -> dict:
             report["schedule"] = outcome.schedule
         report["pruned"] = pruned
         if rank_zero:
-            files.update(save_pruned("channel" if method.startswith("channel") else method, pruned_net,
+            files.update(save_pruned(method, pruned_net,
                                      out / "models", cfg.model.arch, cfg.model.num_classes))
     report["files"] = files
     report["finetune"] = ft.to_dict()
@@ -389,7 +375,7 @@ def _notes(report: dict, cfg: DictConfig) -> list[str]:
             "is smaller than the noise of the validation set (half its 95% interval): "
             "dense and pruned are not distinguishable on this data."
         )
-    if p and p.get("method", "magnitude") == "magnitude" and p["ratio"] > 0:
+    if p and registry.dense_kernels(p.get("method")) and p["ratio"] > 0:
         notes.append("Unstructured zeros run on dense kernels: expect no speedup from them, only smaller compressed files.")
     lat_notes = (report.get("latency") or {}).get("notes") or []
     if p and p.get("kernels") and p["kernels"] not in lat_notes:

@@ -4,7 +4,6 @@ every method; returns the pruned network and what the report says about it."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
-from prunelab.pruning.channel import channel_stats, count_macs, default_example
+from prunelab.pruning import registry
+from prunelab.pruning.channel import count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
 from prunelab.pruning.spec import PruneSpec, prune_spec
@@ -94,20 +94,9 @@ def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
     return figures
 
 
-def architecture_key(method: str, candidate: nn.Module) -> str | None:
-    """One key per network, where equal keys mean the same network: a channel-pruned model is a
-    smaller dense network whose layer shapes fix which filters remain (each layer keeps its own
-    highest ranked), so two ratios rounded to the same widths are one model. None for other
-    methods, whose zeros or 2:4 layers differ between ratios of equal shapes."""
-    if method != "channel":
-        return None
-    shapes = [(k, tuple(v.shape)) for k, v in candidate.state_dict().items()]
-    return "channel:" + hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
-
-
 def _search_across(cfg: DictConfig, p: PruneSpec, s: SearchSpec, net: nn.Module, dm: LightningDataModule, device,
                    precision: str, dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
-                   memory_format, loggers, rank_zero, time_pair, speeds_up, time_together) -> PruneOutcome:
+                   memory_format, loggers, rank_zero, time_pair, time_together) -> PruneOutcome:
     t0 = time.perf_counter()
     opts = p.pruner_options()
     example = default_example(net).to(device)
@@ -121,11 +110,11 @@ def _search_across(cfg: DictConfig, p: PruneSpec, s: SearchSpec, net: nn.Module,
                              confidence=s.confidence)
 
     methods, skipped = list(s.methods), {}
-    if s.objective == "latency" and not s.walk_all and speeds_up is not None:
+    if s.objective == "latency" and not s.walk_all:
         # A method that runs the dense kernels on this device cannot be the fastest model: walking
         # it would only cost time (search.walk_all=true walks it anyway, for the Pareto front).
         skipped = {m: "runs the dense kernels on this device: cannot be faster than the dense model"
-                   for m in methods if not speeds_up(m)}
+                   for m in methods if not registry.speeds_up(m, torch.device(device).type)}
         methods = [m for m in methods if m not in skipped]
     dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
     recovered: dict[tuple[str, float], nn.Module] = {}
@@ -157,7 +146,7 @@ def _search_across(cfg: DictConfig, p: PruneSpec, s: SearchSpec, net: nn.Module,
     def measure(method: str, candidate: nn.Module) -> dict:
         # The same network is one candidate: measured (and timed) once. Not across recoveries,
         # which leave the same shapes with other weights.
-        arch = architecture_key(method, candidate) if p.schedule != "iterative" else None
+        arch = registry.architecture_key(method, candidate) if p.schedule != "iterative" else None
         if arch is not None and arch in networks:
             return dict(networks[arch], timed="the same network as an earlier candidate: not timed again")
         figures = candidate_figures(method, candidate, example, time_pair)
@@ -183,8 +172,7 @@ def _search_across(cfg: DictConfig, p: PruneSpec, s: SearchSpec, net: nn.Module,
     if p.schedule == "iterative":
         pruned = recovered[(chosen["method"], chosen["ratio"])]
         recovered.clear()
-        stats = (channel_stats(pruned, net) if chosen["method"].startswith("channel")
-                 else sparsity(prunable_weights(pruned)))
+        stats = registry.stats(chosen["method"], pruned, net)
         return PruneOutcome(pruned.to(device, memory_format=memory_format), chosen["ratio"], val, stats, search, [],
                             time.perf_counter() - t0, method=chosen["method"])
     pruner = make_pruner(chosen["method"], copy.deepcopy(net), **opts)
@@ -233,11 +221,9 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
                     memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
                     rank_zero: bool = True, dense_hits: torch.Tensor | None = None,
                     time_pair: Callable[[nn.Module, str], dict] | None = None,
-                    speeds_up: Callable[[str], bool] | None = None,
                     time_together: Callable[[dict], dict] | None = None) -> PruneOutcome:
     """``time_pair(candidate, method)`` times a candidate in turns with the dense model in the
     run's latency runtime (used when ``search.objective`` ranks by more than the ratio);
-    ``speeds_up(method)`` says whether a method's models can run faster than dense here;
     ``time_together({name: (network, method)})`` times a latency search's shortlist all in turns
     with the dense model in one session (``deploy.time_together``'s result)."""
     p, s = prune_spec(cfg), search_spec(cfg)
@@ -246,7 +232,7 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
     if problem and not s.allow_weak_model:
         raise ConfigError(problem)
     outcome = _run(cfg, p, s, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers,
-                   rank_zero, dense_hits, time_pair, speeds_up, time_together)
+                   rank_zero, dense_hits, time_pair, time_together)
     if problem:
         outcome.notes.append("search.allow_weak_model=true searched although " + problem.split("; ")[0]
                              + ": the chosen ratio means little.")
@@ -254,11 +240,11 @@ def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, de
 
 
 def _run(cfg, p, s, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers, rank_zero,
-         dense_hits, time_pair, speeds_up, time_together) -> PruneOutcome:
+         dense_hits, time_pair, time_together) -> PruneOutcome:
     if p.ratio is None and s.across_methods:
         return _search_across(cfg, p, s, net, dm, device, precision, dense_val, dense_hits,
                               journal_path.parent if journal_path else None, identity, memory_format, loggers,
-                              rank_zero, time_pair, speeds_up, time_together)
+                              rank_zero, time_pair, time_together)
     t0 = time.perf_counter()
     opts = p.pruner_options()
     evaluate = _evaluate_fn(dm, device, precision)
@@ -273,7 +259,7 @@ def _run(cfg, p, s, net, dm, device, precision, dense_val, journal_path, identit
             pruned, steps = iterative(net, p.method, schedule(float(p.ratio), p.steps), recover, evaluate, opts)
             ratio, search, history = float(p.ratio), None, [st.to_dict() for st in steps]
         final = evaluate(pruned)
-        stats = channel_stats(pruned, net) if p.method == "channel" else sparsity(prunable_weights(pruned))
+        stats = registry.stats(p.method, pruned, net)
         return PruneOutcome(pruned, ratio, (final.correct, final.total), stats, search, history,
                             time.perf_counter() - t0, method=p.method)
 

@@ -288,5 +288,9 @@ class DeployRuntime(Runtime):
                            compile=spec.compile, example_batch=example_batch, two_four=two_four, fuse=spec.fuse,
                            winograd=spec.winograd, pack=spec.pack)
 
+    def load_snippet(self, path, spec):
+        return (f"from prunelab.deploy.native import deploy_form\n\nform = deploy_form(net, dtype=torch.{spec.dtype_name}, "
+                f"channels_last={spec.channels_last})\nlogits = form(images)  # float32 NCHW images, cast inside")
+
 
 RUNTIME = DeployRuntime()

@@ -4,13 +4,14 @@
 (``latency.runtime``, one of ``prunelab.deploy.registry.RUNTIMES``; ``auto`` is decided before by
 ``prunelab.deploy.auto.pick``), dtype and layout, for every method, after checking every form's
 answers against the eager fp32 model at every timed batch size (``prunelab.deploy.checks``).
-Per method:
+By the kernels the method's registry entry names (``prunelab.pruning.registry``):
 
-- magnitude: dense kernels on a dense tensor with zeros: no speedup expected, and the result gives
+- dense kernels on a dense tensor with zeros (magnitude): no speedup expected, and the result gives
   the noise of its own timing so a ratio within it is never read as a speedup;
-- channel: the smaller dense network;
-- semi_structured: the 2:4 Linear layers on PyTorch's sparse kernels (deploy runtime, CUDA sm80+,
-  fp16/bf16) against the dense form in the same dtype; masked-dense elsewhere, and the result says so.
+- a smaller dense network (channel): timed as it is;
+- 2:4 (semi_structured, and chains ending in it): the 2:4 Linear layers on PyTorch's sparse kernels
+  (deploy runtime, CUDA sm80+, fp16/bf16) against the dense form in the same dtype; masked-dense
+  elsewhere, and the result says so.
 
 ``ship_to`` writes the pruned form in its runtime's own format (``prunelab.deploy.ship``).
 """
@@ -30,6 +31,7 @@ from prunelab.deploy.spec import DeploySpec, as_spec
 from prunelab.hardware import detect
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.winograd import free_scratch
+from prunelab.pruning import registry as methods
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     if channels_last is None:
         channels_last = _layout(spec)
     nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
-    two_four = {"pruned"} if method == "semi_structured" and pruned_net is not None else set()
+    two_four = {"pruned"} if methods.two_four(method) and pruned_net is not None else set()
     forms, facts, notes = build_forms(nets, two_four, batches, head, device, spec, channels_last)
     kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
@@ -161,7 +163,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     ratio = h["paired_ratio"]
     result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
                   speedup_beyond_noise=_beyond_noise(method, ratio))
-    if method == "magnitude":
+    if methods.dense_kernels(method):
         within = ratio["p5"] <= 1.0 <= ratio["p95"]
         result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
                            "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
@@ -185,7 +187,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     their own session against their own dense timing can be reordered by a drift in the machine
     between sessions; here every iteration runs them all back to back, so their p50s compare.
 
-    ``candidates``: {name: (network, kernel family)} (the family says which run 2:4 kernels). The
+    ``candidates``: {name: (network, method)} (the method says which run 2:4 kernels). The
     order rotates every iteration, so no model always runs right after the same one.
     Returns {"models": {"dense": stats, name: stats + speedup_p50 + paired_ratio +
     speedup_beyond_noise}, "samples": {name: ms per iteration}, "runtime": facts, "notes": [...],
@@ -201,7 +203,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     if channels_last is None:
         channels_last = _layout(spec)
     nets = {"dense": dense_net, **{name: net for name, (net, _) in candidates.items()}}
-    two_four = {name for name, (_, family) in candidates.items() if family == "semi_structured"}
+    two_four = {name for name, (_, method) in candidates.items() if methods.two_four(method)}
     forms, facts, notes = build_forms(nets, two_four, {bs: batch}, bs, device, spec, channels_last)
     warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
     x = batch if transfer else forms["dense"].prepare(batch)
@@ -210,20 +212,20 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     finally:
         free_scratch()
     models = {"dense": summarize(samples["dense"], bs)}
-    for name, (_, family) in candidates.items():
+    for name, (_, method) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
         models[name] = dict(st["pruned"], speedup_p50=st["speedup_p50"], paired_ratio=st["paired_ratio"],
-                            speedup_beyond_noise=_beyond_noise(family, st["paired_ratio"]))
+                            speedup_beyond_noise=_beyond_noise(method, st["paired_ratio"]))
         if name in two_four:
             models[name]["kernels"] = _kernels(forms, name, facts["runtime"])
     _describe(forms, facts, hw, transfer)
     return {"models": models, "samples": samples, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
 
 
-def _beyond_noise(family: str | None, paired_ratio: dict) -> bool:
+def _beyond_noise(method: str | None, paired_ratio: dict) -> bool:
     """A speedup is claimed only where even the slow end (5th percentile) of the per-iteration
-    paired ratios beats 1, and never for unstructured zeros (the same dense kernels)."""
-    return family != "magnitude" and paired_ratio["p5"] > 1.0
+    paired ratios beats 1, and never for a method that runs the dense kernels (unstructured zeros)."""
+    return not methods.dense_kernels(method) and paired_ratio["p5"] > 1.0
 
 
 def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:

@@ -89,6 +89,30 @@ def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", 
                          normalize=normalize, round_to=round_to)
 
 
+def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
+    from prunelab.pruning.channel import channel_stats
+
+    return channel_stats(pruned, dense)
+
+
+def _channel_save(net: nn.Module, models_dir: Path, arch: str, num_classes: int) -> dict:
+    from prunelab.pruning.channel_files import save_compact
+
+    return save_compact(net, models_dir, arch, num_classes)
+
+
+def _channel_load(models_dir: Path) -> nn.Module | None:
+    from prunelab.pruning.channel_files import load_compact
+
+    return load_compact(models_dir)
+
+
+def _channel_steps():
+    from prunelab.pruning.channel import WidthSteps
+
+    return WidthSteps()
+
+
 def _semi_structured(model: nn.Module, **_):
     from prunelab.pruning.semi_structured import SemiStructuredPruner
 
@@ -102,7 +126,8 @@ METHODS: dict[str, Method] = {
     "channel": Method(_channel, kernels="smaller", in_place=False,
                       options={"importance": choice(*IMPORTANCES), "normalize": choice(*NORMALIZATIONS),
                                "min_channels": integer(1), "round_to": integer(1)},
-                      report_keys=("params", "macs", "channels", "channels_removed"), shapes_fix_network=True),
+                      report_keys=("params", "macs", "channels", "channels_removed"), stats=_channel_stats,
+                      save=_channel_save, load=_channel_load, steps=_channel_steps, shapes_fix_network=True),
     "semi_structured": Method(_semi_structured, kernels="two_four", report_keys=("two_four_layers",)),
 }
 
