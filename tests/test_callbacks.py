@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from prunelab.callbacks import LatencyCallback, MagnitudePruning, PruningCallback
-from prunelab.errors import ConfigError
 from prunelab.data import SyntheticDataModule
+from prunelab.errors import ConfigError
 from prunelab.models import ImageClassifier
 
 

@@ -121,7 +121,7 @@ def test_a_speedup_whose_paired_interval_holds_one_is_no_measurable_difference()
 
 
 def test_a_noisy_timing_says_so_in_the_report():
-    from prunelab.pipeline import _timing_spread
+    from prunelab.report.sections import timing_spread as _timing_spread
 
     lat: dict = {"notes": []}
     _timing_spread(lat, {"cv": 0.02}, {"cv": 0.31})

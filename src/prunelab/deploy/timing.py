@@ -100,7 +100,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     top-1 answers beyond rounding or its logits beyond its dtype's tolerance, at any timed batch
     size, on ``agreement_batches`` (the pipeline passes ``latency.agreement_images`` validation
     images), else on the timing batches. ``ship_to``: a folder where the pruned form (the dense one
-    without a pruned model) is written in its runtime's format as ``pruned``/``dense``. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
+    without a pruned model) is written in its runtime's format as ``pruned``/``dense``. Logs
+    ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
     ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
     """
     if dense_net is pruned_net:
@@ -127,21 +128,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
                                                   what=f"{tag} {spec.runtime} form"), head)
                    for tag, form in forms.items()}
 
-    warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
-    per = {}
-    try:
-        for bs in sorted(batches):
-            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
-            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
-            samples = time_interleaved(forms, x, device, warmup, iters, transfer, None)
-            if pruned_net is None:
-                per[bs] = {"dense": summarize(samples["dense"], bs)}
-            else:
-                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
-            for tag in forms:
-                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
-    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
-        free_scratch()
+    transfer = spec.include_transfer
+    per = _time_every_size(forms, batches, device, spec)
     _log(per, head, loggers)
 
     desc = _describe(forms, facts, hw, transfer)
@@ -160,24 +148,51 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         result["shipped"] = ship(forms[tag], spec, Path(ship_to), tag)
     if pruned_net is None:
         return result
-    ratio = h["paired_ratio"]
-    result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
-                  speedup_beyond_noise=_beyond_noise(method, ratio))
-    if methods.dense_kernels(method):
-        within = ratio["p5"] <= 1.0 <= ratio["p95"]
-        result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
-                           "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
-        note = (f"{MAGNITUDE_NOTE} (dense/pruned p50 {h['speedup_p50']:.3f}; per-iteration paired ratio p50 "
-                f"{ratio['p50']:.3f}, 5-95% {ratio['p5']:.3f}-{ratio['p95']:.3f})")
-        if not within:
-            note += ("; the interval misses 1, yet both ran the same dense kernels on the same shapes: "
-                     "that is drift in the machine during timing, not a speedup")
-        notes.insert(0, note)
+    _speedup(result, h, method, notes)
     if kernels:
         notes.insert(0, kernels)
     if kernels and getattr(forms["pruned"], "sparse", False) and h["speedup_p50"] < 1.0:
         notes.append(f"{TWO_FOUR_SLOW} ({h['speedup_p50']:.2f}x at batch {head}).")
     return result
+
+
+def _time_every_size(forms: dict, batches: Mapping[int, torch.Tensor], device, spec: DeploySpec) -> dict:
+    """{batch size: stats per form (paired with the dense one where there is a pruned one)}, the forms
+    taking turns at each size."""
+    transfer, per = spec.include_transfer, {}
+    try:
+        for bs in sorted(batches):
+            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
+            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
+            samples = time_interleaved(forms, x, device, spec.warmup, spec.iters, transfer, None)
+            if "pruned" not in forms:
+                per[bs] = {"dense": summarize(samples["dense"], bs)}
+            else:
+                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+            for tag in forms:
+                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
+    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
+        free_scratch()
+    return per
+
+
+def _speedup(result: dict, h: dict, method: str | None, notes: list[str]) -> None:
+    """The headline speedup with its paired interval; for a method on the dense kernels, the noise
+    of this very timing instead (and a note saying a ratio off 1 is drift, not a speedup)."""
+    ratio = h["paired_ratio"]
+    result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
+                  speedup_beyond_noise=_beyond_noise(method, ratio))
+    if not methods.dense_kernels(method):
+        return
+    within = ratio["p5"] <= 1.0 <= ratio["p95"]
+    result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
+                       "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
+    note = (f"{MAGNITUDE_NOTE} (dense/pruned p50 {h['speedup_p50']:.3f}; per-iteration paired ratio p50 "
+            f"{ratio['p50']:.3f}, 5-95% {ratio['p5']:.3f}-{ratio['p95']:.3f})")
+    if not within:
+        note += ("; the interval misses 1, yet both ran the same dense kernels on the same shapes: "
+                 "that is drift in the machine during timing, not a speedup")
+    notes.insert(0, note)
 
 
 def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module, str]], batch: torch.Tensor,
