@@ -234,7 +234,7 @@ def _check_ckpt(cfg: DictConfig) -> None:
     if problem is None and not zipfile.is_zipfile(path):
         problem = "is not a checkpoint written by Lightning (torch.save's zip format)"
     if problem is None:
-        from prunelab.checkpoints import read_checkpoint
+        from prunelab.callbacks.checkpoint import read_checkpoint
 
         if read_checkpoint(path) is None:  # mapped, not read: cheap however large
             problem = ("loads, but is not a complete Lightning checkpoint (no state_dict and global_step; "

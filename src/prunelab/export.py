@@ -4,7 +4,7 @@ Reads ``RUN_DIR/models`` (``dense.pt`` and either ``pruned.pt`` or a channel-pru
 ``pruned_channels.json`` + ``pruned.safetensors``), writes ``RUN_DIR/export/{dense,pruned}.onnx``
 and prints, per file, the largest difference between onnxruntime and PyTorch on a random batch
 (above 1e-4 the export fails). ``--fold-pool`` also writes ``*_folded.onnx`` with VGG's pool folded
-into ``classifier[0]`` (see ``prunelab.models.transforms``). The dynamo-based exporter is used (the
+into ``classifier[0]`` (see ``prunelab.models.rewrite``). The dynamo-based exporter is used (the
 TorchScript one cannot export a 1x1 -> 7x7 adaptive pool); it implements opset 18 and up.
 
 ONNX is an extra (``pip install prunelab[export]``): without it this command, and
@@ -137,7 +137,7 @@ def export_run(run_dir: str | Path, fold: bool = False, opset: int = DEFAULT_OPS
     import torch
 
     from prunelab.io import compressed_bytes, file_bytes
-    from prunelab.models.transforms import fold_pool
+    from prunelab.models.rewrite import fold_pool
 
     run_dir = Path(run_dir)
     if batch < 1:

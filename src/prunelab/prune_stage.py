@@ -19,7 +19,7 @@ from lightning import LightningDataModule
 from omegaconf import DictConfig
 from torch import nn
 
-from prunelab.callbacks import MaskKeeper
+from prunelab.callbacks.pruning import MaskKeeper
 from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes

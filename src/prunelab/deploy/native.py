@@ -24,7 +24,7 @@ from prunelab.deploy.registry import Runtime
 from prunelab.hardware import detect, resolve_fuse, resolve_pack, resolve_winograd
 from prunelab.models import packed
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
-from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
+from prunelab.models.rewrite import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 from prunelab.models.tuning import tune_record
 from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 

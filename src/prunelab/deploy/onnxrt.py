@@ -15,7 +15,7 @@ from torch import nn
 
 from prunelab.deploy.form import Form
 from prunelab.deploy.registry import Runtime
-from prunelab.models.transforms import INPUT_SIZE, fold_pool
+from prunelab.models.rewrite import INPUT_SIZE, fold_pool
 
 EXPORT_PACKAGES = ("onnx", "onnxscript")  # prunelab's exporter (torch.onnx, dynamo) needs both
 

@@ -14,7 +14,7 @@ from torchvision import models as tvm
 
 from prunelab.io import _atomic, compressed_bytes, write_json
 from prunelab.models.factory import last_linear_name, replace_module
-from prunelab.models.transforms import replicating_pools
+from prunelab.models.rewrite import replicating_pools
 
 META_FILE = "pruned_channels.json"
 WEIGHTS_FILE = "pruned.safetensors"
