@@ -1,1 +1,1 @@
-"""Pruning: pure ranking/mask/search functions and the Lightning callbacks built on them."""
+"""Pruning methods: masks, magnitude, channel, 2:4 and chains of them, the registry that describes each, and the prune group's spec."""
