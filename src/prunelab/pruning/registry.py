@@ -15,7 +15,8 @@ An entry (:class:`Method`) says:
 - ``stats(pruned, dense)``: a pruned model's statistics against the dense one (default: the zeros
   of its own weights); ``report_keys``: which of them the report lists per candidate;
 - ``save``/``load``: its compact file form in a run's ``models/`` (default: a state_dict);
-- ``steps``: how the iterative schedule asks it for a total ratio (default: the target itself);
+- ``steps``: makes the rule by which the iterative schedule asks it for a total ratio (default:
+  the target itself);
 - ``shapes_fix_network``: two candidates of equal layer shapes are one network.
 
 A chain such as ``channel+semi_structured`` (``pruning.chain``) is read from its links: built and
@@ -53,7 +54,7 @@ class Method:
     stats: Callable[[nn.Module, nn.Module], dict] | None = None
     save: Callable[[nn.Module, Path, str, int], dict] | None = None
     load: Callable[[Path], nn.Module | None] | None = None
-    steps: object | None = None
+    steps: Callable[[], object] | None = None  # makes the iterative step rule (see ``steps()``)
     shapes_fix_network: bool = False
 
     def __post_init__(self):
