@@ -50,7 +50,7 @@ from prunelab.hardware import detect, resolve_deploy_layout, resolve_dtype
 from prunelab.io import write_json, write_text
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.factory import build_classifier
-from prunelab.models.transforms import fold_pool
+from prunelab.models.rewrite import fold_pool
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
 from prunelab.report.markdown import algo_counts, table
 

@@ -32,7 +32,7 @@ from prunelab.export import check_onnx, export_onnx
 from prunelab.io import load_state_dict, write_json, write_text
 from prunelab.latency import percentiles, time_interleaved
 from prunelab.models.factory import build_classifier
-from prunelab.models.transforms import fold_pool
+from prunelab.models.rewrite import fold_pool
 from prunelab.pipeline import run
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
 from prunelab.report.markdown import table

@@ -80,7 +80,7 @@ def prunelab_turn(loader, device: torch.device, work: Path, arch: str = "tiny", 
     """Seconds per step of one epoch of prunelab's Trainer (config defaults) on the same batches."""
     from lightning import Callback
 
-    from prunelab.checkpoints import ResumeState
+    from prunelab.callbacks.checkpoint import ResumeState
     from prunelab.compose import compose
     from prunelab.models.classifier import ImageClassifier
     from prunelab.trainer import build_trainer

@@ -367,7 +367,7 @@ def test_run_folders_of_two_processes_started_in_one_second_differ(tmp_path):
     import subprocess
     import sys
 
-    code = ("import prunelab.resolvers as r; from omegaconf import OmegaConf; r.register();"
+    code = ("import prunelab.config_resolvers as r; from omegaconf import OmegaConf; r.register();"
             "print(OmegaConf.create({'d': 'x_${prunelab.run_id:}'}).d)")
     ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
            for _ in range(2)}

@@ -13,11 +13,10 @@ from prunelab.pruning.channel import (
     channel_plan,
     count_macs,
     filter_importance,
-    load_channel_pruned,
     prunable_convs,
     prune_channels,
-    save_channel_pruned,
 )
+from prunelab.pruning.channel_files import load_channel_pruned, save_channel_pruned
 
 
 def tiny_vgg(batch_norm=False, seed=0):

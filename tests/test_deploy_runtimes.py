@@ -284,7 +284,7 @@ def test_a_latency_search_with_auto_ships_the_chosen_model_in_its_format(tmp_pat
     assert (out / "models" / "pruned.onnx").is_file() and (out / "models" / "pruned_channels.json").is_file()
     md = (out / "report.md").read_text()
     assert "chose **onnxruntime**" in md and "ort.InferenceSession('models/pruned.onnx'" in md
-    from prunelab.pruning.channel import load_channel_pruned
+    from prunelab.pruning.channel_files import load_channel_pruned
 
     net = load_channel_pruned(out / "models").eval()
     x = torch.randn(2, 3, 32, 32)

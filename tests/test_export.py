@@ -14,8 +14,9 @@ from torch import nn
 from prunelab.export import check_onnx, export_onnx, main
 from prunelab.io import compressed_bytes, file_bytes, pack_sparse, save_state_dict, unpack_sparse, write_text
 from prunelab.models.factory import build_classifier, build_from_state_dict
-from prunelab.models.transforms import ReplicatingAdaptiveAvgPool2d, fold_pool, folded_view, replicating_pools
-from prunelab.pruning.channel import channel_plan, load_channel_pruned, prune_channels, save_channel_pruned
+from prunelab.models.rewrite import ReplicatingAdaptiveAvgPool2d, fold_pool, folded_view, replicating_pools
+from prunelab.pruning.channel import channel_plan, prune_channels
+from prunelab.pruning.channel_files import load_channel_pruned, save_channel_pruned
 from prunelab.pruning.masks import magnitude_masks, prunable_weights
 
 X = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))

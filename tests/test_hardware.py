@@ -255,10 +255,19 @@ def test_fp16_amp_asked_on_a_cpu_reports_the_bf16_mixed_that_lightning_runs(monk
     assert rec["latency.dtype"]["reason"].startswith("auto: ")
 
 
-def test_a_deploy_dtype_left_auto_is_reported_as_auto():
-    from prunelab.pipeline import _dtype_reasons
+def test_a_deploy_dtype_left_auto_is_reported_as_auto(monkeypatch, tmp_path):
+    """The run's spec is resolved before the concrete values are written back into the config, so the
+    reason the timing reports (the spec's) still says auto, though the saved config shows the dtype."""
+    from prunelab import hardware
+    from prunelab.compose import compose
+    from prunelab.deploy.timing import build_forms
+    from prunelab.resolve import resolve_run
 
-    report = {"latency": {"runtime": {"dtype_reason": "explicit latency.dtype=bfloat16 honoured on x"}}}
-    _dtype_reasons(report, {"latency.dtype": {"requested": "auto", "value": "bfloat16",
-                                              "reason": "auto: native bf16; using torch.bfloat16"}})
-    assert report["latency"]["runtime"]["dtype_reason"].startswith("auto: ")
+    monkeypatch.setattr(hardware, "detect", lambda device: AVX2)
+    cfg = compose(["+experiment=smoke", "trainer.accelerator=cpu", "latency.runtime=eager"], tmp_path)
+    _, spec = resolve_run(cfg)
+    assert cfg.latency.dtype != "auto" and spec.reasons["dtype"].startswith("auto: ")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    _, facts, _ = build_forms({"dense": net}, set(), {2: torch.zeros(2, 3, 2, 2)}, 2, torch.device("cpu"),
+                              spec.with_runtime("deploy"), None)
+    assert facts["dtype_reason"] == spec.reasons["dtype"]

@@ -6,8 +6,6 @@ import torch
 from torch import nn
 
 from prunelab.latency import (
-    LatencyMonitor,
-    batch_sizes,
     latency_batches,
     paired_stats,
     percentiles,
@@ -55,15 +53,6 @@ def test_time_forward_warms_up_runs_eval_inference_and_restores_mode(include_tra
     assert m.training
 
 
-def test_monitor_records_tagged_results():
-    mon = LatencyMonitor(batch_size=4, warmup=1, iters=3)
-    stats = mon.measure(Counting(), torch.randn(4, 4), "cpu", "dense")
-    assert set(mon.results) == {"dense"} and stats["batch_size"] == 4
-    assert stats["p50"] <= stats["p90"] <= stats["p99"]
-    with pytest.raises(ValueError):
-        LatencyMonitor(iters=0)
-
-
 class Logged(Counting):
     """Counts its calls and writes each one, tagged, to a shared log (to see the turn order)."""
 
@@ -88,13 +77,6 @@ def test_interleaved_timing_takes_turns_after_warmup_and_restores_modes():
     assert not a.training and b.training
 
 
-def test_monitor_interleaved_reports_each_tag_with_its_partner():
-    mon = LatencyMonitor(batch_size=4, warmup=0, iters=2)
-    out = mon.measure_interleaved({"dense": Counting(), "pruned": Counting()}, torch.randn(4, 4), "cpu")
-    assert set(out) == set(mon.results) == {"dense", "pruned"}
-    assert out["dense"]["interleaved_with"] == ["pruned"] and out["pruned"]["iters"] == 2
-
-
 def test_paired_stats_ratio_of_p50s_and_per_iteration_spread():
     dense, pruned = [10.0, 12.0, 20.0, 11.0], [5.0, 6.0, 10.0, 11.0]
     out = paired_stats(dense, pruned, batch_size=8)
@@ -108,14 +90,18 @@ def test_paired_stats_ratio_of_p50s_and_per_iteration_spread():
 
 
 def test_latency_batches_always_hold_the_headline_size():
-    assert batch_sizes({"batch_size": 64, "batch_sizes": [1, 128]}) == [1, 64, 128]
-    assert batch_sizes({"batch_size": 4, "batch_sizes": None}) == [4]
+    from prunelab.deploy.spec import resolve_spec
+    from prunelab.hardware import Hardware
+
+    cpu = Hardware("cpu", "test")
+    assert resolve_spec({"batch_size": 64, "batch_sizes": [1, 128]}, cpu)[0].batch_sizes == (1, 64, 128)
+    assert resolve_spec({"batch_size": 4, "batch_sizes": []}, cpu)[0].batch_sizes == (4,)
     data = [(torch.full((3, 2, 2), float(i)), i) for i in range(5)]
-    got = latency_batches(data, {"batch_size": 4, "batch_sizes": [1, 8]})
+    got = latency_batches(data, resolve_spec({"batch_size": 4, "batch_sizes": [1, 8]}, cpu)[0].batch_sizes)
     assert sorted(got) == [1, 4, 8] and got[8].shape == (8, 3, 2, 2)
     assert torch.equal(got[4], got[8][:4]) and float(got[8][5, 0, 0, 0]) == 0.0  # wraps round the split
     with pytest.raises(ValueError):
-        batch_sizes({"batch_size": 4, "batch_sizes": [0]})
+        latency_batches(data, [0, 4])
 
 
 def test_summary_carries_the_coefficient_of_variation():
@@ -135,7 +121,7 @@ def test_a_speedup_whose_paired_interval_holds_one_is_no_measurable_difference()
 
 
 def test_a_noisy_timing_says_so_in_the_report():
-    from prunelab.pipeline import _timing_spread
+    from prunelab.report.sections import timing_spread as _timing_spread
 
     lat: dict = {"notes": []}
     _timing_spread(lat, {"cv": 0.02}, {"cv": 0.31})

@@ -12,7 +12,7 @@ from prunelab.errors import ConfigError
 from prunelab.io import load_state_dict
 from prunelab.models.factory import build_classifier
 from prunelab.pipeline import run
-from prunelab.pruning.channel import load_channel_pruned
+from prunelab.pruning.channel_files import load_channel_pruned
 from prunelab.pruning.masks import prunable_weights
 from prunelab.pruning.semi_structured import is_two_four
 from prunelab.report.schema import validate

@@ -16,7 +16,7 @@ from lightning import Callback, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from prunelab.checkpoints import (
+from prunelab.callbacks.checkpoint import (
     AtomicCheckpoint,
     ResumeState,
     _tmp_path,

@@ -19,7 +19,7 @@ from prunelab.deploy import (
 )
 from prunelab.deploy.timing import MAGNITUDE_NOTE, time_dense_and_pruned
 from prunelab.errors import ConfigError, PrunelabError
-from prunelab.models.transforms import ConvReLU, fuse_conv_relu
+from prunelab.models.rewrite import ConvReLU, fuse_conv_relu
 from prunelab.pruning.semi_structured import SemiStructuredPruner, two_four_mask
 
 X = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))

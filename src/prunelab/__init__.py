@@ -1,6 +1,6 @@
 """prunelab: fine-tune, prune under an accuracy constraint, and measure what pruning really buys."""
 
-from prunelab import resolvers as _resolvers
+from prunelab import config_resolvers as _resolvers
 
 __version__ = "0.1.0"
 

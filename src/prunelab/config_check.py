@@ -1,8 +1,10 @@
 """Eager validation of the composed config: bad values stop the run before any work, with one
 message that names the key and says what to change.
 
-``check`` = ``check_values`` (one table of key -> what it must be, driven by one loop, plus the few
-rules that involve two keys) + ``preflight`` (what the machine and the file system must provide:
+``check`` = ``check_values`` (one table of key -> what it must be for the groups without typed
+settings, driven by one loop; each of ``prune``, ``search`` and ``latency`` checked by its own
+``check`` beside its typed spec: ``pruning.spec``, ``search.spec``, ``deploy.spec``; plus the few
+rules that involve two groups) + ``preflight`` (what the machine and the file system must provide:
 the device, every file the run reads, the folders it writes). Keys missing from the config are
 skipped, so config groups may add keys or leave optional ones out.
 """
@@ -11,89 +13,43 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from prunelab import hardware
+from prunelab.deploy import spec as latency_group
 from prunelab.deploy.registry import AUTO, RUNTIMES
 from prunelab.errors import ConfigError
 from prunelab.lr_schedule import LR_SCHEDULES
-from prunelab.pruning import registry
-from prunelab.pruning.masks import SCOPES
-from prunelab.pruning.registry import methods
-from prunelab.search.rules import RULES
+from prunelab.pruning import spec as prune_group
+from prunelab.search import spec as search_group
+from prunelab.value_specs import (
+    BOOL,
+    BOOL_AUTO,
+    TEXT,
+    Spec,
+    check_rules,
+    choice,
+    either,
+    integer,
+    is_int,
+    list_of,
+    number,
+    optional,
+    plain,
+)
 
-SCHEDULES = ("oneshot", "iterative")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-OBJECTIVES = ("sparsity", "latency", "macs", "params", "bytes")
 CIFAR_TARGET = "prunelab.data.CIFAR10DataModule"
 IMAGEFOLDER_TARGET = "prunelab.data.ImageFolderDataModule"
 MODEL_TARGET = "prunelab.models.ImageClassifier"
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything swaps a seed outside [0, 2**32) for a random one
-
-# A spec is (what the value must be, in words; test). The words follow "KEY=VALUE must be".
-Spec = tuple[str, Callable[[Any], bool]]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Spec:
-    words = "an integer" + (f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo is not None else "")
-    return words, lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
-
-
-def number(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> Spec:
-    if hi is None:
-        words = f"a number {'>' if lo_open else '>='} {lo}"
-    else:
-        words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-    def test(v) -> bool:
-        if not _is_num(v) or v < lo or (lo_open and v == lo):
-            return False
-        return hi is None or v < hi or (not hi_open and v == hi)
-
-    return words, test
-
-
-def choice(*options) -> Spec:
-    return f"one of {', '.join(map(str, options))}", lambda v: isinstance(v, str | int) and v in options
-
-
-def optional(spec: Spec) -> Spec:
-    return f"null or {spec[0]}", lambda v: v is None or spec[1](v)
-
-
-def either(*specs: Spec, words: str | None = None) -> Spec:
-    return words or " or ".join(s[0] for s in specs), lambda v: any(s[1](v) for s in specs)
-
-
-def list_of(spec: Spec, example: str) -> Spec:
-    items = spec[0]
-    for one, many in (("a number", "numbers"), ("an integer", "integers"), ("a pruning method", "pruning methods")):
-        items = items.replace(one, many, 1)
-    return (f"a non-empty list of {items}, like {example}",
-            lambda v: isinstance(v, list) and len(v) > 0 and all(spec[1](x) for x in v))
-
-
-BOOL: Spec = ("true or false", lambda v: isinstance(v, bool))
-TEXT: Spec = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
-BOOL_AUTO = either(BOOL, choice("auto"), words="true, false or auto")
-FRACTION = number(0, 1)  # a pruning ratio: [0, 1)
+# The groups whose keys and checks live beside their typed settings, in the order they are checked.
+GROUPS = (prune_group, search_group, latency_group)
 
 
 def _precision_ok(v) -> bool:
@@ -108,31 +64,16 @@ PRECISION: Spec = (f"one of auto, {', '.join(hardware.PRECISIONS)} (or {', '.joi
                    _precision_ok)
 
 
-def _method(v) -> bool:
-    """A registered method or a chain of them (``channel+semi_structured``); the registry's own rule
-    for chains, where it has one, also says which methods may follow another."""
-    if not isinstance(v, str):
-        return False
-    known = getattr(registry, "is_known", None)
-    return known(v) if known else all(part in methods() for part in v.split("+"))
-
-
-METHOD: Spec = ("a pruning method ({}) or a chain like channel+semi_structured", _method)
-
-
 def rules() -> list[tuple[str, Spec]]:
-    """Every numeric and enum key of the config groups, and what it must be (built per call, so
-    methods registered at run time are known)."""
-    method = (METHOD[0].format(", ".join(methods())), METHOD[1])
+    """Every numeric and enum key of the groups that have no typed settings of their own, and what
+    it must be (``prune``, ``search`` and ``latency`` check theirs: ``GROUPS``)."""
     return [
         ("seed", integer(0, MAX_SEED)),
         ("ckpt_path", optional(TEXT)),
         *((k, BOOL) for k in ("stages.prune", "stages.latency", "finetune.cache", "finetune.keep_checkpoint",
                               "data.download", "data.on_device",
                               "data.pin_memory", "data.augment", "model.fused_optimizer", "trainer.enable_progress_bar",
-                              "trainer.sync_batchnorm", "search.exact", "search.full_curve", "search.fast_eval",
-                              "search.walk_all", "search.allow_weak_model",
-                              "latency.include_transfer", "latency.onnx", "latency.compile", "latency.cuda_graph")),
+                              "trainer.sync_batchnorm")),
         *((k, TEXT) for k in ("task_name", "data.root", "data.cache_dir", "model.arch", "trainer.strategy", "finetune.cache_dir",
                               "paths.data_dir", "paths.log_dir", "paths.cache_dir", "paths.output_dir")),
         # data
@@ -158,10 +99,6 @@ def rules() -> list[tuple[str, Spec]]:
         ("model.warmup_epochs", number(0)),
         ("model.dropout", optional(number(0, 1))),
         ("model.channels_last", BOOL_AUTO),
-        ("latency.channels_last", BOOL_AUTO),
-        ("latency.fuse", BOOL_AUTO),
-        ("latency.winograd", BOOL_AUTO),
-        ("latency.pack", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
         ("model.compile_mode", choice(*hardware.COMPILE_MODES)),
         # trainer
@@ -183,65 +120,7 @@ def rules() -> list[tuple[str, Spec]]:
           for s in ("train", "val", "test")),
         ("finetune.weights_path", optional(TEXT)),
         ("callbacks.model_checkpoint.min_interval_s", number(0)),
-        # prune
-        ("prune.method", method),
-        ("prune.ratio", optional(FRACTION)),
-        ("prune.scope", choice(*SCOPES)),
-        ("prune.schedule", choice(*SCHEDULES)),
-        ("prune.steps", integer(1)),
-        ("prune.recover_epochs", integer(0)),
-        ("prune.recover_lr", number(0, lo_open=True)),
-        ("prune.importance", choice("l1", "l2")),
-        ("prune.normalize", choice("mean", "none")),
-        ("prune.min_channels", integer(1)),
-        ("prune.round_to", integer(1)),
-        # search
-        ("search.grid", list_of(FRACTION, "search.grid=[0.2,0.5]")),
-        ("search.refine_step", optional(number(0, 1, lo_open=True))),
-        ("search.tolerance", number(0)),
-        ("search.rule", choice(*RULES)),
-        ("search.objective", choice(*OBJECTIVES)),
-        ("search.methods", list_of(method, "search.methods=[magnitude,channel+semi_structured]")),
-        ("search.confidence", optional(number(0, 1, lo_open=True))),
-        ("search.final_round", integer(0)),
-        # latency
-        ("latency.batch_size", integer(1)),
-        ("latency.batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),
-        ("latency.warmup", integer(0)),
-        ("latency.iters", integer(1)),
-        ("latency.agreement_images", integer(0)),
-        ("latency.runtime", choice(AUTO, *RUNTIMES)),
-        ("latency.auto_runtimes", list_of(choice(*RUNTIMES), "latency.auto_runtimes=[deploy,openvino]")),
-        ("latency.auto_iters", integer(1)),
-        ("latency.dtype", choice("auto", *hardware.DTYPES)),
     ]
-
-
-_ABSENT = object()
-
-
-def _get(cfg: DictConfig, key: str):
-    """The resolved plain value of ``key`` (lists as lists), or _ABSENT."""
-    try:
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-    except MissingMandatoryValue:
-        raise ConfigError(f"{key} is not set; give it a value on the command line ({key}=...)") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{key} cannot be resolved: {str(exc).splitlines()[0]}") from None
-    if isinstance(value, DictConfig | ListConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def _show(v) -> str:
-    """A value as it would be typed on the command line."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, list):
-        return "[" + ",".join(map(_show, v)) + "]"
-    return str(v)
 
 
 # prunelab's own config groups: every key they may hold is in their option files (model, data and
@@ -250,9 +129,10 @@ OWN_GROUPS = ("search", "prune", "latency", "finetune", "stages")
 
 
 def known_keys(group: str) -> set[str]:
-    """The keys of ``group`` across its option files under conf/ (``stages``: train.yaml's)."""
+    """The keys of ``group`` across its option files under conf/ (``stages``: train.yaml's), those of
+    its subfolders included (``prune/options/``: each method's own)."""
     conf = Path(__file__).parent / "conf"
-    files = [conf / "train.yaml"] if group == "stages" else sorted((conf / group).glob("*.yaml"))
+    files = [conf / "train.yaml"] if group == "stages" else sorted((conf / group).rglob("*.yaml"))
     keys: set[str] = set()
     for f in files:
         node = OmegaConf.load(f)
@@ -277,38 +157,47 @@ def check_unknown_keys(cfg: DictConfig) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
+    latency_group.check_retired(cfg)  # before the unknown keys: a retired key gets its own advice
     check_unknown_keys(cfg)
-    if _get(cfg, "data._target_") == IMAGEFOLDER_TARGET and not _get(cfg, "data.root"):
+    if plain(cfg, "data._target_") == IMAGEFOLDER_TARGET and not plain(cfg, "data.root"):
         raise ConfigError("data=imagefolder needs data.root=PATH: a folder holding train/ and test/ (and val/), "
                           "one subfolder of images per class in each")
-    for key, (words, test) in rules():
-        value = _get(cfg, key)
-        if value is not _ABSENT and not test(value):
-            raise ConfigError(f"{key}={_show(value)} must be {words}")
-    # rules that involve two keys
-    p, trainer = cfg.prune, cfg.trainer
-    devices = trainer.get("devices", 1)
-    several = trainer.get("strategy") == "ddp" or (_is_int(devices) and (devices > 1 or devices == -1)) or \
-        (isinstance(devices, (list, ListConfig)) and len(devices) > 1) or (trainer.get("num_nodes") or 1) > 1
-    if p.get("schedule") == "iterative" and several:
-        raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
-    if several and p.get("ratio") is None and (cfg.get("search") or {}).get("objective") == "latency":
-        # Latency is timed on rank zero alone (ranks sharing a machine would skew it), so the other
-        # ranks could not agree on the fastest model.
-        raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
-                          "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
-    methods_listed = [str(m) for m in ((cfg.get("search") or {}).get("methods") or [])]
-    repeated = sorted({m for m in methods_listed if methods_listed.count(m) > 1})
-    if repeated:  # each would be walked and listed twice, and its verdicts counted twice
-        raise ConfigError(f"search.methods lists {', '.join(repeated)} more than once; list each method once, e.g. "
-                          f"search.methods=[{','.join(dict.fromkeys(methods_listed))}]")
+    check_rules(cfg, rules())
+    for group in GROUPS:
+        if group.GROUP in cfg:
+            group.check(cfg)
+    _check_processes(cfg)
     if cfg.trainer.get("max_epochs") is None:  # removed with ~trainer.max_epochs: Lightning would train 1000
         raise ConfigError("trainer.max_epochs is missing; set it to the number of fine-tuning epochs, e.g. "
                           "trainer.max_epochs=10")
     if cfg.get("ckpt_path") and str(cfg.ckpt_path) != "auto" and cfg.finetune.get("weights_path"):
         raise ConfigError("ckpt_path and finetune.weights_path are both set, but a run starts from one of them; "
                           "set the other to null")
-    model = cfg.get("model") or {}
+    _check_model(cfg.get("model") or {})
+
+
+def _several_processes(trainer: DictConfig) -> bool:
+    devices = trainer.get("devices", 1)
+    return trainer.get("strategy") == "ddp" or (is_int(devices) and (devices > 1 or devices == -1)) or \
+        (isinstance(devices, (list, ListConfig)) and len(devices) > 1) or (trainer.get("num_nodes") or 1) > 1
+
+
+def _check_processes(cfg: DictConfig) -> None:
+    """The prune stage's settings that run in one process only, against a trainer of several."""
+    if "prune" not in cfg or not _several_processes(cfg.trainer):
+        return
+    prune = prune_group.prune_spec(cfg)
+    if prune.iterative:
+        raise ConfigError("prune.schedule=iterative runs in one process; use trainer.devices=1 (no DDP) for it")
+    if prune.searches and "search" in cfg and search_group.search_spec(cfg).objective == "latency":
+        # Latency is timed on rank zero alone (ranks sharing a machine would skew it), so the other
+        # ranks could not agree on the fastest model.
+        raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
+                          "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
+
+
+def _check_model(model) -> None:
+    """model.arch is a torchvision classifier, and model.weights a file or one of its weight sets."""
     if model.get("_target_") == MODEL_TARGET:
         from torchvision import models as tvm
 
@@ -345,7 +234,7 @@ def _check_ckpt(cfg: DictConfig) -> None:
     if problem is None and not zipfile.is_zipfile(path):
         problem = "is not a checkpoint written by Lightning (torch.save's zip format)"
     if problem is None:
-        from prunelab.checkpoints import read_checkpoint
+        from prunelab.callbacks.checkpoint import read_checkpoint
 
         if read_checkpoint(path) is None:  # mapped, not read: cheap however large
             problem = ("loads, but is not a complete Lightning checkpoint (no state_dict and global_step; "
@@ -361,7 +250,7 @@ def _check_machine(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU "
                           "(torch.cuda.is_available() is false); use trainer.accelerator=cpu or auto")
     devices = cfg.trainer.get("devices", 1)
-    if accelerator in ("gpu", "cuda") and _is_int(devices) and devices > torch.cuda.device_count():
+    if accelerator in ("gpu", "cuda") and is_int(devices) and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
                           "use at most that many, or trainer.devices=-1 for all")
     from lightning.pytorch.strategies import StrategyRegistry  # Lightning's list, registered ones included
@@ -386,11 +275,6 @@ def _check_machine(cfg: DictConfig) -> None:
         missing = get(runtime).missing()
         if missing:
             raise ConfigError(missing)
-    if cfg.stages.get("latency") and cfg.get("latency", {}).get("onnx"):
-        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"latency.onnx=true needs the export extra ({', '.join(missing)} missing): "
-                              "pip install prunelab[export], or set latency.onnx=false")
 
 
 def _missing_prerequisites(cfg: DictConfig) -> list[str]:

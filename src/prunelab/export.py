@@ -4,7 +4,7 @@ Reads ``RUN_DIR/models`` (``dense.pt`` and either ``pruned.pt`` or a channel-pru
 ``pruned_channels.json`` + ``pruned.safetensors``), writes ``RUN_DIR/export/{dense,pruned}.onnx``
 and prints, per file, the largest difference between onnxruntime and PyTorch on a random batch
 (above 1e-4 the export fails). ``--fold-pool`` also writes ``*_folded.onnx`` with VGG's pool folded
-into ``classifier[0]`` (see ``prunelab.models.transforms``). The dynamo-based exporter is used (the
+into ``classifier[0]`` (see ``prunelab.models.rewrite``). The dynamo-based exporter is used (the
 TorchScript one cannot export a 1x1 -> 7x7 adaptive pool); it implements opset 18 and up.
 
 ONNX is an extra (``pip install prunelab[export]``): without it this command, and
@@ -104,30 +104,30 @@ def run_arch(run_dir: Path, default: str = "vgg16") -> str:
 
 
 def load_run_models(run_dir: str | Path) -> dict[str, nn.Module]:
-    """``{"dense": ..., "pruned": ...}`` from ``RUN_DIR/models``; ExportError when incomplete."""
+    """``{"dense": ..., "pruned": ...}`` from ``RUN_DIR/models``; ExportError when incomplete. The
+    pruned model is read in the compact form its method wrote (``pruning.registry``), else from
+    ``pruned.pt``."""
     from prunelab.io import load_state_dict
     from prunelab.models.factory import build_from_state_dict
-    from prunelab.pruning.channel import META_FILE, WEIGHTS_FILE, load_channel_pruned
+    from prunelab.pruning.channel_files import META_FILE, WEIGHTS_FILE
+    from prunelab.pruning.registry import load_pruned
 
     run_dir = Path(run_dir)
     models_dir = run_dir / "models"
     dense_path, pruned_path = models_dir / "dense.pt", models_dir / "pruned.pt"
-    channel_files = [models_dir / META_FILE, models_dir / WEIGHTS_FILE]
-    has_channel = all(p.is_file() for p in channel_files)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory")
-    if not dense_path.is_file() or not (pruned_path.is_file() or has_channel):
+    compact = load_pruned(models_dir)
+    if not dense_path.is_file() or not (pruned_path.is_file() or compact is not None):
         missing = [] if dense_path.is_file() else ["models/dense.pt"]
-        if not (pruned_path.is_file() or has_channel):
+        if not (pruned_path.is_file() or compact is not None):
             missing.append(f"models/pruned.pt (or models/{META_FILE} + models/{WEIGHTS_FILE})")
         raise ExportError(f"{run_dir} lacks {' and '.join(missing)}: pass the output directory of a finished "
                           "prunelab-train run with stages.prune enabled")
     arch = run_arch(run_dir)
     models = {"dense": build_from_state_dict(arch, load_state_dict(dense_path), str(dense_path))}
-    if has_channel:
-        models["pruned"] = load_channel_pruned(models_dir)
-    else:
-        models["pruned"] = build_from_state_dict(arch, load_state_dict(pruned_path), str(pruned_path))
+    models["pruned"] = compact if compact is not None else \
+        build_from_state_dict(arch, load_state_dict(pruned_path), str(pruned_path))
     return models
 
 
@@ -137,7 +137,7 @@ def export_run(run_dir: str | Path, fold: bool = False, opset: int = DEFAULT_OPS
     import torch
 
     from prunelab.io import compressed_bytes, file_bytes
-    from prunelab.models.transforms import fold_pool
+    from prunelab.models.rewrite import fold_pool
 
     run_dir = Path(run_dir)
     if batch < 1:

@@ -7,7 +7,7 @@ job trains while the others wait, then load its weights. A weights file that can
 explicit ``weights_path`` or a corrupt cache entry) stops the run with one line before any training.
 
 Resuming (``ckpt_path``) gives the weights an uninterrupted fine-tune would have (the loaders'
-order and augmentation and, via ``checkpoints.ResumeState``, dropout are functions of where training
+order and augmentation and, via ``callbacks.checkpoint.ResumeState``, dropout are functions of where training
 is, not of the RNG's history), so a resumed fine-tune is cached like any other when its checkpoint
 came from the same training (same key, or the same but shorter run). ``ckpt_path=auto`` resumes the
 most advanced complete checkpoint of the same training key in the run's checkpoint folder or any
@@ -31,7 +31,7 @@ from filelock import FileLock
 from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.checkpoints import ResumeState, find_resume_checkpoint, read_checkpoint
+from prunelab.callbacks.checkpoint import ResumeState, find_resume_checkpoint, read_checkpoint
 from prunelab.data import data_identity
 from prunelab.errors import ConfigError, WeightsFileError
 from prunelab.io import load_state_dict, save_state_dict, write_json

@@ -9,7 +9,7 @@ before reading the clock (CUDA events on GPU). By default the batch is already o
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -131,54 +131,11 @@ def sample_batch(dataset, batch_size: int) -> torch.Tensor:
     return torch.stack(xs)
 
 
-def batch_sizes(latency_cfg) -> list[int]:
-    """``latency.batch_sizes`` with ``latency.batch_size`` (the headline) always among them."""
-    sizes = latency_cfg.get("batch_sizes", None) if hasattr(latency_cfg, "get") else None
-    head = int(latency_cfg["batch_size"] if hasattr(latency_cfg, "__getitem__") else latency_cfg.batch_size)
-    out = sorted({int(b) for b in (sizes or [])} | {head})
-    if out[0] < 1:
-        raise ValueError(f"latency.batch_sizes must be >= 1, got {out}")
-    return out
-
-
-def latency_batches(dataset, latency_cfg) -> dict[int, torch.Tensor]:
-    """{batch size: the first images of ``dataset``} for every size :func:`batch_sizes` names."""
-    sizes = batch_sizes(latency_cfg)
+def latency_batches(dataset, sizes: Iterable[int]) -> dict[int, torch.Tensor]:
+    """{batch size: the first images of ``dataset``} for every size in ``sizes`` (a resolved
+    ``DeploySpec``'s ``batch_sizes``, which always hold the headline ``batch_size``)."""
+    sizes = sorted({int(b) for b in sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"latency batch sizes must be >= 1, got {sizes}")
     largest = sample_batch(dataset, sizes[-1])
     return {b: largest[:b].clone() for b in sizes}
-
-
-class LatencyMonitor:
-    """Times a model's forward pass per batch and logs ``latency/<tag>/p50_ms`` and friends.
-
-    ``prunelab.callbacks.LatencyCallback`` runs it after ``trainer.test``; the pipeline calls
-    ``measure_interleaved`` directly.
-    """
-
-    def __init__(self, batch_size: int = 128, warmup: int = 5, iters: int = 30,
-                 include_transfer: bool = False, precision: str | None = None):
-        if batch_size < 1 or iters < 1 or warmup < 0:
-            raise ValueError("latency.batch_size and latency.iters must be >= 1, latency.warmup >= 0")
-        self.batch_size, self.warmup, self.iters = batch_size, warmup, iters
-        self.include_transfer, self.precision = include_transfer, precision
-        self.results: dict[str, dict] = {}
-
-    def measure(self, model: nn.Module, batch: torch.Tensor, device, tag: str, loggers=()) -> dict:
-        return self.measure_interleaved({tag: model}, batch, device, loggers)[tag]
-
-    def measure_interleaved(self, models: Mapping[str, nn.Module], batch: torch.Tensor, device,
-                            loggers=()) -> dict[str, dict]:
-        """Time several models taking turns (see :func:`time_interleaved`); stats per tag."""
-        for m in models.values():
-            m.to(device)
-        samples = time_interleaved(models, batch, device, self.warmup, self.iters, self.include_transfer,
-                                   self.precision)
-        out = {}
-        for tag, ms in samples.items():
-            stats = summarize(ms, batch.shape[0])
-            stats["include_transfer"] = self.include_transfer
-            stats["interleaved_with"] = sorted(t for t in samples if t != tag)
-            self.results[tag] = out[tag] = stats
-            for lg in loggers:
-                lg.log_metrics({f"latency/{tag}/{k}_ms": stats[k] for k in ("p50", "p90", "p99")}, step=0)
-        return out

@@ -1,10 +1,14 @@
 """The prune stage of a run: search or fixed ratio, one-shot or iterative with recovery, for
-every method; returns the pruned network and what the report says about it."""
+every method; returns the pruned network and what the report says about it.
+
+Every path reads one :class:`PruneJob` (the ``prune`` and ``search`` specs, the network, the data,
+the timing callables); ``run_prune_stage`` picks the path: a search across methods (any objective
+but sparsity), the iterative schedule, the one-shot ratio search, or a fixed ratio.
+"""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,19 +19,22 @@ from lightning import LightningDataModule
 from omegaconf import DictConfig
 from torch import nn
 
-from prunelab.callbacks import MaskKeeper
+from prunelab.callbacks.pruning import MaskKeeper
 from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
-from prunelab.pruning.channel import channel_stats, count_macs, default_example
+from prunelab.pruning import registry
+from prunelab.pruning.channel import count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
+from prunelab.pruning.spec import PruneSpec, prune_spec
 from prunelab.report.stats import wilson_interval
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
 from prunelab.search.oneshot import OneShotSearch
 from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
+from prunelab.search.spec import SearchSpec
 from prunelab.trainer import build_trainer
 
 
@@ -44,17 +51,48 @@ class PruneOutcome:
     notes: list[str] = field(default_factory=list)  # for the report
 
 
-def pruner_options(cfg: DictConfig) -> dict:
-    """The ``prune.*`` settings every pruner is built from (each method takes what it needs)."""
-    p = cfg.prune
-    return {"scope": p.scope, "importance": p.importance, "normalize": p.normalize, "min_channels": p.min_channels,
-            "round_to": p.round_to}
+@dataclass
+class PruneJob:
+    """What every path of the prune stage reads. ``time_pair(candidate, method)`` times a candidate
+    in turns with the dense model in the run's latency runtime (a search ranking by more than the
+    ratio); ``time_together({name: (network, method)})`` times a latency search's shortlist all in
+    turns with the dense model in one session (``deploy.time_together``'s result); both None where
+    latency is not timed."""
+
+    cfg: DictConfig  # the model and trainer settings a recovery fine-tune is built from
+    prune: PruneSpec
+    search: SearchSpec
+    net: nn.Module
+    dm: LightningDataModule
+    device: torch.device
+    precision: str
+    dense_val: tuple[int, int]  # (correct, images) of the dense model on validation
+    journal_path: Path | None = None
+    identity: dict = field(default_factory=dict)  # what a journal entry must match to be reused
+    memory_format: torch.memory_format = torch.contiguous_format
+    loggers: tuple = ()
+    rank_zero: bool = True
+    dense_hits: torch.Tensor | None = None  # the dense model's per-image correctness on validation
+    time_pair: Callable[[nn.Module, str], dict] | None = None
+    time_together: Callable[[dict], dict] | None = None
+
+    @property
+    def dense(self) -> Evaluation:
+        return Evaluation(0.0, self.dense_val[0], self.dense_val[1], self.dense_val[1])
+
+    def oneshot(self, method: str, rule: str, full_curve: bool, journal: Path | None) -> OneShotSearch:
+        """The one-shot walk of ``method`` under this job's settings."""
+        p, s = self.prune, self.search
+        return OneShotSearch(s.tolerance, rule, list(s.grid), s.refine_step, p.scope, s.exact, self.dm.eval_batch_size,
+                             self.precision, journal_path=str(journal) if journal else None, method=method,
+                             pruner_options=dict(p.options), full_curve=full_curve, fast_eval=bool(s.fast_eval),
+                             memory_format=self.memory_format, confidence=s.confidence)
 
 
-def recover_fn(cfg: DictConfig, dm: LightningDataModule, device):
+def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None):
     """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split,
     with the run's trainer settings, pruned weights held at zero by ``MaskKeeper``."""
-    p = cfg.prune
+    p = p or prune_spec(cfg)
 
     def recover(net: nn.Module, masks: dict | None) -> nn.Module:
         if p.recover_epochs <= 0:
@@ -70,19 +108,19 @@ def recover_fn(cfg: DictConfig, dm: LightningDataModule, device):
     return recover
 
 
-def _evaluate_fn(dm: LightningDataModule, device, precision: str):
-    loader, total = shard_loader(dm.val_set, dm.eval_batch_size)
+def _evaluate_fn(job: PruneJob):
+    loader, total = shard_loader(job.dm.val_set, job.dm.eval_batch_size)
 
     def evaluate(net: nn.Module) -> Evaluation:
-        c = count_correct(net.to(device), loader, total, device=device, precision=precision)
+        c = count_correct(net.to(job.device), loader, total, device=job.device, precision=job.precision)
         return Evaluation(0.0, c.correct, c.seen, c.total)
 
     return evaluate
 
 
-def search_report(result: SearchResult, cfg: DictConfig, schedule_name: str, resumed: int = 0) -> dict:
+def search_report(result: SearchResult, p: PruneSpec, schedule_name: str, resumed: int = 0) -> dict:
     """The report's ``search`` section, for one-shot and iterative searches alike."""
-    return dict(result.to_dict(), scope=cfg.prune.scope, schedule=schedule_name, resumed_candidates=resumed)
+    return dict(result.to_dict(), scope=p.scope, schedule=schedule_name, resumed_candidates=resumed)
 
 
 def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
@@ -99,104 +137,152 @@ def candidate_figures(method: str, candidate: nn.Module, example: torch.Tensor,
     return figures
 
 
-def architecture_key(method: str, candidate: nn.Module) -> str | None:
-    """One key per network, where equal keys mean the same network: a channel-pruned model is a
-    smaller dense network whose layer shapes fix which filters remain (each layer keeps its own
-    highest ranked), so two ratios rounded to the same widths are one model. None for other
-    methods, whose zeros or 2:4 layers differ between ratios of equal shapes."""
-    if method != "channel":
-        return None
-    shapes = [(k, tuple(v.shape)) for k, v in candidate.state_dict().items()]
-    return "channel:" + hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+# --- a search across methods (search.objective other than sparsity) ---------------------------------
 
 
-def _search_across(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
-                   dense_val: tuple[int, int], dense_hits, journal_dir: Path | None, identity: dict,
-                   memory_format, loggers, rank_zero, time_pair, speeds_up, time_together) -> PruneOutcome:
-    p, s = cfg.prune, cfg.search
-    t0 = time.perf_counter()
-    opts = pruner_options(cfg)
-    example = default_example(net).to(device)
+def _walked_methods(job: PruneJob) -> tuple[list[str], dict[str, str]]:
+    """(the methods to walk, {method: why not} for those skipped). Under ``latency`` a method that
+    runs the dense kernels on this device cannot be the fastest model: walking it would only cost
+    time (``search.walk_all=true`` walks it anyway, for the Pareto front)."""
+    methods = list(job.search.methods)
+    if job.search.objective != "latency" or job.search.walk_all:
+        return methods, {}
+    skipped = {m: "runs the dense kernels on this device: cannot be faster than the dense model"
+               for m in methods if not registry.speeds_up(m, job.device.type)}
+    return [m for m in methods if m not in skipped], skipped
 
-    def make_search(method: str) -> OneShotSearch:
-        journal = journal_dir / f"journal-{s.objective}-{method}-{p.scope}.json" if journal_dir else None
-        return OneShotSearch(s.tolerance, "contiguous", list(s.grid), s.refine_step, p.scope, s.exact,
-                             dm.eval_batch_size, precision, journal_path=str(journal) if journal else None,
-                             method=method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
-                             full_curve=False, fast_eval=bool(s.fast_eval), memory_format=memory_format,
-                             confidence=s.confidence)
 
-    methods, skipped = list(s.methods), {}
-    if s.objective == "latency" and not s.get("walk_all", False) and speeds_up is not None:
-        # A method that runs the dense kernels on this device cannot be the fastest model: walking
-        # it would only cost time (search.walk_all=true walks it anyway, for the Pareto front).
-        skipped = {m: "runs the dense kernels on this device: cannot be faster than the dense model"
-                   for m in methods if not speeds_up(m)}
-        methods = [m for m in methods if m not in skipped]
-    dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
-    recovered: dict[tuple[str, float], nn.Module] = {}
-    if p.schedule == "iterative":
-        recover, evaluate = recover_fn(cfg, dm, device), _evaluate_fn(dm, device, precision)
-
-        def walk(method: str, start: nn.Module, measure):
-            # A recovered model cannot be rebuilt from a ranking: keep every passing one, so the
-            # chosen model is exactly the one measured.
-            _, result = iterative_search(start, method, s.grid, dense.acc, s.tolerance, recover, evaluate, opts,
-                                         measure=measure,
-                                         on_pass=lambda ratio, model: recovered.__setitem__((method, ratio), model))
-            return result, 0
-    else:
-        walk = oneshot_walk(make_search, dm.val_set, device, dense, dense_hits, dict(identity, objective=s.objective),
-                            loggers, rank_zero)
-    def retime(rows: list[dict]) -> dict:
-        # The shortlist's models again, exactly as measured: rebuilt from the ranking (one-shot) or
-        # the recovered model kept by the iterative walk.
-        nets = {}
-        for i, c in enumerate(rows):
-            model = (recovered[(c["method"], c["ratio"])] if p.schedule == "iterative"
-                     else make_pruner(c["method"], copy.deepcopy(net), **opts).finish(c["ratio"]))
-            nets[f"c{i}"] = (model.to(device, memory_format=memory_format), c["method"])
-        return time_together(nets)
-
+def _measure_fn(job: PruneJob):
+    """``measure(method, candidate)``: a passing candidate's figures. The same network is one
+    candidate, measured (and timed) once; not across recoveries, which leave the same shapes with
+    other weights."""
+    example = default_example(job.net).to(job.device)
     networks: dict[str, dict] = {}
 
     def measure(method: str, candidate: nn.Module) -> dict:
-        # The same network is one candidate: measured (and timed) once. Not across recoveries,
-        # which leave the same shapes with other weights.
-        arch = architecture_key(method, candidate) if p.schedule != "iterative" else None
+        arch = registry.architecture_key(method, candidate) if not job.prune.iterative else None
         if arch is not None and arch in networks:
             return dict(networks[arch], timed="the same network as an earlier candidate: not timed again")
-        figures = candidate_figures(method, candidate, example, time_pair)
+        figures = candidate_figures(method, candidate, example, job.time_pair)
         if arch is not None:
             figures["architecture"] = arch
             networks[arch] = figures
         return figures
 
-    result = search_across(net, methods, walk, s.objective, measure,
-                           retime=retime if time_together is not None else None,
-                           final_round=int(s.get("final_round", 3)))
-    dense_acc = dense.acc
-    search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=dense_acc,
-                  threshold=pass_threshold(dense_acc, s.tolerance), confidence=s.confidence, scope=p.scope,
-                  schedule=p.schedule, skipped_methods=skipped,
-                  best_ratio=result.chosen["ratio"] if result.chosen else 0.0,
-                  best_method=result.chosen["method"] if result.chosen else None)
-    if result.chosen is None:
-        return PruneOutcome(net, 0.0, dense_val, sparsity(prunable_weights(net)), search, [],
-                            time.perf_counter() - t0, method=p.method)
+    return measure
+
+
+def _walk_fn(job: PruneJob, recovered: dict[tuple[str, float], nn.Module]):
+    """Each method's walk: one-shot, or iterative keeping every passing recovered model in
+    ``recovered`` (a recovered model cannot be rebuilt from a ranking, so the chosen model is
+    exactly the one measured)."""
+    p, s = job.prune, job.search
+    if not p.iterative:
+        journal_dir = job.journal_path.parent if job.journal_path else None
+
+        def make_search(method: str) -> OneShotSearch:
+            journal = journal_dir / f"journal-{s.objective}-{method}-{p.scope}.json" if journal_dir else None
+            return job.oneshot(method, "contiguous", False, journal)
+
+        return oneshot_walk(make_search, job.dm.val_set, job.device, job.dense, job.dense_hits,
+                            dict(job.identity, objective=s.objective), job.loggers, job.rank_zero)
+    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p), _evaluate_fn(job)
+
+    def walk(method: str, start: nn.Module, measure):
+        _, result = iterative_search(start, method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
+                                     p.pruner_options(), measure=measure,
+                                     on_pass=lambda ratio, model: recovered.__setitem__((method, ratio), model))
+        return result, 0
+
+    return walk
+
+
+def _retime_fn(job: PruneJob, recovered: dict[tuple[str, float], nn.Module]):
+    """``retime(rows)``: the shortlist's models again, exactly as measured (rebuilt from the ranking,
+    or the recovered model the iterative walk kept), timed together; None where latency is not timed."""
+    if job.time_together is None:
+        return None
+
+    def retime(rows: list[dict]) -> dict:
+        nets = {}
+        for i, c in enumerate(rows):
+            model = (recovered[(c["method"], c["ratio"])] if job.prune.iterative
+                     else make_pruner(c["method"], copy.deepcopy(job.net), **job.prune.pruner_options()).finish(c["ratio"]))
+            nets[f"c{i}"] = (model.to(job.device, memory_format=job.memory_format), c["method"])
+        return job.time_together(nets)
+
+    return retime
+
+
+def _search_across(job: PruneJob) -> PruneOutcome:
+    p, s = job.prune, job.search
+    t0 = time.perf_counter()
+    methods, skipped = _walked_methods(job)
+    recovered: dict[tuple[str, float], nn.Module] = {}
+    result = search_across(job.net, methods, _walk_fn(job, recovered), s.objective, _measure_fn(job),
+                           retime=_retime_fn(job, recovered), final_round=s.final_round)
     chosen = result.chosen
-    val = (round(chosen["val_acc"] * dense_val[1] / 100.0), dense_val[1])
-    if p.schedule == "iterative":
+    search = dict(result.to_dict(), tolerance=s.tolerance, dense_val_acc=job.dense.acc,
+                  threshold=pass_threshold(job.dense.acc, s.tolerance), confidence=s.confidence, scope=p.scope,
+                  schedule=p.schedule, skipped_methods=skipped, best_ratio=chosen["ratio"] if chosen else 0.0,
+                  best_method=chosen["method"] if chosen else None)
+    if chosen is None:
+        return PruneOutcome(job.net, 0.0, job.dense_val, sparsity(prunable_weights(job.net)), search, [],
+                            time.perf_counter() - t0, method=p.method)
+    val = (round(chosen["val_acc"] * job.dense_val[1] / 100.0), job.dense_val[1])
+    if p.iterative:
         pruned = recovered[(chosen["method"], chosen["ratio"])]
         recovered.clear()
-        stats = (channel_stats(pruned, net) if chosen["method"].startswith("channel")
-                 else sparsity(prunable_weights(pruned)))
-        return PruneOutcome(pruned.to(device, memory_format=memory_format), chosen["ratio"], val, stats, search, [],
-                            time.perf_counter() - t0, method=chosen["method"])
-    pruner = make_pruner(chosen["method"], copy.deepcopy(net), **opts)
-    pruned = pruner.finish(chosen["ratio"]).to(device, memory_format=memory_format)
-    return PruneOutcome(pruned, chosen["ratio"], val, pruner.stats(), search, [], time.perf_counter() - t0,
-                        method=chosen["method"])
+        stats = registry.stats(chosen["method"], pruned, job.net)
+    else:
+        pruner = make_pruner(chosen["method"], copy.deepcopy(job.net), **p.pruner_options())
+        pruned = pruner.finish(chosen["ratio"])
+        stats = pruner.stats()
+    return PruneOutcome(pruned.to(job.device, memory_format=job.memory_format), chosen["ratio"], val, stats, search,
+                        [], time.perf_counter() - t0, method=chosen["method"])
+
+
+# --- one method: iterative, one-shot search, fixed ratio -----------------------------------------------
+
+
+def _iterative(job: PruneJob) -> PruneOutcome:
+    p, s = job.prune, job.search
+    t0 = time.perf_counter()
+    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p), _evaluate_fn(job)
+    if p.searches:
+        pruned, result = iterative_search(job.net, p.method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
+                                          p.pruner_options())
+        ratio, search, history = result.best_ratio, search_report(result, p, "iterative"), []
+    else:
+        pruned, steps = iterative(job.net, p.method, schedule(float(p.ratio), p.steps), recover, evaluate,
+                                  p.pruner_options())
+        ratio, search, history = float(p.ratio), None, [st.to_dict() for st in steps]
+    final = evaluate(pruned)
+    return PruneOutcome(pruned, ratio, (final.correct, final.total), registry.stats(p.method, pruned, job.net), search,
+                        history, time.perf_counter() - t0, method=p.method)
+
+
+def _oneshot_search(job: PruneJob) -> PruneOutcome:
+    p, s = job.prune, job.search
+    t0 = time.perf_counter()
+    searcher = job.oneshot(p.method, s.rule, bool(s.full_curve), job.journal_path)
+    result = searcher.run(job.net, job.dm.val_set, job.device, dense=job.dense, identity=job.identity,
+                          loggers=job.loggers, rank_zero=job.rank_zero, dense_hits=job.dense_hits)
+    chosen = [e for e in result.curve if e.ratio == result.best_ratio]
+    val = (chosen[0].correct, chosen[0].total) if chosen else job.dense_val
+    return PruneOutcome(searcher.model, result.best_ratio, val, searcher.pruner.stats(),
+                        search_report(result, p, "oneshot", searcher.resumed), [], time.perf_counter() - t0,
+                        method=p.method)
+
+
+def _fixed(job: PruneJob) -> PruneOutcome:
+    p = job.prune
+    t0 = time.perf_counter()
+    pruner = make_pruner(p.method, job.net, **p.pruner_options())
+    pruned = pruner.finish(float(p.ratio)).to(job.device)
+    final = _evaluate_fn(job)(pruned)
+    return PruneOutcome(pruned, float(p.ratio), (final.correct, final.total), pruner.stats(), None, [],
+                        time.perf_counter() - t0, method=p.method)
 
 
 ABOVE_CHANCE = 5.0  # points: a dense model not surely this far above chance is not worth searching
@@ -234,77 +320,27 @@ def searchable_problem(dense_val: tuple[int, int], num_classes: int, tolerance: 
     return None
 
 
-def run_prune_stage(cfg: DictConfig, net: nn.Module, dm: LightningDataModule, device, precision: str,
-                    dense_val: tuple[int, int], journal_path: Path | None, identity: dict,
-                    memory_format: torch.memory_format = torch.contiguous_format, loggers=(),
-                    rank_zero: bool = True, dense_hits: torch.Tensor | None = None,
-                    time_pair: Callable[[nn.Module, str], dict] | None = None,
-                    speeds_up: Callable[[str], bool] | None = None,
-                    time_together: Callable[[dict], dict] | None = None) -> PruneOutcome:
-    """``time_pair(candidate, method)`` times a candidate in turns with the dense model in the
-    run's latency runtime (used when ``search.objective`` ranks by more than the ratio);
-    ``speeds_up(method)`` says whether a method's models can run faster than dense here;
-    ``time_together({name: (network, method)})`` times a latency search's shortlist all in turns
-    with the dense model in one session (``deploy.time_together``'s result)."""
-    p, s = cfg.prune, cfg.search
-    problem = searchable_problem(dense_val, int(cfg.model.num_classes), float(s.tolerance)) \
-        if p.ratio is None else None
-    if problem and not s.get("allow_weak_model", False):
+def run_prune_stage(job: PruneJob) -> PruneOutcome:
+    """The pruned network: a search across methods, the iterative schedule, the one-shot search or
+    a fixed ratio, as the job's specs say. A search of a model too weak (or a split too small) to
+    answer is refused unless ``search.allow_weak_model``."""
+    p, s = job.prune, job.search
+    problem = searchable_problem(job.dense_val, int(job.cfg.model.num_classes), float(s.tolerance)) \
+        if p.searches else None
+    if problem and not s.allow_weak_model:
         raise ConfigError(problem)
-    outcome = _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers,
-                   rank_zero, dense_hits, time_pair, speeds_up, time_together)
+    if p.searches and s.across_methods:
+        outcome = _search_across(job)
+    elif p.iterative:
+        outcome = _iterative(job)
+    elif p.searches:
+        outcome = _oneshot_search(job)
+    else:
+        outcome = _fixed(job)
     if problem:
         outcome.notes.append("search.allow_weak_model=true searched although " + problem.split("; ")[0]
                              + ": the chosen ratio means little.")
     return outcome
 
 
-def _run(cfg, net, dm, device, precision, dense_val, journal_path, identity, memory_format, loggers, rank_zero,
-         dense_hits, time_pair, speeds_up, time_together) -> PruneOutcome:
-    p, s = cfg.prune, cfg.search
-    if p.ratio is None and s.get("objective", "sparsity") != "sparsity":
-        return _search_across(cfg, net, dm, device, precision, dense_val, dense_hits,
-                              journal_path.parent if journal_path else None, identity, memory_format, loggers,
-                              rank_zero, time_pair, speeds_up, time_together)
-    t0 = time.perf_counter()
-    opts = pruner_options(cfg)
-    evaluate = _evaluate_fn(dm, device, precision)
-    dense_acc = 100.0 * dense_val[0] / dense_val[1]
-
-    if p.schedule == "iterative":
-        recover = recover_fn(cfg, dm, device)
-        if p.ratio is None:
-            pruned, result = iterative_search(net, p.method, s.grid, dense_acc, s.tolerance, recover, evaluate, opts)
-            ratio, search, history = result.best_ratio, search_report(result, cfg, "iterative"), []
-        else:
-            pruned, steps = iterative(net, p.method, schedule(float(p.ratio), p.steps), recover, evaluate, opts)
-            ratio, search, history = float(p.ratio), None, [st.to_dict() for st in steps]
-        final = evaluate(pruned)
-        stats = channel_stats(pruned, net) if p.method == "channel" else sparsity(prunable_weights(pruned))
-        return PruneOutcome(pruned, ratio, (final.correct, final.total), stats, search, history,
-                            time.perf_counter() - t0, method=p.method)
-
-    if p.ratio is None:
-        searcher = OneShotSearch(s.tolerance, s.rule, list(s.grid), s.refine_step, p.scope, s.exact,
-                                 dm.eval_batch_size, precision, journal_path=str(journal_path) if journal_path else None,
-                                 method=p.method, pruner_options={k: v for k, v in opts.items() if k != "scope"},
-                                 full_curve=bool(s.full_curve), fast_eval=bool(s.fast_eval),
-                                 memory_format=memory_format, confidence=s.get("confidence"))
-        dense = Evaluation(0.0, dense_val[0], dense_val[1], dense_val[1])
-        result = searcher.run(net, dm.val_set, device, dense=dense, identity=identity, loggers=loggers,
-                              rank_zero=rank_zero, dense_hits=dense_hits)
-        ratio = result.best_ratio
-        chosen = [e for e in result.curve if e.ratio == ratio]
-        val = (chosen[0].correct, chosen[0].total) if chosen else dense_val
-        search = search_report(result, cfg, "oneshot", searcher.resumed)
-        return PruneOutcome(searcher.model, ratio, val, searcher.pruner.stats(), search, [], time.perf_counter() - t0,
-                            method=p.method)
-
-    pruner = make_pruner(p.method, net, **opts)
-    pruned = pruner.finish(float(p.ratio)).to(device)
-    final = evaluate(pruned)
-    return PruneOutcome(pruned, float(p.ratio), (final.correct, final.total), pruner.stats(), None, [],
-                        time.perf_counter() - t0, method=p.method)
-
-
-__all__ = ["PruneOutcome", "pruner_options", "recover_fn", "run_prune_stage", "search_report"]
+__all__ = ["PruneJob", "PruneOutcome", "recover_fn", "run_prune_stage", "search_report"]

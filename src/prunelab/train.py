@@ -123,8 +123,26 @@ def _remove_refused_run_folder(cfg: DictConfig) -> None:
         folder = folder.parent
 
 
+def _refuse_retired_overrides(argv: list[str]) -> None:
+    """An override of a retired key (``latency.onnx=true``): one line saying what to use, exit 2.
+    Hydra would refuse it first with its own error (the key is gone from the config)."""
+    from prunelab.deploy.spec import retired_override
+
+    for arg in argv:
+        advice = retired_override(arg) if not arg.startswith("-") else None
+        if advice:
+            _fail(advice)
+            sys.exit(2)
+
+
+def main() -> float | None:
+    """``python -m prunelab.train`` and ``prunelab-train``."""
+    _refuse_retired_overrides(sys.argv[1:])
+    return _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     status, report = _run(cfg)
     if status:
         _remove_refused_run_folder(cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "time_dense_and_pruned": "timing", "time_together": "timing", "onnx_latency": "timing",
+    "time_dense_and_pruned": "timing", "time_together": "timing",
     "MAGNITUDE_NOTE": "timing", "build_forms": "timing",
     "save_pruned": "ship", "ship": "ship", "pick": "auto",
     "DeploySpec": "spec", "resolve_spec": "spec",

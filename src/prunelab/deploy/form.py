@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunelab.models.modes import eval_mode
-from prunelab.models.transforms import memory_format
+from prunelab.models.rewrite import memory_format
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from prunelab.deploy.form import Form
 from prunelab.deploy.registry import Runtime
-from prunelab.models.transforms import INPUT_SIZE, fold_pool, memory_format
+from prunelab.models.rewrite import INPUT_SIZE, fold_pool, memory_format
 
 
 class CompiledForm(Form):

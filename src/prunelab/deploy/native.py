@@ -24,7 +24,7 @@ from prunelab.deploy.registry import Runtime
 from prunelab.hardware import detect, resolve_fuse, resolve_pack, resolve_winograd
 from prunelab.models import packed
 from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
-from prunelab.models.transforms import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
+from prunelab.models.rewrite import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
 from prunelab.models.tuning import tune_record
 from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 
@@ -287,6 +287,10 @@ class DeployRuntime(Runtime):
         return deploy_form(net, dtype=spec.dtype, channels_last=layout, device=device, cuda_graph=spec.cuda_graph,
                            compile=spec.compile, example_batch=example_batch, two_four=two_four, fuse=spec.fuse,
                            winograd=spec.winograd, pack=spec.pack)
+
+    def load_snippet(self, path, spec):
+        return (f"from prunelab.deploy.native import deploy_form\n\nform = deploy_form(net, dtype=torch.{spec.dtype_name}, "
+                f"channels_last={spec.channels_last})\nlogits = form(images)  # float32 NCHW images, cast inside")
 
 
 RUNTIME = DeployRuntime()

@@ -15,7 +15,7 @@ from torch import nn
 
 from prunelab.deploy.form import Form
 from prunelab.deploy.registry import Runtime
-from prunelab.models.transforms import INPUT_SIZE, fold_pool
+from prunelab.models.rewrite import INPUT_SIZE, fold_pool
 
 EXPORT_PACKAGES = ("onnx", "onnxscript")  # prunelab's exporter (torch.onnx, dynamo) needs both
 
@@ -95,12 +95,20 @@ class OnnxRuntimeForm(Form):
                     library=f"onnxruntime {self.version}", providers=self.session.get_providers())
 
 
-class OnnxRuntime(Runtime):
-    name = "onnxruntime"
-    packages = ("onnxruntime", *EXPORT_PACKAGES)
-    extra = "onnx"
+class OnnxBasedRuntime(Runtime):
+    """A runtime over prunelab's ONNX export: served on the CPU, needing its own library and the
+    exporter's packages (one extra installs them)."""
+
     cpu_only = True
-    file_suffix = ".onnx"
+
+    def __init__(self, name: str, library: str, extra: str, file_suffix: str):
+        self.name, self.packages, self.extra = name, (library, *EXPORT_PACKAGES), extra
+        self.file_suffix = file_suffix
+
+
+class OnnxRuntime(OnnxBasedRuntime):
+    def __init__(self):
+        super().__init__("onnxruntime", library="onnxruntime", extra="onnx", file_suffix=".onnx")
 
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         form = OnnxRuntimeForm(OnnxFile(net, example_batch), two_four)

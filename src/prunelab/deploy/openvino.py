@@ -10,8 +10,7 @@ import time
 import torch
 
 from prunelab.deploy.form import Form
-from prunelab.deploy.onnxrt import EXPORT_PACKAGES, OnnxFile, masked_dense_note
-from prunelab.deploy.registry import Runtime
+from prunelab.deploy.onnxrt import OnnxBasedRuntime, OnnxFile, masked_dense_note
 
 PRECISION_HINT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -69,12 +68,9 @@ class OpenVinoForm(Form):
                     compile_s=round(sum(self.compile_s.values()), 3))
 
 
-class OpenVinoRuntime(Runtime):
-    name = "openvino"
-    packages = ("openvino", *EXPORT_PACKAGES)
-    extra = "openvino"
-    cpu_only = True
-    file_suffix = ".xml"
+class OpenVinoRuntime(OnnxBasedRuntime):
+    def __init__(self):
+        super().__init__("openvino", library="openvino", extra="openvino", file_suffix=".xml")
 
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         return OpenVinoForm(OnnxFile(net, example_batch), spec.dtype, two_four)

@@ -4,8 +4,8 @@
 run's ``models/`` folder and returns what the report shows: the file, its format and the few lines
 of Python that load and run it. Runtimes without a format of their own (deploy, inductor, eager)
 ship as the plain state_dict that ``save_pruned`` writes, and their lines rebuild the served form
-from it. ``save_pruned`` writes the pruned model's compact form (channel counts + safetensors for
-channel pruning, else a state_dict).
+from it. ``save_pruned`` writes the pruned model in its method's compact form (the registry
+entry's: channel counts + safetensors for channel pruning), else as a state_dict.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from prunelab.deploy import registry
 from prunelab.deploy.spec import DeploySpec
 from prunelab.io import compressed_bytes, save_state_dict
+from prunelab.pruning import registry as registry_of_methods
 
 LOAD_NETWORK = ("from prunelab.export import load_run_models\n\n"
                 "net = load_run_models(\"{run}\")[\"{tag}\"]  # the run folder: models/ and .hydra/")
@@ -35,22 +36,17 @@ def ship(form: nn.Module, spec: DeploySpec, models_dir: Path, tag: str, run: str
                 "load": load}
     lines = LOAD_NETWORK.format(run=run, tag=tag)
     extra = runtime.load_snippet(Path(models_dir), spec)
-    if extra is None and spec.runtime == "deploy":
-        extra = (f"from prunelab.deploy.native import deploy_form\n\nform = deploy_form(net, dtype=torch.{spec.dtype_name}, "
-                 f"channels_last={spec.channels_last})\nlogits = form(images)  # float32 NCHW images, cast inside")
     return {"runtime": spec.runtime, "format": "state_dict", "file": None, "bytes": None,
             "load": "import torch\n" + lines + ("\n" + extra if extra else "")}
 
 
 def save_pruned(method: str, net: nn.Module, models_dir: Path, arch: str, num_classes: int) -> dict:
-    """Write the pruned model in its compact form; returns the bytes on disk."""
+    """Write the pruned model in its method's compact form, else as a state_dict; returns the bytes
+    on disk."""
+    files = registry_of_methods.save_pruned(method, net, models_dir, arch, num_classes)
+    if files is not None:
+        return files
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    if method == "channel":
-        from prunelab.pruning.channel import META_FILE, WEIGHTS_FILE, save_channel_pruned
-
-        save_channel_pruned(net, models_dir, arch=arch, num_classes=num_classes)
-        size = sum((models_dir / f).stat().st_size for f in (META_FILE, WEIGHTS_FILE))
-        return {"pruned_bytes": size, "pruned_compressed_bytes": compressed_bytes(state), "pruned_format": "channels+safetensors"}
     path = save_state_dict(models_dir / "pruned.pt", state)
     return {"pruned_bytes": path.stat().st_size, "pruned_compressed_bytes": compressed_bytes(state),
             "pruned_format": "state_dict"}

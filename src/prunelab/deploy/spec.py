@@ -2,7 +2,8 @@
 
 ``resolve_spec`` is the only place the ``latency`` group is read and its hardware-dependent
 ``auto`` values resolved (by ``prunelab.hardware``'s pure rules); every runtime, the timing and the
-report read the frozen :class:`DeploySpec` it returns. Keys a partial config leaves out take the
+report read the frozen :class:`DeploySpec` it returns. The group's checks are here too (``rules``,
+``check``: the config check calls it before any work), beside the keys they check. Keys a partial config leaves out take the
 values of ``conf/latency/default.yaml`` (read from the package, so there is no second copy of the
 defaults). ``latency.runtime=auto`` stays ``auto`` here: which runtime is fastest is measured, not
 a hardware rule, and :func:`prunelab.deploy.auto.pick` returns the spec with the winner in it.
@@ -23,6 +24,53 @@ from prunelab import hardware
 from prunelab.deploy import registry
 from prunelab.errors import ConfigError
 from prunelab.hardware import Hardware
+from prunelab.value_specs import BOOL, BOOL_AUTO, Spec, check_rules, choice, integer, list_of
+
+GROUP = "latency"
+# Keys the group once had: setting one is refused with what to use instead.
+RETIRED = {"onnx": "latency.onnx is no longer a setting: time in ONNX Runtime with latency.runtime=onnxruntime "
+                   "(and write the ONNX files with python -m prunelab.export RUN_DIR)"}
+
+
+def rules() -> list[tuple[str, Spec]]:
+    """The group's keys and what each must be (built per call: runtimes registered at run time count)."""
+    runtimes = registry.names()
+    return [
+        *((k, BOOL) for k in ("include_transfer", "compile", "cuda_graph")),
+        *((k, BOOL_AUTO) for k in ("channels_last", "fuse", "winograd", "pack")),
+        ("batch_size", integer(1)),
+        ("batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),
+        ("warmup", integer(0)),
+        ("iters", integer(1)),
+        ("agreement_images", integer(0)),
+        ("runtime", choice(registry.AUTO, *runtimes)),
+        ("auto_runtimes", list_of(choice(*runtimes), "latency.auto_runtimes=[deploy,openvino]")),
+        ("auto_iters", integer(1)),
+        ("dtype", choice("auto", *hardware.DTYPES)),
+    ]
+
+
+def check_retired(cfg) -> None:
+    """A retired ``latency`` key in the composed config ``cfg`` is one ConfigError saying what to use."""
+    node = cfg.get(GROUP) if hasattr(cfg, "get") else None
+    for key, message in RETIRED.items():
+        if node is not None and key in node:
+            raise ConfigError(message)
+
+
+def retired_override(override: str) -> str | None:
+    """The advice for a command-line override of a retired key (``latency.onnx=true``, with or
+    without ``+``/``++``/``~``), else None: Hydra would refuse it before any check could run."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    group, _, name = key.partition(".")
+    return RETIRED.get(name) if group == GROUP else None
+
+
+def check(cfg) -> None:
+    """Every ``latency.*`` value the composed config ``cfg`` holds is valid (a retired key is
+    refused), or one ConfigError naming the key."""
+    check_retired(cfg)
+    check_rules(cfg, rules(), GROUP)
 
 
 @functools.cache
@@ -53,7 +101,6 @@ class DeploySpec:
     fuse: bool
     winograd: bool
     pack: bool
-    onnx: bool
     hardware: Hardware
     precision: str | None = None  # the trainer's (Lightning) precision, for the eager runtime's autocast
     reasons: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -119,7 +166,7 @@ def resolve_spec(latency_cfg, hw: Hardware, precision: str | None = None) -> tup
         batch_sizes=sizes, warmup=int(_get(latency_cfg, "warmup")), iters=int(_get(latency_cfg, "iters")),
         auto_iters=int(_get(latency_cfg, "auto_iters")), agreement_images=int(_get(latency_cfg, "agreement_images")),
         include_transfer=bool(_get(latency_cfg, "include_transfer")), cuda_graph=bool(_get(latency_cfg, "cuda_graph")),
-        compile=compile_, fuse=bool(fuse), winograd=bool(winograd), pack=bool(pack), onnx=bool(_get(latency_cfg, "onnx")),
+        compile=compile_, fuse=bool(fuse), winograd=bool(winograd), pack=bool(pack),
         hardware=hw, precision=precision, reasons={k: r["reason"] for k, r in record.items()},
         warnings=tuple(r["warning"] for r in record.values() if r.get("warning")))
     return spec, record

@@ -4,20 +4,20 @@
 (``latency.runtime``, one of ``prunelab.deploy.registry.RUNTIMES``; ``auto`` is decided before by
 ``prunelab.deploy.auto.pick``), dtype and layout, for every method, after checking every form's
 answers against the eager fp32 model at every timed batch size (``prunelab.deploy.checks``).
-Per method:
+By the kernels the method's registry entry names (``prunelab.pruning.registry``):
 
-- magnitude: dense kernels on a dense tensor with zeros: no speedup expected, and the result gives
+- dense kernels on a dense tensor with zeros (magnitude): no speedup expected, and the result gives
   the noise of its own timing so a ratio within it is never read as a speedup;
-- channel: the smaller dense network;
-- semi_structured: the 2:4 Linear layers on PyTorch's sparse kernels (deploy runtime, CUDA sm80+,
-  fp16/bf16) against the dense form in the same dtype; masked-dense elsewhere, and the result says so.
+- a smaller dense network (channel): timed as it is;
+- 2:4 (semi_structured, and chains ending in it): the 2:4 Linear layers on PyTorch's sparse kernels
+  (deploy runtime, CUDA sm80+, fp16/bf16) against the dense form in the same dtype; masked-dense
+  elsewhere, and the result says so.
 
 ``ship_to`` writes the pruned form in its runtime's own format (``prunelab.deploy.ship``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +31,7 @@ from prunelab.deploy.spec import DeploySpec, as_spec
 from prunelab.hardware import detect
 from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.winograd import free_scratch
+from prunelab.pruning import registry as methods
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     top-1 answers beyond rounding or its logits beyond its dtype's tolerance, at any timed batch
     size, on ``agreement_batches`` (the pipeline passes ``latency.agreement_images`` validation
     images), else on the timing batches. ``ship_to``: a folder where the pruned form (the dense one
-    without a pruned model) is written in its runtime's format as ``pruned``/``dense``. Logs ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
+    without a pruned model) is written in its runtime's format as ``pruned``/``dense``. Logs
+    ``latency/{dense,pruned}/{p50,p90,p99}_ms`` (the headline batch size; others as
     ``latency/<tag>/bs<N>/...``) and ``latency/speedup_p50``.
     """
     if dense_net is pruned_net:
@@ -114,7 +116,7 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
     if channels_last is None:
         channels_last = _layout(spec)
     nets = {"dense": dense_net} if pruned_net is None else {"dense": dense_net, "pruned": pruned_net}
-    two_four = {"pruned"} if method == "semi_structured" and pruned_net is not None else set()
+    two_four = {"pruned"} if methods.two_four(method) and pruned_net is not None else set()
     forms, facts, notes = build_forms(nets, two_four, batches, head, device, spec, channels_last)
     kernels = _kernels(forms, "pruned", facts["runtime"]) if two_four else None
     checked = None
@@ -126,21 +128,8 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
                                                   what=f"{tag} {spec.runtime} form"), head)
                    for tag, form in forms.items()}
 
-    warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
-    per = {}
-    try:
-        for bs in sorted(batches):
-            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
-            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
-            samples = time_interleaved(forms, x, device, warmup, iters, transfer, None)
-            if pruned_net is None:
-                per[bs] = {"dense": summarize(samples["dense"], bs)}
-            else:
-                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
-            for tag in forms:
-                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
-    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
-        free_scratch()
+    transfer = spec.include_transfer
+    per = _time_every_size(forms, batches, device, spec)
     _log(per, head, loggers)
 
     desc = _describe(forms, facts, hw, transfer)
@@ -159,24 +148,51 @@ def time_dense_and_pruned(dense_net: nn.Module, pruned_net: nn.Module | None, me
         result["shipped"] = ship(forms[tag], spec, Path(ship_to), tag)
     if pruned_net is None:
         return result
-    ratio = h["paired_ratio"]
-    result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
-                  speedup_beyond_noise=_beyond_noise(method, ratio))
-    if method == "magnitude":
-        within = ratio["p5"] <= 1.0 <= ratio["p95"]
-        result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
-                           "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
-        note = (f"{MAGNITUDE_NOTE} (dense/pruned p50 {h['speedup_p50']:.3f}; per-iteration paired ratio p50 "
-                f"{ratio['p50']:.3f}, 5-95% {ratio['p5']:.3f}-{ratio['p95']:.3f})")
-        if not within:
-            note += ("; the interval misses 1, yet both ran the same dense kernels on the same shapes: "
-                     "that is drift in the machine during timing, not a speedup")
-        notes.insert(0, note)
+    _speedup(result, h, method, notes)
     if kernels:
         notes.insert(0, kernels)
     if kernels and getattr(forms["pruned"], "sparse", False) and h["speedup_p50"] < 1.0:
         notes.append(f"{TWO_FOUR_SLOW} ({h['speedup_p50']:.2f}x at batch {head}).")
     return result
+
+
+def _time_every_size(forms: dict, batches: Mapping[int, torch.Tensor], device, spec: DeploySpec) -> dict:
+    """{batch size: stats per form (paired with the dense one where there is a pruned one)}, the forms
+    taking turns at each size."""
+    transfer, per = spec.include_transfer, {}
+    try:
+        for bs in sorted(batches):
+            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
+            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
+            samples = time_interleaved(forms, x, device, spec.warmup, spec.iters, transfer, None)
+            if "pruned" not in forms:
+                per[bs] = {"dense": summarize(samples["dense"], bs)}
+            else:
+                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+            for tag in forms:
+                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
+    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
+        free_scratch()
+    return per
+
+
+def _speedup(result: dict, h: dict, method: str | None, notes: list[str]) -> None:
+    """The headline speedup with its paired interval; for a method on the dense kernels, the noise
+    of this very timing instead (and a note saying a ratio off 1 is drift, not a speedup)."""
+    ratio = h["paired_ratio"]
+    result.update(speedup_p50=h["speedup_p50"], speedup_paired_5_95=[ratio["p5"], ratio["p95"]],
+                  speedup_beyond_noise=_beyond_noise(method, ratio))
+    if not methods.dense_kernels(method):
+        return
+    within = ratio["p5"] <= 1.0 <= ratio["p95"]
+    result["noise"] = {"ratio_of_p50s": h["speedup_p50"], "paired_ratio_p50": ratio["p50"],
+                       "paired_ratio_5_95": [ratio["p5"], ratio["p95"]], "within_noise": within}
+    note = (f"{MAGNITUDE_NOTE} (dense/pruned p50 {h['speedup_p50']:.3f}; per-iteration paired ratio p50 "
+            f"{ratio['p50']:.3f}, 5-95% {ratio['p5']:.3f}-{ratio['p95']:.3f})")
+    if not within:
+        note += ("; the interval misses 1, yet both ran the same dense kernels on the same shapes: "
+                 "that is drift in the machine during timing, not a speedup")
+    notes.insert(0, note)
 
 
 def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module, str]], batch: torch.Tensor,
@@ -186,7 +202,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     their own session against their own dense timing can be reordered by a drift in the machine
     between sessions; here every iteration runs them all back to back, so their p50s compare.
 
-    ``candidates``: {name: (network, kernel family)} (the family says which run 2:4 kernels). The
+    ``candidates``: {name: (network, method)} (the method says which run 2:4 kernels). The
     order rotates every iteration, so no model always runs right after the same one.
     Returns {"models": {"dense": stats, name: stats + speedup_p50 + paired_ratio +
     speedup_beyond_noise}, "samples": {name: ms per iteration}, "runtime": facts, "notes": [...],
@@ -202,7 +218,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     if channels_last is None:
         channels_last = _layout(spec)
     nets = {"dense": dense_net, **{name: net for name, (net, _) in candidates.items()}}
-    two_four = {name for name, (_, family) in candidates.items() if family == "semi_structured"}
+    two_four = {name for name, (_, method) in candidates.items() if methods.two_four(method)}
     forms, facts, notes = build_forms(nets, two_four, {bs: batch}, bs, device, spec, channels_last)
     warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
     x = batch if transfer else forms["dense"].prepare(batch)
@@ -211,20 +227,20 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     finally:
         free_scratch()
     models = {"dense": summarize(samples["dense"], bs)}
-    for name, (_, family) in candidates.items():
+    for name, (_, method) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
         models[name] = dict(st["pruned"], speedup_p50=st["speedup_p50"], paired_ratio=st["paired_ratio"],
-                            speedup_beyond_noise=_beyond_noise(family, st["paired_ratio"]))
+                            speedup_beyond_noise=_beyond_noise(method, st["paired_ratio"]))
         if name in two_four:
             models[name]["kernels"] = _kernels(forms, name, facts["runtime"])
     _describe(forms, facts, hw, transfer)
     return {"models": models, "samples": samples, "runtime": facts, "notes": notes, "batch_size": bs, "iters": iters}
 
 
-def _beyond_noise(family: str | None, paired_ratio: dict) -> bool:
+def _beyond_noise(method: str | None, paired_ratio: dict) -> bool:
     """A speedup is claimed only where even the slow end (5th percentile) of the per-iteration
-    paired ratios beats 1, and never for unstructured zeros (the same dense kernels)."""
-    return family != "magnitude" and paired_ratio["p5"] > 1.0
+    paired ratios beats 1, and never for a method that runs the dense kernels (unstructured zeros)."""
+    return not methods.dense_kernels(method) and paired_ratio["p5"] > 1.0
 
 
 def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
@@ -256,29 +272,3 @@ def _log(per: dict, head: int, loggers) -> None:
         metrics["latency/speedup_p50"] = per[head]["speedup_p50"]
     for lg in loggers:
         lg.log_metrics(metrics, step=0)
-
-
-def onnx_latency(net: nn.Module, batch: torch.Tensor, path: Path, cfg) -> dict | None:
-    """Export ``net`` to ONNX and time it with onnxruntime on the CPU; None without onnxruntime."""
-    import time
-
-    from prunelab.export import export_onnx, require_onnx
-
-    ort = require_onnx()  # without the export extra: one line naming it, exit 2
-
-    cpu_net = copy.deepcopy(net).to("cpu").eval()
-    x = batch.to("cpu").float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(cpu_net, path, batch=x.shape[0])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    feed = {name: x.numpy()}
-    samples = []
-    for i in range(cfg.warmup + cfg.iters):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        if i >= cfg.warmup:
-            samples.append((time.perf_counter() - t0) * 1000.0)
-    stats = summarize(samples, x.shape[0])
-    stats.update(runtime=f"onnxruntime {ort.__version__} CPU", file=str(path))
-    return stats

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from prunelab.hardware import COMPILE_MODES, GRAPH_COMPILE_MODES
 from prunelab.lr_schedule import LR_SCHEDULES, lr_factor
 from prunelab.models.factory import build_classifier
-from prunelab.models.transforms import memory_format
+from prunelab.models.rewrite import memory_format
 
 
 class ImageClassifier(LightningModule):

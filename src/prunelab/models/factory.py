@@ -10,7 +10,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from prunelab.errors import ConfigError, WeightsFileError, WeightsUnavailableError
-from prunelab.models.transforms import replace_module, replicating_pools
+from prunelab.models.rewrite import replace_module, replicating_pools
 
 
 def last_linear_name(net: nn.Module) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.models.transforms import replace_module
+from prunelab.models.rewrite import replace_module
 from prunelab.models.tuning import Tuned, algo_counts_by_batch
 
 ALGOS = ("plain", "packed")

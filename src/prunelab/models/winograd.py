@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.models import packed, tuning
-from prunelab.models.transforms import replace_module
+from prunelab.models.rewrite import replace_module
 from prunelab.models.tuning import MARGIN, Tuned, algo_counts_by_batch, clear_decisions, pick  # noqa: F401
 
 ALGOS = ("direct", "winograd", "map")

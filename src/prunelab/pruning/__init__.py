@@ -1,1 +1,2 @@
-"""Pruning: pure ranking/mask/search functions and the Lightning callbacks built on them."""
+"""Pruning methods (masks, magnitude, channel, 2:4 and chains of them), the registry that describes
+each one, and the ``prune`` group's spec."""

@@ -14,37 +14,27 @@ classification head, it is left whole. On VGG that is every conv; on ResNet-18 i
 conv of each block. Removing a channel is exact, not approximate: a filter whose weights and bias
 are zero feeds ReLU a zero, so the pruned network computes what the masked dense one computes.
 
-Pruned models are saved as plain tensors (safetensors) plus a JSON of the layer shapes, and
-rebuilt from the torchvision architecture: no pickled code.
+Pruned models are saved as plain tensors plus a JSON of the layer shapes (``channel_files``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import torch
 import torch_pruning as tp
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision import models as tvm
 
-from prunelab.io import _atomic, write_json
-from prunelab.models.factory import last_linear_name, replace_module
+from prunelab.models.factory import last_linear_name
 from prunelab.models.modes import eval_mode
-from prunelab.models.transforms import replicating_pools
 from prunelab.pruning.masks import count_to_prune, prunable_weights
+from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
 
-IMPORTANCES = ("l1", "l2")
-NORMALIZATIONS = ("mean", "none")
-# The code's defaults are the config's (conf/prune/magnitude.yaml; a test holds them equal).
+# The code's defaults are the config's (conf/prune/options/channel.yaml; a test holds them equal).
 DEFAULT_NORMALIZE = "mean"
 DEFAULT_ROUND_TO = 16
-META_FILE = "pruned_channels.json"
-WEIGHTS_FILE = "pruned.safetensors"
 
 
 def default_example(model: nn.Module, size: int = 32) -> torch.Tensor:
@@ -274,6 +264,28 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
     }
 
 
+class WidthSteps:
+    """How the iterative schedule asks channel pruning for a total ratio: each step removes what is
+    still missing of the target share of the prunable convs' original widths (the pruner ranks the
+    surviving channels of the current network)."""
+
+    def start(self, net: nn.Module) -> dict[str, int]:
+        """The prunable convs' widths before the first step."""
+        return {n: c.out_channels for n, c in prunable_convs(net).items()}
+
+    def ratio(self, net: nn.Module, target: float, original: Mapping[str, int]) -> float:
+        original_total = sum(original.values())
+        current = conv_channels(net)
+        remaining = sum(current[n] for n in original)
+        missing = round(target * original_total) - (original_total - remaining)
+        return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
+
+    def stats(self, pruned: nn.Module, stats: dict, original: Mapping[str, int]) -> dict:
+        """A step's stats, its channel share counted against the original widths."""
+        stats["channels_removed"] = removed_fraction(conv_channels(pruned), original)
+        return stats
+
+
 class ChannelPruner:
     """Filter pruning bound to one model: rank once, build a smaller copy per candidate ratio.
 
@@ -345,77 +357,3 @@ class ChannelPruner:
         self.ranking = None
         self.plans = {}
         return model
-
-
-# --- compact save / load -------------------------------------------------------------------------
-
-
-def layer_shapes(model: nn.Module) -> dict:
-    """The shapes that differ between a channel-pruned model and its torchvision original."""
-    convs, bns, linears = {}, {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            convs[name] = [m.in_channels, m.out_channels]
-        elif isinstance(m, nn.BatchNorm2d):
-            bns[name] = m.num_features
-        elif isinstance(m, nn.Linear):
-            linears[name] = [m.in_features, m.out_features]
-    return {"convs": convs, "batchnorms": bns, "linears": linears}
-
-
-def save_channel_pruned(model: nn.Module, directory: str | Path, arch: str = "vgg16", num_classes: int = 10) -> Path:
-    """Write ``pruned.safetensors`` and ``pruned_channels.json`` under ``directory``, each atomically.
-
-    The JSON is written last, so its presence means the weights beside it are complete.
-    """
-    directory = Path(directory)
-    head = model.get_submodule(last_linear_name(model))
-    if head.out_features != num_classes:
-        raise ValueError(f"num_classes={num_classes} but the model's head has {head.out_features} outputs")
-    shapes = layer_shapes(model)
-    first_linear = next(iter(shapes["linears"].values()), [None])[0]
-    meta = {
-        "format": 1,
-        "arch": arch,
-        "num_classes": num_classes,
-        "conv_channels": {n: s[1] for n, s in shapes["convs"].items()},
-        "first_linear_in_features": first_linear,
-        **shapes,
-    }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"arch": arch}))
-    write_json(directory / META_FILE, meta)
-    return directory
-
-
-def _resized(old: nn.Module, shape) -> nn.Module:
-    if isinstance(old, nn.Conv2d):
-        return nn.Conv2d(shape[0], shape[1], old.kernel_size, old.stride, old.padding, old.dilation,
-                         old.groups, old.bias is not None, old.padding_mode)
-    if isinstance(old, nn.BatchNorm2d):
-        return nn.BatchNorm2d(shape, old.eps, old.momentum, old.affine, old.track_running_stats)
-    return nn.Linear(shape[0], shape[1], old.bias is not None)
-
-
-def load_channel_pruned(directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``save_channel_pruned`` and load its weights strictly."""
-    directory = Path(directory)
-    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
-    missing = [p.name for p in (meta_path, weights_path) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{directory} has no {' or '.join(missing)}: not a channel-pruned model directory")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    # Built on the meta device: no memory is allocated or initialised for weights that the
-    # checkpoint replaces anyway (VGG16's 138M would take seconds to initialise for nothing).
-    with torch.device("meta"):
-        net = tvm.get_model(meta["arch"], weights=None)
-        head = last_linear_name(net)
-        replace_module(net, head, nn.Linear(net.get_submodule(head).in_features, meta["num_classes"]))
-        for kind in ("convs", "batchnorms", "linears"):
-            for name, shape in meta[kind].items():
-                replace_module(net, name, _resized(net.get_submodule(name), shape))
-    net.load_state_dict(load_file(str(weights_path)), strict=True, assign=True)
-    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"{weights_path} does not hold {', '.join(left)}")
-    return replicating_pools(net).eval()

@@ -157,6 +157,52 @@ def _spread(cv: dict | None) -> str:
     return "; timing spread (coefficient of variation) " + ", ".join(f"{t} {v:.1%}" for t, v in cv.items())
 
 
+def files_section(files: dict, p: dict) -> list[str]:
+    """Bytes on disk (as saved, and sparse weights stored compactly), MACs and channels removed."""
+    if not files:
+        return []
+    lines = ["## Size and deployment", ""]
+    rows = [("bytes on disk", _int(files.get("dense_bytes")), _int(files.get("pruned_bytes")))]
+    if "pruned_compressed_bytes" in files:
+        rows.append(("bytes, sparse weights stored compactly", "-", _int(files["pruned_compressed_bytes"])))
+    if "macs" in p:
+        rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
+    if p.get("channels_removed") is not None:
+        rows.append(("share of conv channels removed", "0", f"{p['channels_removed']:.3f}"))
+    lines += [table(["", "dense", "pruned"], rows), ""]
+    return lines
+
+
+def search_section(s: dict) -> list[str]:
+    """One method's ratio search: the rules' answers and the curve, a row per candidate."""
+    highest = s.get("best_ratio_highest")
+    highest = (f"gives {highest:.2f}" if highest is not None else
+               "is not known (each phase stopped at its first failure; `search.full_curve=true` evaluates it)")
+    lines = [
+        "## Search",
+        "",
+        f"Tolerance {s['tolerance']} points below dense val {s['dense_val_acc']:.2f}% "
+        f"(threshold {s['threshold']:.2f}%). Rule `{s['rule']}` chose **{s['best_ratio']:.2f}**; "
+        f"`contiguous` gives {s['best_ratio_contiguous']:.2f}, `highest` (the notebook's rule) {highest}.",
+        "",
+    ]
+    recovered = any("recovered_val_acc" in c for c in s["curve"])
+    headers = ["ratio", "val acc %"] + (["after recovery %"] if recovered else []) + ["images used", "nonzero"]
+    channel = any("macs" in c for c in s["curve"])
+    headers += (["channels removed", "params", "MACs"] if channel else []) + ["verdict"]
+    rows = []
+    for c in s["curve"]:
+        row = [f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}"]
+        row += [f"{c['recovered_val_acc']:.2f}"] if recovered else []
+        row += [f"{c['seen']}/{c['total']}", _int(c.get("nonzero"))]
+        removed = c.get("channels_removed")
+        row += [f"{removed:.3f}" if removed is not None else "-", _int(c.get("params")), _int(c.get("macs"))] \
+            if channel else []
+        rows.append(tuple(row + ["pass" if c["passed"] else "fail"]))
+    lines += [table(headers, rows), ""]
+    return lines
+
+
 def render(report: dict, plots: dict[str, str]) -> str:
     p = report.get("pruned") or {}
     lines = [
@@ -194,49 +240,12 @@ def render(report: dict, plots: dict[str, str]) -> str:
     if s and "candidates" in s:
         lines += across_section(s)
     elif s:
-        highest = s.get("best_ratio_highest")
-        highest = (f"gives {highest:.2f}" if highest is not None else
-                   "is not known (each phase stopped at its first failure; `search.full_curve=true` evaluates it)")
-        lines += [
-            "## Search",
-            "",
-            f"Tolerance {s['tolerance']} points below dense val {s['dense_val_acc']:.2f}% "
-            f"(threshold {s['threshold']:.2f}%). Rule `{s['rule']}` chose **{s['best_ratio']:.2f}**; "
-            f"`contiguous` gives {s['best_ratio_contiguous']:.2f}, `highest` (the notebook's rule) {highest}.",
-            "",
-        ]
-        recovered = any("recovered_val_acc" in c for c in s["curve"])
-        headers = ["ratio", "val acc %"] + (["after recovery %"] if recovered else []) + ["images used", "nonzero"]
-        channel = any("macs" in c for c in s["curve"])
-        headers += (["channels removed", "params", "MACs"] if channel else []) + ["verdict"]
-        rows = []
-        for c in s["curve"]:
-            row = [f"{c['ratio']:.2f}", ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}"]
-            row += [f"{c['recovered_val_acc']:.2f}"] if recovered else []
-            row += [f"{c['seen']}/{c['total']}", _int(c.get("nonzero"))]
-            removed = c.get("channels_removed")
-            row += [f"{removed:.3f}" if removed is not None else "-", _int(c.get("params")), _int(c.get("macs"))] \
-                if channel else []
-            rows.append(tuple(row + ["pass" if c["passed"] else "fail"]))
-        lines += [table(headers, rows), ""]
+        lines += search_section(s)
     sched = report.get("schedule")
     if sched:
         lines += ["## Iterative schedule", "", table(["ratio", "after pruning %", "after recovery %"],
                   [(f"{c['ratio']:.2f}", f"{c['val_acc']:.2f}", f"{c['recovered_val_acc']:.2f}") for c in sched]), ""]
-    files = report.get("files") or {}
-    d_onnx, p_onnx = report["dense"].get("latency_ms_onnx"), p.get("latency_ms_onnx")
-    if files or d_onnx:
-        lines += ["## Size and deployment", ""]
-        rows = [("bytes on disk", _int(files.get("dense_bytes")), _int(files.get("pruned_bytes")))]
-        if "pruned_compressed_bytes" in files:
-            rows.append(("bytes, sparse weights stored compactly", "-", _int(files["pruned_compressed_bytes"])))
-        if "macs" in p:
-            rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
-        if p.get("channels_removed") is not None:
-            rows.append(("share of conv channels removed", "0", f"{p['channels_removed']:.3f}"))
-        if d_onnx:
-            rows.append(("ONNX Runtime CPU p50 ms", _ms(d_onnx, "p50"), _ms(p_onnx, "p50")))
-        lines += [table(["", "dense", "pruned"], rows), ""]
+    lines += files_section(report.get("files") or {}, p)
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     t = report.get("timing_s", {})

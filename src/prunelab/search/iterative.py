@@ -1,11 +1,11 @@
 """Pruning schedules with recovery: prune in steps and fine-tune between them.
 
 ``iterative`` prunes towards a target in ``steps`` increments, fine-tuning ``recover_epochs``
-after each, with the pruned weights held at zero (``MaskKeeper``) or, for channel pruning, the
-smaller network trained as it is. ``iterative_search`` walks a ratio grid upwards from the dense
-model, each step starting from the previous step's recovered weights, until a recovered model
-falls out of the tolerance. Both take the training and evaluation as callables, so the schedule
-logic does not depend on Lightning.
+after each, with the pruned weights held at zero (``MaskKeeper``) or, for a method that builds a
+smaller network (channel pruning), that network trained as it is. ``iterative_search`` walks a
+ratio grid upwards from the dense model, each step starting from the previous step's recovered
+weights, until a recovered model falls out of the tolerance. Both take the training and evaluation
+as callables, so the schedule logic does not depend on Lightning.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from prunelab.pruning.channel import conv_channels, prunable_convs, removed_fraction
+from prunelab.pruning import registry
 from prunelab.pruning.registry import candidate_extra, make_pruner
 from prunelab.search.rules import RULES, Evaluation, SearchResult, pass_threshold, pick, verdict
 
@@ -53,33 +53,20 @@ class Step:
         return d
 
 
-def _step_ratio(method: str, net: nn.Module, target: float, original: dict[str, int] | None) -> float:
-    """The ratio to ask of a pruner on the current ``net`` so the total reaches ``target``.
-
-    Magnitude and 2:4 rank the current weights, whose zeros come first, so the target applies
-    directly. Channel pruning works on the surviving channels of the originally prunable convs:
-    remove what is still missing.
-    """
-    if method != "channel":
-        return target
-    original_total = sum(original.values())
-    current = conv_channels(net)
-    remaining = sum(current[n] for n in original)
-    missing = round(target * original_total) - (original_total - remaining)
-    return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
-
-
-def prune_step(method: str, net: nn.Module, target: float, original: dict[str, int] | None, options: dict):
-    """Prune ``net`` (a copy for the masking methods) towards ``target``; returns the pruned
-    network, the masks to keep during recovery, and its stats, channel shares counted against
-    ``original`` (the prunable convs' widths before the first step)."""
-    if method != "channel":  # masking pruners work in place: keep the caller's network intact
+def prune_step(method: str, net: nn.Module, target: float, start, options: dict):
+    """Prune ``net`` towards the total ``target`` (a copy for a method that prunes in place); returns
+    the pruned network, the masks to keep during recovery, and its stats. A method with a step rule
+    (``registry.steps``: channel pruning) is asked for what is still missing of ``target`` against
+    ``start`` (what the rule recorded before the first step); the others rank the current weights,
+    zeros first, so the target applies directly."""
+    if registry.in_place(method):  # keep the caller's network intact
         net = copy.deepcopy(net)
+    rule = registry.steps(method)
     pruner = make_pruner(method, net, **options)
-    pruned = pruner.finish(_step_ratio(method, net, target, original))
+    pruned = pruner.finish(rule.ratio(net, target, start) if rule else target)
     stats = pruner.stats()
-    if method == "channel":
-        stats["channels_removed"] = removed_fraction(conv_channels(pruned), original)
+    if rule:
+        stats = rule.stats(pruned, stats, start)
     return pruned, pruner.keep_masks(), stats
 
 
@@ -91,12 +78,13 @@ def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Re
 
     Returns the network of the last step that did not stop the walk, and every step taken.
     """
-    original = {n: c.out_channels for n, c in prunable_convs(net).items()} if method == "channel" else None
+    rule = registry.steps(method)
+    start = rule.start(net) if rule else None
     steps: list[Step] = []
     kept = net
     for target in targets:
         target = round(float(target), 6)
-        pruned, masks, stats = prune_step(method, kept, target, original, options)
+        pruned, masks, stats = prune_step(method, kept, target, start, options)
         before = evaluate(pruned)
         recovered = recover(pruned, masks)
         after = evaluate(recovered)

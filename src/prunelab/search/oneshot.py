@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunelab.evaluation import count_correct, shard_loader
-from prunelab.models.transforms import folded_view
+from prunelab.models.rewrite import folded_view
 from prunelab.pruning.magnitude import search_ratios
 from prunelab.pruning.masks import SCOPES
 from prunelab.pruning.registry import candidate_extra, is_known, make_pruner, methods

@@ -1,4 +1,4 @@
-"""Exact transforms of a trained network: the same function, a faster form.
+"""Exact rewrites of a trained network: the same function, a faster form.
 
 At 32x32 input VGG's features end at 512x1x1, so ``AdaptiveAvgPool2d((7, 7))`` only copies each
 value 49 times and ``classifier[0]`` can absorb the copies (its 49 weight columns per channel

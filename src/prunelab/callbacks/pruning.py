@@ -1,11 +1,11 @@
-"""Lightning callbacks, each with one job, for your own fits and for the pipeline.
+"""The pruning callbacks, for your own fits and for the pipeline.
 
 - ``MaskKeeper``: keep pruned weights at zero while a pruned network trains (the pipeline's
   recovery fine-tuning uses it).
-- ``MagnitudePruning``: prune a module by magnitude at fit start or fit end, then keep it pruned.
+- ``PruningCallback``: prune a module with any registered method at fit start or fit end, then
+  keep it pruned (``MagnitudePruning``: the same with method magnitude).
 - ``RatioSearch``: after a fit, the one-shot search (``prunelab.search.oneshot``) on the fit's
   validation split, leaving the module pruned at the chosen ratio.
-- ``LatencyCallback``: after testing, time the module's forward pass and log p50/p90/p99.
 
 None of them reparametrises weights (no ``weight_orig``/``weight_mask``): pruned weights are
 plain zeros, so checkpoints, ``state_dict`` and timing always see a permanent, ordinary model.
@@ -18,8 +18,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
-from prunelab.latency import LatencyMonitor, sample_batch
-from prunelab.pruning.magnitude import MagnitudePruner
+from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES, prunable_weights
 from prunelab.search.oneshot import OneShotSearch, log_sparsity
 from prunelab.search.rules import Evaluation, SearchResult
@@ -50,38 +49,66 @@ class MaskKeeper(Callback):
             w.mul_(keep.to(w.device))
 
 
-class MagnitudePruning(MaskKeeper):
-    """Prune by magnitude at ``ratio`` (global or layerwise) at fit start or fit end.
+class PruningCallback(MaskKeeper):
+    """Prune the module's network at ``ratio`` with any registered method (``method``; a chain such
+    as ``channel+semi_structured`` too) at fit start or fit end, then keep it pruned.
 
-    Pruned at fit start, the weights stay exactly zero through training (see ``MaskKeeper``).
+    ``options`` are the method's own (``prune.*``: channel's ``round_to``, ...); ``scope`` is
+    ``global`` or ``layerwise``. Pruned at fit start, masked weights stay exactly zero through
+    training (see ``MaskKeeper``); a method that builds a new, smaller network (channel) replaces
+    the module's ``net`` before Lightning builds the optimiser, so the new network is what trains.
     """
 
-    def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+    def __init__(self, ratio: float, method: str = "magnitude", scope: str = "global", when: str = "fit_end",
+                 **options):
         super().__init__(None)
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"prune.ratio must be in [0, 1), got {ratio}")
+        if not registry.is_known(method):
+            raise ValueError(f"prune.method must be one of {registry.methods()} or a chain such as "
+                             f"channel+semi_structured, got {method!r}")
         if scope not in SCOPES:
             raise ValueError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
         if when not in ("fit_start", "fit_end"):
             raise ValueError(f"when must be 'fit_start' or 'fit_end', got {when!r}")
-        self.ratio, self.scope, self.when = ratio, scope, when
+        self.ratio, self.method, self.scope, self.when, self.options = ratio, method, scope, when, options
 
     def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
-        pruner = MagnitudePruner(_net(pl_module), self.scope)
-        pruner.finish(self.ratio)
+        net = _net(pl_module)
+        pruner = registry.make_pruner(self.method, net, self.scope, **self.options)
+        pruned = pruner.finish(self.ratio)
+        if pruned is not net:  # a new, smaller network: the module must hold it from now on
+            if not hasattr(pl_module, "net"):
+                raise ValueError(f"prune.method={self.method} builds a new network: the LightningModule needs a "
+                                 "`net` attribute to hold it")
+            pl_module.net = pruned
         self.masks = pruner.keep_masks()
         stats = pruner.stats()
         if trainer is not None:
             log_sparsity(trainer.loggers, stats, trainer.global_step)
         return stats
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning builds the optimiser between setup and on_fit_start: a method that builds a new
+        # network prunes here, or the optimiser would hold (and train) the old parameters.
+        if stage == "fit" and self.when == "fit_start" and not registry.in_place(self.method):
+            self.prune(pl_module, trainer)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.when == "fit_start":
+        if self.when == "fit_start" and registry.in_place(self.method):
             self.prune(pl_module, trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.when == "fit_end":
             self.prune(pl_module, trainer)
+
+
+class MagnitudePruning(PruningCallback):
+    """``PruningCallback`` with ``method="magnitude"``: prune by magnitude at ``ratio`` (global or
+    layerwise) at fit start or fit end."""
+
+    def __init__(self, ratio: float, scope: str = "global", when: str = "fit_end"):
+        super().__init__(ratio, "magnitude", scope, when)
 
 
 class RatioSearch(OneShotSearch, Callback):
@@ -99,17 +126,3 @@ class RatioSearch(OneShotSearch, Callback):
         return super().run(model, val_set, device, dense, identity,
                            loggers=trainer.loggers if trainer is not None else (),
                            rank_zero=trainer is None or trainer.is_global_zero)
-
-
-class LatencyCallback(LatencyMonitor, Callback):
-    """After ``trainer.test``, time the module's forward pass on the first test images and log
-    ``latency/<tag>/p50_ms`` (and p90, p99) through the trainer's loggers."""
-
-    def __init__(self, tag: str = "model", **kwargs):
-        LatencyMonitor.__init__(self, **kwargs)
-        self.tag = tag
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        batch = sample_batch(trainer.datamodule.test_set, self.batch_size)
-        batch = batch.contiguous(memory_format=getattr(pl_module, "memory_format", torch.contiguous_format))
-        self.measure(pl_module, batch, pl_module.device, self.tag, trainer.loggers)

@@ -1,4 +1,5 @@
-"""Fine-tune checkpoints that a kill cannot break, and a resumed fine-tune equal to an uninterrupted one.
+"""The fine-tune's checkpoint callbacks (the ``callbacks`` config group builds ``AtomicCheckpoint``):
+checkpoints that a kill cannot break, and a resumed fine-tune equal to an uninterrupted one.
 
 - ``AtomicCheckpoint``, the ``ModelCheckpoint`` of ``conf/callbacks``: at most one checkpoint per
   ``min_interval_s`` of training (always one at the last epoch), so short GPU epochs do not each
