@@ -5,6 +5,7 @@ every benchmark, and commands, config keys and imports that exist. Pure text che
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def config_sources() -> tuple[dict[str, list[dict]], dict[str, set[str]], dict]:
     its options; and the top-level config."""
     groups = [d.name for d in CONF.iterdir() if d.is_dir() and d.name != "hydra"]
     experiments = [_yaml(p) for p in (CONF / "experiment").glob("*.yaml")]
-    trees = {g: [_yaml(p) for p in (CONF / g).glob("*.yaml")] + [e.get(g, {}) for e in experiments] for g in groups}
+    # a group's option files and the files they include from its subfolders (prune/options/)
+    trees = {g: [_yaml(p) for p in (CONF / g).rglob("*.yaml")] + [e.get(g, {}) for e in experiments] for g in groups}
     options = {g: {p.stem for p in (CONF / g).glob("*.yaml")} for g in groups}
     return trees, options, _yaml(CONF / "train.yaml")
 
@@ -139,9 +141,12 @@ def unknown_imports(text: str) -> list[str]:
         if not source.is_file():
             bad.append(module)
             continue
-        code = source.read_text()
-        bad += [f"{module}.{n}" for n in (x.strip() for x in names.split(",")) if n
-                and not re.search(rf"^\s*(class|def)\s+{n}\b|^{n}\s*=|\bimport\b.*\b{n}\b", code, re.M)]
+        try:  # the names as Python finds them (a package may load them lazily)
+            found = importlib.import_module(module)
+        except ImportError:
+            bad.append(module)
+            continue
+        bad += [f"{module}.{n}" for n in (x.strip() for x in names.split(",")) if n and not hasattr(found, n)]
     return bad
 
 
