@@ -37,6 +37,7 @@ from benchmarks.fastest import beats_sparsity, time_answers
 from prunelab import hardware
 from prunelab.compose import compose
 from prunelab.io import load_state_dict, save_state_dict, write_json, write_text
+from prunelab.models.factory import unfold_classifier
 from prunelab.pipeline import run
 from prunelab.report.markdown import table
 
@@ -51,10 +52,7 @@ def unfold(path: str, out: Path) -> Path:
     average pool repeats each channel 49 times, so the 49 columns of a channel act as their sum) back
     in torchvision's layout (4096 x 25088), exactly for 32x32 inputs, in float32."""
     sd = {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    w = sd["classifier.0.weight"]
-    if w.shape[1] == 512:
-        sd["classifier.0.weight"] = w.repeat_interleave(49, dim=1) / 49
-    return save_state_dict(out, sd)
+    return save_state_dict(out, unfold_classifier(sd, 512 * 49))
 
 
 def quick_tree(root: Path) -> Path:
