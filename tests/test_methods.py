@@ -109,6 +109,66 @@ def test_recovery_trains_the_pruned_net_and_keeps_masked_weights_zero(tmp_path):
         assert torch.all(w[~masks[name]] == 0), name  # momentum and weight decay revived nothing
 
 
+def test_recovery_runs_the_models_recipe_down_a_cosine_to_zero(tmp_path):
+    """Label smoothing and Nesterov come from the model; the lr falls from recover_lr towards zero
+    (a half cosine over the recovery's steps), not held constant."""
+    from lightning import Callback
+
+    from prunelab.data import SyntheticDataModule
+    from prunelab.prune_stage import recover_fn, recovery_module
+    from prunelab.pruning.spec import prune_spec
+
+    class Lrs(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=1", "trainer.limit_train_batches=4", "model.lr=0.04",
+                                         "prune.recover_lr=0.01", "model.label_smoothing=0.2", "model.nesterov=true"])
+    p = prune_spec(cfg)
+    module = recovery_module(cfg, build_classifier("resnet18", None, 10), p)
+    assert module.train_criterion.label_smoothing == pytest.approx(0.2)
+    assert module.hparams.nesterov and module.hparams.schedule == "cosine"
+    dm = SyntheticDataModule(train_size=200, test_size=20, batch_size=16, num_workers=0)
+    dm.setup()
+    lrs = Lrs()
+    recover_fn(cfg, dm, torch.device("cpu"), p, callbacks=[lrs])(build_classifier("resnet18", None, 10), None)
+    # 4 steps of a half cosine from 0.01: factors 1, (1+cos(pi/4))/2, 1/2, (1+cos(3pi/4))/2
+    assert lrs.seen == pytest.approx([0.01, 0.01 * 0.8535534, 0.005, 0.01 * 0.1464466])
+
+
+@pytest.mark.parametrize("epochs, configured, expected", [
+    (1, None, None), (2, 3, 3), (0.25, None, 0.25), (0.25, 1.0, 0.25), (0.5, 0.5, 0.25), (0.5, 10, 5), (0.01, 3, 1)])
+def test_a_fraction_of_a_recovery_epoch_is_that_share_of_the_training_batches(epochs, configured, expected):
+    from prunelab.prune_stage import recovery_batches
+
+    assert recovery_batches(epochs, configured) == expected
+
+
+def test_fractional_recovery_trains_on_that_share(tmp_path):
+    from lightning import Callback
+
+    from prunelab.data import SyntheticDataModule
+    from prunelab.prune_stage import recover_fn
+    from prunelab.pruning.spec import prune_spec
+
+    class Steps(Callback):
+        n = 0
+
+        def on_train_batch_start(self, *args):
+            self.n += 1
+
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=0.25"])
+    dm = SyntheticDataModule(train_size=256, test_size=20, batch_size=16, num_workers=0)
+    dm.setup()
+    steps = Steps()
+    recover_fn(cfg, dm, torch.device("cpu"), prune_spec(cfg), callbacks=[steps])(build_classifier("resnet18", None, 10),
+                                                                                 None)
+    assert steps.n == 3  # a quarter of the 12 batches the quick trainer allows (16 in the data)
+
+
 @pytest.mark.parametrize("method, scope", [("magnitude", "global"), ("magnitude", "layerwise"), ("semi_structured", "global"),
                                            ("channel", "global"), ("channel+semi_structured", "global"),
                                            ("magnitude+semi_structured", "global")])

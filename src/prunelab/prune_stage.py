@@ -89,19 +89,45 @@ class PruneJob:
                              memory_format=self.memory_format, confidence=s.confidence)
 
 
-def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None):
-    """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split,
-    with the run's trainer settings, pruned weights held at zero by ``MaskKeeper``."""
+def recovery_module(cfg: DictConfig, net: nn.Module, p: PruneSpec) -> ImageClassifier:
+    """The network wrapped for one recovery: the model's optimiser (momentum, Nesterov, weight
+    decay) and label smoothing, ``prune.recover_lr`` down ``prune.recover_schedule``. A constant
+    lr with plain cross-entropy leaves a pruned model noisier than it found it; the cosine to zero
+    ends the recovery on its best weights."""
+    m = cfg.model
+    return ImageClassifier(net=net, num_classes=m.num_classes, lr=p.recover_lr, momentum=m.momentum,
+                           weight_decay=m.weight_decay, nesterov=bool(m.get("nesterov", False)),
+                           label_smoothing=float(m.get("label_smoothing", 0.0)), schedule=p.recover_schedule)
+
+
+def recovery_batches(epochs: float, configured):
+    """``limit_train_batches`` for a recovery of ``epochs``: the trainer's own for whole epochs; a
+    fraction of it for a fraction of one (``trainer.limit_train_batches`` an int stays an int)."""
+    if float(epochs).is_integer():
+        return configured
+    if configured is None or configured == 1.0:
+        return float(epochs)
+    if isinstance(configured, int):
+        return max(1, round(configured * epochs))
+    return float(configured) * epochs
+
+
+def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None, callbacks=()):
+    """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split
+    (``recovery_module``), with the run's trainer settings, pruned weights held at zero by
+    ``MaskKeeper``."""
     p = p or prune_spec(cfg)
 
     def recover(net: nn.Module, masks: dict | None) -> nn.Module:
         if p.recover_epochs <= 0:
             return net
-        module = ImageClassifier(net=net, num_classes=cfg.model.num_classes, lr=p.recover_lr,
-                                 momentum=cfg.model.momentum, weight_decay=cfg.model.weight_decay)
-        trainer = build_trainer(cfg, callbacks=[MaskKeeper(masks)], with_config_callbacks=False, logger=False,
-                                devices=1, max_epochs=p.recover_epochs, limit_val_batches=0, num_sanity_val_steps=0,
-                                enable_checkpointing=False, enable_model_summary=False)
+        module = recovery_module(cfg, net, p)
+        trainer = build_trainer(cfg, callbacks=[MaskKeeper(masks), *callbacks], with_config_callbacks=False,
+                                logger=False, devices=1, max_epochs=max(1, int(p.recover_epochs)),
+                                limit_train_batches=recovery_batches(p.recover_epochs,
+                                                                     cfg.trainer.get("limit_train_batches")),
+                                limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                                enable_model_summary=False)
         trainer.fit(module, datamodule=dm)
         return module.net.to(device)
 
@@ -343,4 +369,4 @@ def run_prune_stage(job: PruneJob) -> PruneOutcome:
     return outcome
 
 
-__all__ = ["PruneJob", "PruneOutcome", "recover_fn", "run_prune_stage", "search_report"]
+__all__ = ["PruneJob", "PruneOutcome", "recover_fn", "recovery_batches", "recovery_module", "run_prune_stage", "search_report"]

@@ -26,7 +26,7 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -42,7 +42,7 @@ def number(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: b
         words = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
     def test(v) -> bool:
-        if not _is_num(v) or v < lo or (lo_open and v == lo):
+        if not is_number(v) or v < lo or (lo_open and v == lo):
             return False
         return hi is None or v < hi or (not hi_open and v == hi)
 

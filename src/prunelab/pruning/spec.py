@@ -18,12 +18,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.lr_schedule import LR_SCHEDULES
 from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES
-from prunelab.value_specs import FRACTION, Spec, check_rules, choice, group_values, integer, number, optional
+from prunelab.value_specs import (
+    FRACTION,
+    Spec,
+    check_rules,
+    choice,
+    group_values,
+    integer,
+    is_number,
+    number,
+    optional,
+)
 
 SCHEDULES = ("oneshot", "iterative")
 GROUP = "prune"
+# a whole number of epochs, or a fraction of one below 1 (a CPU's recovery on a share of the data)
+RECOVER_EPOCHS: Spec = ("a whole number of epochs >= 0 or a fraction of one in (0, 1), like 0.25",
+                        lambda v: is_number(v) and v >= 0 and (float(v).is_integer() or v < 1))
 
 
 def rules() -> list[tuple[str, Spec]]:
@@ -34,8 +48,9 @@ def rules() -> list[tuple[str, Spec]]:
         ("scope", choice(*SCOPES)),
         ("schedule", choice(*SCHEDULES)),
         ("steps", integer(1)),
-        ("recover_epochs", integer(0)),
+        ("recover_epochs", RECOVER_EPOCHS),
         ("recover_lr", number(0, lo_open=True)),
+        ("recover_schedule", choice(*LR_SCHEDULES)),
         *registry.option_rules(),
     ]
 
@@ -62,8 +77,9 @@ class PruneSpec:
     scope: str
     schedule: str
     steps: int
-    recover_epochs: int
-    recover_lr: float
+    recover_epochs: float  # whole epochs, or a fraction of one (< 1)
+    recover_lr: float  # the recovery's peak learning rate
+    recover_schedule: str  # cosine: from recover_lr to zero over the recovery; constant
     options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # every method's own
 
     @property
@@ -77,6 +93,10 @@ class PruneSpec:
     def pruner_options(self) -> dict[str, Any]:
         """What ``registry.make_pruner`` takes besides the method and model (each method reads its own)."""
         return {"scope": self.scope, **self.options}
+
+
+def _epochs(v) -> float:
+    return int(v) if float(v).is_integer() else float(v)
 
 
 def _root(cfg) -> DictConfig:
@@ -95,6 +115,6 @@ def prune_spec(cfg) -> PruneSpec:
     ratio = values["ratio"]
     return PruneSpec(
         method=str(values["method"]), ratio=None if ratio is None else float(ratio), scope=values["scope"],
-        schedule=values["schedule"], steps=int(values["steps"]), recover_epochs=int(values["recover_epochs"]),
-        recover_lr=float(values["recover_lr"]),
+        schedule=values["schedule"], steps=int(values["steps"]), recover_epochs=_epochs(values["recover_epochs"]),
+        recover_lr=float(values["recover_lr"]), recover_schedule=str(values["recover_schedule"]),
         options=MappingProxyType({k: v for k, v in values.items() if k in own}))
