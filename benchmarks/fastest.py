@@ -120,12 +120,14 @@ def measure(args) -> dict:
 
 
 def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int, arch: str = "vgg16",
-                 batch_size: int = 128, runtime: str = "deploy") -> dict:
+                 batch_size: int = 128, runtime: str = "deploy", built: dict | None = None) -> dict:
     """In one process, every model taking turns each iteration at ``batch_size``: the dense model as the
     notebook runs it (eager fp32, NCHW), the dense model, the latency search's answer and each
     method's own sparsity answer (its highest ratio within the tolerance) served in ``runtime`` (the
     one the search timed them in: prunelab's deploy form by default), as the product's ``auto``
-    rules resolve it on this machine. The ``*_deploy`` names mean "as served"."""
+    rules resolve it on this machine. The ``*_deploy`` names mean "as served". ``built`` adds answers
+    that cannot be rebuilt from a ranking ({tag: (network, method, ratio)}: an iterative search's
+    recovered model), timed in the same turns."""
     dense = build_from_state_dict(arch, dense_sd).eval().to(device)
     models = {"dense_eager_fp32_nchw": eager_form(dense, None, channels_last=False)}
     cfg = compose([f"model.arch={arch}", "+experiment=fast", f"latency.runtime={runtime}",
@@ -158,6 +160,9 @@ def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int,
     for tag, (method, ratio) in answers.items():
         models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval(),
                                          method)
+    for tag, (net, method, ratio) in (built or {}).items():
+        answers[tag] = (method, ratio)
+        models[f"{tag}_deploy"] = deploy(net.eval(), method)
     x = models["dense_deploy"].prepare(batch)
     samples = time_interleaved(models, x, device, warmup=2 if device.type == "cpu" else 10, iters=iters)
     base_tag = "dense_eager_fp32_nchw"

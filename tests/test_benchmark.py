@@ -303,6 +303,24 @@ def test_worthy_quick_runs_every_step_and_copies_each_schedules_report(tmp_path)
     assert set(res["comparison_by_batch"]) == {"8", "1"}
     assert "dense_eager_fp32_nchw" in res["comparison_by_batch"]["8"]["latency_ms_p50"]
     assert (tmp_path / f"{res['tag']}.json").is_file() and (tmp_path / f"{res['tag']}.md").is_file()
+    chosen = res["schedules"]["iterative"]["chosen"]
+    if chosen:  # the recovered answer, loaded from the model its run saved, timed with the others
+        assert res["comparison_by_batch"]["8"]["answers"]["iterative_search"] == [chosen["method"], chosen["ratio"]]
+
+
+def test_worthy_judges_the_fastest_answer_of_any_schedule():
+    from benchmarks.worthy import as_latency_answer, fastest_answer
+
+    t = {"answers": {"latency_search": ("channel", 0.2), "iterative_search": ("channel", 0.4),
+                     "sparsity_channel": ("channel", 0.2)},
+         "speedups": {"dense_deploy": 3.0, "latency_search_deploy": 4.0, "iterative_search_deploy": 6.5,
+                      "sparsity_channel_deploy": 4.0},
+         "samples": {"latency_search_deploy": [1.0], "iterative_search_deploy": [0.5], "sparsity_channel_deploy": [1.0]}}
+    assert fastest_answer(t["speedups"]) == "iterative_search_deploy"
+    assert fastest_answer({"dense_deploy": 3.0, "sparsity_channel_deploy": 4.0}) is None
+    answers, speedups, samples = as_latency_answer(t)
+    assert answers["latency_search"] == ("channel", 0.4) and speedups["latency_search_deploy"] == 6.5
+    assert samples["latency_search_deploy"] == [0.5] and t["answers"]["latency_search"] == ("channel", 0.2)
 
 
 def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
