@@ -8,12 +8,8 @@ and 1, in one process, every model taking turns each iteration (``prunelab.laten
   here (pool folded, weights cast, CUDA graph on GPU);
 - ``channel_deploy``: the same for VGG16 with 0.5 of its conv channels removed (``round_to=16``);
 - ``*_deploy_<other layout>``: both deploy forms in the other layout, for reference;
-- ``dense_deploy_direct``: where the deploy form chooses each layer's kernel (a float32 CPU form: each
-  3x3 convolution direct, Winograd F(4x4,3x3) or a small-map GEMM, each Linear plain or prepacked, the
-  fastest on the first batch), the same form with every convolution direct and every Linear plain, so
-  the choices' own gain is measured in the same turns;
-- ``dense_deploy_fp32``: on a CPU where ``auto`` chose bf16 (native bf16), the float32 deploy form
-  with its per-layer kernels, so whether the lower precision is really faster there is measured;
+- ``dense_deploy_fp32``: on a CPU where ``auto`` chose bf16 (native bf16), the float32 deploy form,
+  so whether the lower precision is really faster there is measured;
 - on CUDA, ``semi_deploy``: VGG16 2:4-pruned (0.5) with its 2:4 Linear layers on PyTorch's sparse
   kernels, in the same dtype and layout as ``dense_deploy`` (a speedup below 1 is reported as it is).
 
@@ -52,7 +48,7 @@ from prunelab.latency import paired_stats, summarize, time_interleaved
 from prunelab.models.factory import build_classifier
 from prunelab.models.rewrite import fold_pool
 from prunelab.pruning.channel import ChannelPruner, count_macs, default_example
-from prunelab.report.markdown import algo_counts, table
+from prunelab.report.markdown import table
 
 HERE = Path(__file__).resolve().parent
 GOAL = 2.5
@@ -133,10 +129,9 @@ def measure(args) -> dict:
     layouts = {cl: "", not cl: "_nhwc" if not cl else "_nchw"}
     models, built = {"dense_eager": eager_form(dense, None, channels_last=False)}, {}
 
-    def add(name: str, net, layout: bool, two_four: bool = False, winograd: bool | None = None,
-            pack: bool | None = None, form_dtype: torch.dtype | None = None) -> None:
+    def add(name: str, net, layout: bool, two_four: bool = False, form_dtype: torch.dtype | None = None) -> None:
         form = deploy_form(net, dtype=form_dtype or dtype, channels_last=layout, device=device, cuda_graph=True,
-                           example_batch=batches[head], two_four=two_four, winograd=winograd, pack=pack)
+                           example_batch=batches[head], two_four=two_four)
         for b in batches.values():
             form.warm(b)
         models[name], built[name] = form, form.describe()
@@ -144,11 +139,9 @@ def measure(args) -> dict:
     for layout, suffix in layouts.items():
         for name, net in (("dense", dense), ("channel", channel)):
             add(f"{name}_deploy{suffix}", net, layout)
-    if built["dense_deploy"]["winograd"]:  # what the per-layer kernel choice adds, timed in the same turns
-        add("dense_deploy_direct", dense, cl, winograd=False, pack=False)
     if device.type == "cpu" and dtype != torch.float32:
-        # auto chose a lower precision for this CPU: time it against the float32 form with its own
-        # per-layer kernels (Winograd, prepacked Linear), so the rule is checked on this machine.
+        # auto chose a lower precision for this CPU: time it against the float32 form, so the rule
+        # is checked on this machine.
         add("dense_deploy_fp32", dense, cl, form_dtype=torch.float32)
     errors = {}
     if semi is not None:
@@ -173,9 +166,6 @@ def measure(args) -> dict:
             "dense_deploy_vs_dense_eager": paired_stats(samples["dense_eager"], samples["dense_deploy"], b),
             "channel_deploy_vs_dense_deploy": paired_stats(samples["dense_deploy"], samples["channel_deploy"], b),
         }
-        if "dense_deploy_direct" in samples:
-            timings[str(b)]["dense_deploy_vs_dense_deploy_direct"] = paired_stats(
-                samples["dense_deploy_direct"], samples["dense_deploy"], b)
         if "dense_deploy_fp32" in samples:
             timings[str(b)]["dense_deploy_vs_dense_deploy_fp32"] = paired_stats(
                 samples["dense_deploy_fp32"], samples["dense_deploy"], b)
@@ -245,16 +235,9 @@ def render(res: dict) -> str:
                   table(["model", "p50 ms", "p90 ms", "vs dense_eager"], rows), ""]
         pairs = [("dense deploy vs dense eager fp32", t["dense_deploy_vs_dense_eager"]),
                  ("channel 0.5 deploy vs dense deploy", t["channel_deploy_vs_dense_deploy"])]
-        if "dense_deploy_vs_dense_deploy_direct" in t:
-            form = res["deploy"]["forms"]["dense_deploy"]
-            algos = form.get("conv_algos", {}).get(b, {})
-            lins = form.get("linear_algos", {}).get(b, {})
-            pairs.append((f"dense deploy vs the same form with every conv direct and every Linear plain (per-layer "
-                          f"choice at this batch: convs {algo_counts(algos) or '-'}; Linear {algo_counts(lins) or '-'})",
-                          t["dense_deploy_vs_dense_deploy_direct"]))
         if "dense_deploy_vs_dense_deploy_fp32" in t:
             pairs.append((f"dense deploy in {res['deploy']['dtype']} (auto) vs the same network's float32 deploy "
-                          "form (its per-layer kernels on; above 1: the lower precision is faster here)",
+                          "form (above 1: the lower precision is faster here)",
                           t["dense_deploy_vs_dense_deploy_fp32"]))
         if "semi_deploy_vs_dense_deploy" in t:
             pairs.append(("2:4 (0.5) deploy vs dense deploy, same dtype", t["semi_deploy_vs_dense_deploy"]))
@@ -289,11 +272,7 @@ def _ceiling(res: dict) -> list[str]:
     return [f"Arithmetic ceiling: dense deploy ran {c['dense_deploy_macs_per_image']:,} MACs/image (pool folded) at "
             f"**{c['dense_deploy_gmacs']:.1f} GMAC/s**, {c['dense_deploy_of_gemm']:.0%} of a {c['gemm_n']}x{c['gemm_n']} "
             f"{res['deploy']['dtype']} matrix multiply on this device in the same run ({c['gemm_gmacs']:.1f} GMAC/s); "
-            f"the {GOAL}x ratio goal needs {c['goal_needs_gmacs']:.1f} GMAC/s, {c['goal_needs_of_gemm']:.0%} of it."
-            + (" MACs are counted as a direct convolution does them; the layers run as Winograd F(4x4,3x3) or as "
-               "one small-map matrix do fewer multiplies, which is how a form can pass 100%."
-               if set(res["deploy"]["forms"]["dense_deploy"].get("conv_algos", {}).get(str(res["headline_batch_size"]), {}))
-               - {"direct"} else ""), ""]
+            f"the {GOAL}x ratio goal needs {c['goal_needs_gmacs']:.1f} GMAC/s, {c['goal_needs_of_gemm']:.0%} of it.", ""]
 
 
 def _kernels(res: dict) -> list[str]:

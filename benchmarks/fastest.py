@@ -10,9 +10,8 @@ model as the notebook runs it, and every single method's sparsity answer, on thi
 3. In one process, every model taking turns each iteration: the dense model as the notebook runs it
    (eager fp32, NCHW), the dense deploy form, the latency search's answer and each method's own
    sparsity answer (its highest ratio within the tolerance) in the deploy form. Deploy forms follow
-   the product's ``auto`` rules: on a float32 CPU that includes the per-layer convolution choice
-   (``latency.winograd``) and, since 2026-11-28, Winograd's reused buffers and prepacked Linear layers
-   (``latency.pack``), so CPU results from before 2026-11-28 are not comparable.
+   the product's ``auto`` rules. The float32 CPU results of 2026-11-27 and 2026-11-28 ran prunelab's
+   own convolution and Linear kernels, since removed, so they are not comparable with later ones.
 
     python -m benchmarks.fastest [--epochs 5] [--iters 10] [--quick]
 

@@ -7,9 +7,7 @@ turns at each batch size (the order rotating every round), so a change in machin
 column alike. Columns:
 
 - ``eager fp32``: the model as trained;
-- ``deploy bf16`` / ``deploy fp32``: prunelab's own form in that dtype (fp32 with its hand-written
-  Winograd/small-map convolutions and prepacked Linears where ``auto`` turns them on);
-- ``deploy fp32 plain``: the same without those kernels (what they are worth);
+- ``deploy bf16`` / ``deploy fp32``: prunelab's own form in that dtype;
 - ``onnxruntime fp32``, ``openvino f32``, ``openvino bf16``: the folded model through ONNX;
 - ``inductor bf16``: ``torch.compile`` with frozen weights.
 
@@ -44,19 +42,16 @@ from prunelab.deploy.spec import resolve_spec  # noqa: E402
 from prunelab.hardware import RELEVANT_FLAGS, _cpuinfo, detect  # noqa: E402
 from prunelab.io import write_json, write_text  # noqa: E402
 from prunelab.latency import summarize, time_interleaved  # noqa: E402
-from prunelab.models import packed  # noqa: E402
-from prunelab.models.winograd import free_scratch  # noqa: E402
 
-# column -> (runtime, dtype, extra spec settings)
+# column -> (runtime, dtype)
 COLUMNS = {
-    "eager fp32": ("eager", torch.float32, {}),
-    "deploy bf16": ("deploy", torch.bfloat16, {}),
-    "deploy fp32": ("deploy", torch.float32, {}),
-    "deploy fp32 plain": ("deploy", torch.float32, {"winograd": False, "pack": False}),
-    "onnxruntime fp32": ("onnxruntime", torch.float32, {}),
-    "openvino f32": ("openvino", torch.float32, {}),
-    "openvino bf16": ("openvino", torch.bfloat16, {}),
-    "inductor bf16": ("inductor", torch.bfloat16, {}),
+    "eager fp32": ("eager", torch.float32),
+    "deploy bf16": ("deploy", torch.bfloat16),
+    "deploy fp32": ("deploy", torch.float32),
+    "onnxruntime fp32": ("onnxruntime", torch.float32),
+    "openvino f32": ("openvino", torch.float32),
+    "openvino bf16": ("openvino", torch.bfloat16),
+    "inductor bf16": ("inductor", torch.bfloat16),
 }
 PACKAGES = ("torch", "openvino", "onnxruntime", "onnx", "onnxscript")
 
@@ -90,15 +85,13 @@ def _forms(models: dict, spec, columns: dict, example: torch.Tensor, skipped: di
     from prunelab.deploy.openvino import OpenVinoForm
 
     forms, exports = {}, {}
-    for col, (name, dtype, extra) in columns.items():
+    for col, (name, dtype) in columns.items():
         runtime = registry.get(name)
         why = runtime.missing() or runtime.unusable(spec.hardware)
         if why:
             skipped[col] = why
             continue
-        fp32 = dtype == torch.float32  # the deploy form's auto rules for a CPU float32 form: both on
-        s = dataclasses.replace(spec, runtime=name, dtype=dtype, winograd=extra.get("winograd", fp32),
-                                pack=extra.get("pack", fp32 and packed.available()))
+        s = dataclasses.replace(spec, runtime=name, dtype=dtype)
         for tag, net in models.items():
             t0 = time.perf_counter()
             if name == "eager":
@@ -141,10 +134,7 @@ def measure(args) -> dict:
     for b in sorted(batches, reverse=True):
         iters = args.iters if b == head else args.iters_small
         named = {"/".join(k): f for k, f in forms.items()}
-        try:
-            samples = time_interleaved(named, batches[b], "cpu", args.warmup, iters, False, None, rotate=True)
-        finally:
-            free_scratch()
+        samples = time_interleaved(named, batches[b], "cpu", args.warmup, iters, False, None, rotate=True)
         timings[str(b)] = {"iters": iters, "p50_ms": {k: summarize(v, b) for k, v in samples.items()}}
         print(f"batch {b}: timed {len(named)} forms x {iters} rounds", flush=True)
     name, flags = _cpuinfo()
@@ -157,29 +147,8 @@ def measure(args) -> dict:
         "versions": {p: _version(p) for p in PACKAGES}, "models": list(models), "batch_sizes": sorted(batches),
         "columns": list(COLUMNS), "skipped": skipped, "refused": refused, "agreement": agreement,
         "warm_s": compile_s, "timings": timings, "wall_s": round(time.perf_counter() - wall0, 1),
-        "kernels": kernels_verdict(timings),
         "goals": goals(timings, head, min(batches)) if not args.quick else {},
     }
-
-
-def kernels_verdict(timings: dict) -> dict:
-    """Whether prunelab's float32 kernels (deploy fp32) beat every library float32 runtime by >= 10%,
-    and what they gain over the same form without them (deploy fp32 plain), per model and batch."""
-    out = {}
-    for b, t in timings.items():
-        p = {k: v["p50"] for k, v in t["p50_ms"].items()}
-        for model in {k.split("/")[0] for k in p}:
-            own, plain = p.get(f"{model}/deploy fp32"), p.get(f"{model}/deploy fp32 plain")
-            libs = {c: p[f"{model}/{c}"] for c in ("onnxruntime fp32", "openvino f32", "inductor bf16")
-                    if f"{model}/{c}" in p and c != "inductor bf16"}
-            if own is None or not libs:
-                continue
-            best = min(libs, key=libs.get)
-            out[f"{model}, {b}"] = {"deploy_fp32_ms": own, "plain_ms": plain, "best_library_fp32": best,
-                                    "best_library_ms": libs[best], "vs_best_library": libs[best] / own,
-                                    "vs_plain": plain / own if plain else None,
-                                    "earns_place": libs[best] / own >= 1.10}
-    return out
 
 
 def goals(timings: dict, head: int, small: int) -> dict:
@@ -225,15 +194,6 @@ def render(res: dict) -> str:
     lines += ["", f"Rounds: batch {max(res['batch_sizes'])}: {res['timings'][str(max(res['batch_sizes']))]['iters']}, "
               f"batch {min(res['batch_sizes'])}: {res['timings'][str(min(res['batch_sizes']))]['iters']}. "
               f"Wall time {res['wall_s']:.0f} s.", ""]
-    if res["kernels"]:
-        lines += ["## prunelab's float32 kernels (Winograd/small-map convolutions, prepacked Linears)", "",
-                  "| model, batch | deploy fp32 | without them | best library fp32 | library / deploy fp32 | >= 1.10x |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in res["kernels"].items():
-            plain = f"{v['plain_ms']:.1f}" if v["plain_ms"] else "-"
-            lines.append(f"| {k} | {v['deploy_fp32_ms']:.1f} | {plain} | {v['best_library_fp32']} "
-                         f"{v['best_library_ms']:.1f} | {v['vs_best_library']:.2f}x | {'yes' if v['earns_place'] else 'no'} |")
-        lines.append("")
     g = res.get("goals") or {}
     if g:
         lines += [f"## Goals, in the runtime auto would pick here ({next(iter(g.values()))['runtime']})", "",

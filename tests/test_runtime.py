@@ -454,8 +454,7 @@ def test_deploy_speed_times_the_float32_form_where_auto_chose_bf16(tmp_path, mon
                              "--iters-small", "1"])
     assert res["deploy"]["dtype"] == "bfloat16"
     fp32 = res["deploy"]["forms"]["dense_deploy_fp32"]
-    assert fp32["dtype"] == "float32" and fp32["winograd"] > 0
-    assert "dense_deploy_direct" not in res["deploy"]["forms"]  # no per-layer choice in bf16
+    assert fp32["dtype"] == "float32"
     assert all("dense_deploy_vs_dense_deploy_fp32" in t for t in res["timings"].values())
     assert res["agreement"]["dense_deploy_fp32"]["agreement"] == 1.0
     md = next(p for p in tmp_path.iterdir() if p.suffix == ".md").read_text()

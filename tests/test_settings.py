@@ -83,3 +83,41 @@ def test_the_command_refuses_latency_onnx_in_one_line(run_cli):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "latency.runtime=onnxruntime" in lines[0], r.stderr
+
+
+KERNEL_KEYS = ("winograd", "pack")  # prunelab's own float32 CPU kernels' switches, removed with them
+
+
+@pytest.mark.parametrize("key", KERNEL_KEYS)
+def test_latency_kernel_switches_are_refused_with_what_to_use(tmp_path, key):
+    assert key not in OmegaConf.load(CONF_DIR / "latency" / "default.yaml")
+    for override in (f"+latency.{key}=true", f"++latency.{key}=auto"):
+        with pytest.raises(ConfigError) as err:
+            config_check.check_values(compose_cfg(tmp_path, [override]))
+        text = str(err.value)
+        assert text.startswith(f"latency.{key} is no longer a setting") and "\n" not in text
+        assert "library runtimes serve faster" in text and "latency.runtime=auto" in text
+    cfg = compose_cfg(tmp_path, [])
+    with open_dict(cfg):
+        cfg.latency[key] = False  # an older run's config: the key alone is refused, whatever its value
+    with pytest.raises(ConfigError, match=f"latency.{key} is no longer a setting"):
+        config_check.check_values(cfg)
+
+
+@pytest.mark.parametrize("key", KERNEL_KEYS)
+def test_the_latency_callback_refuses_kernel_switches_with_the_same_advice(key):
+    from prunelab.callbacks import LatencyCallback
+
+    with pytest.raises(ConfigError, match=f"latency.{key} is no longer a setting.*latency.runtime=auto"):
+        LatencyCallback(**{key: True})
+
+
+@pytest.mark.parametrize("override", ["latency.winograd=true", "++latency.pack=auto"])
+def test_the_command_refuses_latency_kernel_switches_in_one_line(run_cli, override):
+    r = run_cli(override)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    key = override.lstrip("+").split("=")[0]
+    assert len(lines) == 1 and lines[0].endswith(f"{key} is no longer a setting: prunelab's own float32 kernels "
+                                                 "were removed because library runtimes serve faster; use "
+                                                 "latency.runtime=auto (or openvino/inductor)"), r.stderr

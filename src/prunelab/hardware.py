@@ -246,65 +246,6 @@ def resolve_fuse(requested: bool | str, hw: Hardware, compile: bool = False, run
     return Resolution(value, f"auto: {hw.describe()}: {why}; fuse={value}")
 
 
-def resolve_winograd(requested: bool | str, hw: Hardware, dtype: torch.dtype | str = torch.float32,
-                     runtime: str = "deploy", compile: bool = False) -> Resolution:
-    """``latency.winograd``: each 3x3 convolution of the deploy form runs as whichever of oneDNN's direct
-    convolution, Winograd F(4x4,3x3) and (on maps of at most 4 pixels) one matrix was fastest on the
-    first batch of each shape (``prunelab.models.winograd``). auto is on for CPU forms in float32: there
-    the direct convolution already runs at the multiply rate, so only fewer multiplies can be faster.
-    Off on CUDA (cuDNN picks its own algorithms, Winograd among them, autotuned under the CUDA graph) and in bf16/fp16
-    (the transforms would amplify their rounding). true where it cannot run is refused."""
-    explicit = _bool_auto(requested, "latency.winograd")
-    if not isinstance(dtype, torch.dtype):  # a config string: the deploy dtype it resolves to here
-        dtype = resolve_dtype(dtype, hw).value
-    if runtime == "eager":
-        warning = "latency.winograd=true has no effect with latency.runtime=eager (the model runs as trained)"
-        return Resolution(False, "latency.runtime=eager runs the model as trained; winograd=False",
-                          warning if explicit else None)
-    if explicit and (hw.kind != "cpu" or dtype != torch.float32 or compile):
-        where = (f"this run is on {hw.kind}" if hw.kind != "cpu" else "latency.compile=true traces its own kernels"
-                 if compile else f"the deploy dtype is {str(dtype).removeprefix('torch.')}")
-        raise ConfigError(f"latency.winograd=true runs CPU convolutions in float32 ({where}): use "
-                          "latency.winograd=auto or latency.winograd=false")
-    if explicit is not None:
-        return Resolution(explicit, f"explicit latency.winograd={explicit} honoured")
-    value = hw.kind == "cpu" and dtype == torch.float32 and not compile
-    why = ("each 3x3 convolution keeps whichever of direct, Winograd F(4x4,3x3) and small-map GEMM ran fastest"
-           if value else "cuDNN autotuning already picks Winograd where it pays" if hw.kind == "cuda"
-           else "latency.compile traces its own kernels" if compile
-           else "Winograd's transforms amplify bf16/fp16 rounding" if hw.kind == "cpu" else "CPU float32 only")
-    return Resolution(value, f"auto: {hw.describe()}: {why}; winograd={value}")
-
-
-def resolve_pack(requested: bool | str, hw: Hardware, dtype: torch.dtype | str = torch.float32,
-                 runtime: str = "deploy", compile: bool = False, onednn: bool = True) -> Resolution:
-    """``latency.pack``: each Linear layer of the deploy form (and the small-map convolutions' matrix)
-    runs as a plain GEMM or one on its weight prepacked once for oneDNN, whichever was faster on the
-    first batch of each shape (``prunelab.models.packed``). auto is on for CPU forms in float32 where
-    this PyTorch has oneDNN (``onednn``): the plain GEMM re-lays the weight out on every call. Off on
-    CUDA, in bf16/fp16 (not measured there) and with compile. true where it cannot run is refused."""
-    explicit = _bool_auto(requested, "latency.pack")
-    if not isinstance(dtype, torch.dtype):
-        dtype = resolve_dtype(dtype, hw).value
-    if runtime == "eager":
-        warning = "latency.pack=true has no effect with latency.runtime=eager (the model runs as trained)"
-        return Resolution(False, "latency.runtime=eager runs the model as trained; pack=False",
-                          warning if explicit else None)
-    if explicit and (hw.kind != "cpu" or dtype != torch.float32 or compile or not onednn):
-        where = (f"this run is on {hw.kind}" if hw.kind != "cpu" else "latency.compile=true traces its own kernels"
-                 if compile else f"the deploy dtype is {str(dtype).removeprefix('torch.')}"
-                 if dtype != torch.float32 else "this PyTorch has no oneDNN")
-        raise ConfigError(f"latency.pack=true prepacks CPU float32 Linear weights for oneDNN ({where}): use "
-                          "latency.pack=auto or latency.pack=false")
-    if explicit is not None:
-        return Resolution(explicit, f"explicit latency.pack={explicit} honoured")
-    value = hw.kind == "cpu" and dtype == torch.float32 and not compile and onednn
-    why = ("each Linear keeps whichever of the plain and the prepacked oneDNN GEMM ran faster" if value
-           else "CPU only" if hw.kind != "cpu" else "latency.compile traces its own kernels" if compile
-           else "this PyTorch has no oneDNN" if not onednn else "float32 only")
-    return Resolution(value, f"auto: {hw.describe()}: {why}; pack={value}")
-
-
 # torch.compile's modes (model.compile_mode); the graph modes record CUDA graphs of each step on CUDA
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")

@@ -37,7 +37,7 @@ def run_device(cfg: DictConfig) -> str:
 
 def resolve_auto(cfg: DictConfig) -> dict:
     """Replace ``auto`` in trainer.precision, model.channels_last, model.compile and the latency
-    group's hardware-dependent keys (dtype, channels_last, fuse, winograd, pack) with what this
+    group's hardware-dependent keys (dtype, channels_last, fuse) with what this
     machine runs fastest; explicit values stay and are warned about when slow.
     Returns ``{"hardware": ..., key: {"requested", "value", "reason"}}`` for the report."""
     return resolve_run(cfg)[0]

@@ -26,8 +26,9 @@ class LatencyCallback(Callback):
     def __init__(self, tag: str = "model", spec: DeploySpec | None = None, **latency):
         from omegaconf import OmegaConf
 
-        from prunelab.deploy.spec import check, yaml_defaults
+        from prunelab.deploy.spec import check, check_retired, yaml_defaults
 
+        check_retired({"latency": latency})  # a retired key gets its own advice, not "unknown"
         unknown = sorted(set(latency) - set(yaml_defaults()))
         if unknown:
             raise ValueError(f"LatencyCallback: {', '.join(unknown)} not a latency setting; "

@@ -21,7 +21,6 @@ from prunelab.deploy.checks import DeployMismatchError, check_every_size
 from prunelab.deploy.spec import DeploySpec
 from prunelab.errors import ConfigError
 from prunelab.latency import summarize, time_interleaved
-from prunelab.models.winograd import free_scratch
 
 log = logging.getLogger("prunelab")
 
@@ -59,10 +58,7 @@ def pick(dense_net: nn.Module, batch: torch.Tensor, spec: DeploySpec, device,
                           + "; ".join(f"{k}: {v}" for k, v in {**skipped, **refused}.items())
                           + "); set latency.runtime to one that works")
     bs = int(batch.shape[0])
-    try:
-        samples = time_interleaved(forms, batch, device, min(spec.warmup, 3), spec.auto_iters, False, None, rotate=True)
-    finally:
-        free_scratch()
+    samples = time_interleaved(forms, batch, device, min(spec.warmup, 3), spec.auto_iters, False, None, rotate=True)
     figures = {}
     for name, form in forms.items():
         d = form.describe()

@@ -38,7 +38,7 @@ ROUNDING_RTOL = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 # (overflow in fp16, a wrong fold or layout), not rounded.
 MIN_AGREEMENT = {torch.float32: 0.999, torch.float16: 0.99, torch.bfloat16: 0.99}
 # Largest RMS logit error over the reference logits' RMS. bf16 VGG16 and ResNet-18 forms measured
-# about 0.5% on CPU; fp32 forms (Winograd's transforms included) far below 1e-3.
+# about 0.5% on CPU; fp32 forms far below 1e-3.
 LOGIT_RTOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 # Largest |scale - 1|, the scale being the least-squares fit of the form's logits to the
 # reference's: rounding is unbiased (bf16 forms measured within 1e-3), a scaled output is not.

@@ -2,8 +2,7 @@
 
 ``deploy_form`` copies the network (the caller's is never touched), puts it in eval mode, folds
 VGG's pool into ``classifier[0]`` where that is exact, converts the weights to one dtype and
-layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, on a float32 CPU form runs each 3x3
-convolution by whichever algorithm was measured fastest, optionally moves 2:4 Linear weights onto
+layout, on CUDA runs each Conv2d+ReLU as one cuDNN call, optionally moves 2:4 Linear weights onto
 the sparse kernels, and on CUDA replays the forward from a CUDA graph per batch shape, captured
 after cuDNN autotuning picked each convolution's algorithm (or runs it through ``torch.compile``).
 It never runs a sparse model under autocast (autocast's ``to.dtype`` is not implemented for
@@ -21,12 +20,8 @@ from torch import nn
 
 from prunelab.deploy.form import Form, dtype_name
 from prunelab.deploy.registry import Runtime
-from prunelab.hardware import detect, resolve_fuse, resolve_pack, resolve_winograd
-from prunelab.models import packed
-from prunelab.models.packed import TunedLinear, linear_algos, tune_linears
+from prunelab.hardware import detect, resolve_fuse
 from prunelab.models.rewrite import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
-from prunelab.models.tuning import tune_record
-from prunelab.models.winograd import TunedConv2d, conv_algos, tune_convs
 
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
 
@@ -154,14 +149,46 @@ class Deployed(Form):
         return dict(super().describe(), folded=self.folded_at is not None, graph=self.use_graph,
                     graph_batch_sizes=sorted({s[0] for s in self._graphs}), compile=self.compiled,
                     compile_s=round(sum(self.compile_s.values()), 3) if self.compiled else None,
-                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused,
-                    # 3x3 convolutions choosing direct/Winograd/small-map, Linears plain/prepacked, per batch shape
-                    winograd=sum(isinstance(m, TunedConv2d) for m in self.net.modules()),
-                    conv_algos={str(bs): algos for bs, algos in conv_algos(self.net).items()},
-                    conv_tuning=tune_record(self.net, TunedConv2d),
-                    packed_linear=sum(isinstance(m, TunedLinear) for m in self.net.modules()),
-                    linear_algos={str(bs): algos for bs, algos in linear_algos(self.net).items()},
-                    linear_tuning=tune_record(self.net, TunedLinear))
+                    kernels=self.kernels, sparse=self.sparse, cudnn_autotune=self.use_graph, fused_conv_relu=self.fused)
+
+
+def _device(net: nn.Module, device) -> torch.device:
+    """``device``, else the device of ``net``'s parameters, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_fuse(fuse: bool | None, device: torch.device, compile: bool) -> bool:
+    """Whether to fuse Conv2d+ReLU: ``None`` as ``latency.fuse=auto`` decides; ``True`` where it
+    cannot run is a ValueError."""
+    if fuse is None:
+        fuse = bool(resolve_fuse("auto", detect(device), compile=compile).value)
+    if fuse and compile:
+        raise ValueError("fuse=True with compile=True: the compiler does not trace the fused cuDNN call; "
+                         "pass fuse=None (it fuses on its own)")
+    if fuse and device.type != "cuda":
+        raise ValueError(f"fusing Conv2d+ReLU uses cuDNN, which needs a CUDA device (this form is on {device})")
+    return fuse
+
+
+def _folded_copy(net: nn.Module, fold: bool,
+                 input_size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int] | None, list[str]]:
+    """(a copy of ``net``, the input size its pool is folded for or None, a note saying why not)."""
+    if not fold:
+        return copy.deepcopy(net), None, ["pool not folded: fold=False"]
+    try:
+        # fold_pool copies the model and sums the weights in their trained dtype, before any cast.
+        return fold_pool(net, input_size), tuple(input_size), []
+    except ValueError as exc:
+        return copy.deepcopy(net), None, [f"pool not folded: {exc}"]
+
+
+def _fused(net: nn.Module) -> tuple[nn.Module, int]:
+    """``net`` (already a copy) with each Conv2d+ReLU pair as one cuDNN call, and how many pairs."""
+    net = fuse_conv_relu(net, inplace=True)
+    return net, sum(isinstance(m, ConvReLU) for m in net.modules())
 
 
 def _two_four(net: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, bool, str]:
@@ -185,27 +212,31 @@ def _first_fc_two_four(net: nn.Module) -> bool:
     return isinstance(fc, nn.Linear) and is_two_four(fc.weight)
 
 
+def _sparse(deployed: nn.Module, net: nn.Module, dtype: torch.dtype, device: torch.device,
+            folded: bool) -> tuple[nn.Module, bool, str]:
+    """``_two_four`` of the deployed copy; the note also says when the fold made ``net``'s first
+    2:4 layer dense."""
+    deployed, sparse, kernels = _two_four(deployed, dtype, device)
+    if folded and _first_fc_two_four(net):
+        # Summing 49 columns of a 2:4 row gives a dense one: the fold (49x fewer MACs in that
+        # layer) is worth more than 2:4's at most 2x, so it wins, and the report says so.
+        kernels = f"{kernels}; classifier.0 was 2:4 but is dense once the pool is folded into it"
+    return deployed, sparse, kernels
+
+
 def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
                 fold: bool = True, input_size: tuple[int, int] | None = None, device=None,
                 cuda_graph: bool = True, compile: bool = False, example_batch: torch.Tensor | None = None,
-                two_four: bool = False, fuse: bool | None = None, winograd: bool | None = None,
-                pack: bool | None = None) -> Deployed:
+                two_four: bool = False, fuse: bool | None = None) -> Deployed:
     """The form ``net`` ships in, as a new module (``net`` itself is left exactly as it was).
 
     - a copy in eval mode, gradients off; VGG's pool folded into ``classifier[0]`` when ``fold`` and
       exact at ``input_size`` (default: ``example_batch``'s size, else 32x32), else a note says why not;
     - weights in ``dtype`` (cast before anything else touches them, never autocast), ``channels_last``;
-    - ``two_four``: 2:4 Linear layers on the sparse kernels (CUDA sm80+, fp16/bf16), else masked-dense
-      with the reason in ``.kernels``;
     - ``fuse`` (``None``: on CUDA unless ``compile``): each Conv2d+ReLU pair as one cuDNN call
       (``fuse_conv_relu``; the ReLU applied as the convolution writes, no second pass over the map);
-    - ``winograd`` (``None``: on a float32 CPU form unless ``compile``): each 3x3 convolution runs as
-      whichever of the direct convolution, Winograd F(4x4,3x3) and a small-map GEMM was fastest on the
-      first batch of each shape (``prunelab.models.winograd``; the choices in ``describe()["conv_algos"]``);
-    - ``pack`` (``None``: on a float32 CPU form unless ``compile``, where oneDNN is built in, as
-      ``latency.pack=auto``): each Linear layer runs as a plain GEMM or one on its weight prepacked once,
-      whichever was faster on the first batch of each shape (``prunelab.models.packed``;
-      ``describe()["linear_algos"]``), and the small-map convolutions' matrix is prepacked;
+    - ``two_four``: 2:4 Linear layers on the sparse kernels (CUDA sm80+, fp16/bf16), else masked-dense
+      with the reason in ``.kernels``;
     - on CUDA, a CUDA graph per batch shape when ``cuda_graph``, or ``torch.compile`` when ``compile``
       (``mode="reduce-overhead"`` there, which graphs the compiled code; compile time in
       ``describe()["compile_s"]``). ``example_batch`` is run once so its shape is ready.
@@ -213,60 +244,18 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     Inputs may come in any dtype/layout on any device: the form casts them (``prepare`` does it once
     up front, e.g. outside a timing loop).
     """
-    p = next(net.parameters(), None)
-    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    device = _device(net, device)
+    fuse = _check_fuse(fuse, device, compile)
     if input_size is None:
         input_size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
-    notes, folded_at = [], None
-    if fold:
-        try:
-            # fold_pool copies the model and sums the weights in their trained dtype, before any cast.
-            deployed = fold_pool(net, input_size)
-            folded_at = tuple(input_size)
-        except ValueError as exc:
-            notes.append(f"pool not folded: {exc}")
-            deployed = None
-    else:
-        notes.append("pool not folded: fold=False")
-    if folded_at is None:
-        deployed = copy.deepcopy(net)
-    deployed = deployed.eval().requires_grad_(False)
+    deployed, folded_at, notes = _folded_copy(net, fold, input_size)
     # Cast first: the sparse kernels need their weights in the target dtype before conversion.
-    deployed = deployed.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
-    if fuse is None:  # the same rule as latency.fuse=auto
-        fuse = bool(resolve_fuse("auto", detect(device), compile=compile).value)
-    if fuse and compile:
-        raise ValueError("fuse=True with compile=True: the compiler does not trace the fused cuDNN call; "
-                         "pass fuse=None (it fuses on its own)")
-    if fuse and device.type != "cuda":
-        raise ValueError(f"fusing Conv2d+ReLU uses cuDNN, which needs a CUDA device (this form is on {device})")
-    if winograd is None:  # the same rule as latency.winograd=auto
-        winograd = bool(resolve_winograd("auto", detect(device), dtype, compile=compile).value)
-    if winograd and (device.type != "cpu" or dtype != torch.float32 or compile):
-        raise ValueError(f"winograd=True runs CPU convolutions in float32 without compile; this form is on {device}, "
-                         f"{dtype_name(dtype)}{', compiled' if compile else ''}: pass winograd=None or False")
-    if pack is None:  # the same rule as latency.pack=auto
-        pack = bool(resolve_pack("auto", detect(device), dtype, compile=compile, onednn=packed.available()).value)
-    if pack and (device.type != "cpu" or dtype != torch.float32 or compile or not packed.available()):
-        raise ValueError(f"pack=True runs CPU Linear layers in float32 through oneDNN without compile; this form is "
-                         f"on {device}, {dtype_name(dtype)}{', compiled' if compile else ''}"
-                         f"{'' if packed.available() else ', and this PyTorch lacks oneDNN'}: pass pack=None or False")
-    if winograd:
-        tune_convs(deployed, pack=pack)
-    fused = 0
-    if fuse:
-        deployed = fuse_conv_relu(deployed, inplace=True)  # already a copy
-        fused = sum(isinstance(m, ConvReLU) for m in deployed.modules())
+    deployed = deployed.eval().requires_grad_(False).to(device=device, dtype=dtype,
+                                                        memory_format=memory_format(channels_last))
+    deployed, fused = _fused(deployed) if fuse else (deployed, 0)
     kernels, sparse = None, False
     if two_four:
-        deployed, sparse, kernels = _two_four(deployed, dtype, device)
-        if folded_at is not None and _first_fc_two_four(net):
-            # Summing 49 columns of a 2:4 row gives a dense one: the fold (49x fewer MACs in that
-            # layer) is worth more than 2:4's at most 2x, so it wins, and the report says so.
-            kernels = f"{kernels}; classifier.0 was 2:4 but is dense once the pool is folded into it"
-    # After 2:4, which swaps weights for sparse tensors on CUDA (never packed: pack is CPU only).
-    if pack:
-        tune_linears(deployed)
+        deployed, sparse, kernels = _sparse(deployed, net, dtype, device, folded_at is not None)
     if compile:
         mode = "reduce-overhead" if device.type == "cuda" and cuda_graph else None
         # dynamic=False: one specialisation per batch shape, like the CUDA graphs.
@@ -285,8 +274,7 @@ class DeployRuntime(Runtime):
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         layout = spec.channels_last if channels_last is None else channels_last
         return deploy_form(net, dtype=spec.dtype, channels_last=layout, device=device, cuda_graph=spec.cuda_graph,
-                           compile=spec.compile, example_batch=example_batch, two_four=two_four, fuse=spec.fuse,
-                           winograd=spec.winograd, pack=spec.pack)
+                           compile=spec.compile, example_batch=example_batch, two_four=two_four, fuse=spec.fuse)
 
     def load_snippet(self, path, spec):
         return (f"from prunelab.deploy.native import deploy_form\n\nform = deploy_form(net, dtype=torch.{spec.dtype_name}, "

@@ -27,9 +27,13 @@ from prunelab.hardware import Hardware
 from prunelab.value_specs import BOOL, BOOL_AUTO, Spec, check_rules, choice, integer, list_of
 
 GROUP = "latency"
+_KERNELS_GONE = ("is no longer a setting: prunelab's own float32 kernels were removed because library runtimes "
+                 "serve faster; use latency.runtime=auto (or openvino/inductor)")
 # Keys the group once had: setting one is refused with what to use instead.
 RETIRED = {"onnx": "latency.onnx is no longer a setting: time in ONNX Runtime with latency.runtime=onnxruntime "
-                   "(and write the ONNX files with python -m prunelab.export RUN_DIR)"}
+                   "(and write the ONNX files with python -m prunelab.export RUN_DIR)",
+           "winograd": f"latency.winograd {_KERNELS_GONE}",
+           "pack": f"latency.pack {_KERNELS_GONE}"}
 
 
 def rules() -> list[tuple[str, Spec]]:
@@ -37,7 +41,7 @@ def rules() -> list[tuple[str, Spec]]:
     runtimes = registry.names()
     return [
         *((k, BOOL) for k in ("include_transfer", "compile", "cuda_graph")),
-        *((k, BOOL_AUTO) for k in ("channels_last", "fuse", "winograd", "pack")),
+        *((k, BOOL_AUTO) for k in ("channels_last", "fuse")),
         ("batch_size", integer(1)),
         ("batch_sizes", list_of(integer(1), "latency.batch_sizes=[1,32]")),
         ("warmup", integer(0)),
@@ -99,8 +103,6 @@ class DeploySpec:
     cuda_graph: bool
     compile: bool
     fuse: bool
-    winograd: bool
-    pack: bool
     hardware: Hardware
     precision: str | None = None  # the trainer's (Lightning) precision, for the eager runtime's autocast
     reasons: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -150,13 +152,11 @@ def resolve_spec(latency_cfg, hw: Hardware, precision: str | None = None) -> tup
             record[key]["warning"] = res.warning
         return res.value
 
-    # fuse/winograd/pack are the deploy runtime's; under auto they are what deploy would use.
+    # fuse is the deploy runtime's; under auto it is what deploy would use.
     as_runtime = "deploy" if runtime == registry.AUTO else runtime
     dtype = rule("dtype", hardware.resolve_dtype)
     layout = rule("channels_last", hardware.resolve_deploy_layout)
     fuse = rule("fuse", hardware.resolve_fuse, compile=compile_, runtime=as_runtime)
-    winograd = rule("winograd", hardware.resolve_winograd, dtype, runtime=as_runtime, compile=compile_)
-    pack = rule("pack", hardware.resolve_pack, dtype, runtime=as_runtime, compile=compile_, onednn=_onednn())
     head = int(_get(latency_cfg, "batch_size"))
     sizes = tuple(sorted({int(b) for b in (_get(latency_cfg, "batch_sizes") or [])} | {head}))
     if head < 1:
@@ -166,8 +166,8 @@ def resolve_spec(latency_cfg, hw: Hardware, precision: str | None = None) -> tup
         batch_sizes=sizes, warmup=int(_get(latency_cfg, "warmup")), iters=int(_get(latency_cfg, "iters")),
         auto_iters=int(_get(latency_cfg, "auto_iters")), agreement_images=int(_get(latency_cfg, "agreement_images")),
         include_transfer=bool(_get(latency_cfg, "include_transfer")), cuda_graph=bool(_get(latency_cfg, "cuda_graph")),
-        compile=compile_, fuse=bool(fuse), winograd=bool(winograd), pack=bool(pack),
-        hardware=hw, precision=precision, reasons={k: r["reason"] for k, r in record.items()},
+        compile=compile_, fuse=bool(fuse), hardware=hw, precision=precision,
+        reasons={k: r["reason"] for k, r in record.items()},
         warnings=tuple(r["warning"] for r in record.values() if r.get("warning")))
     return spec, record
 
@@ -177,9 +177,3 @@ def as_spec(latency_cfg, hw: Hardware, precision: str | None = None) -> DeploySp
     if isinstance(latency_cfg, DeploySpec):
         return latency_cfg
     return resolve_spec(latency_cfg, hw, precision)[0]
-
-
-def _onednn() -> bool:
-    from prunelab.models.packed import available  # late: the models package pulls in Lightning
-
-    return available()

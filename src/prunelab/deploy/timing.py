@@ -30,7 +30,6 @@ from prunelab.deploy.checks import check_every_size
 from prunelab.deploy.spec import DeploySpec, as_spec
 from prunelab.hardware import detect
 from prunelab.latency import paired_stats, summarize, time_interleaved
-from prunelab.models.winograd import free_scratch
 from prunelab.pruning import registry as methods
 
 log = logging.getLogger(__name__)
@@ -160,19 +159,16 @@ def _time_every_size(forms: dict, batches: Mapping[int, torch.Tensor], device, s
     """{batch size: stats per form (paired with the dense one where there is a pruned one)}, the forms
     taking turns at each size."""
     transfer, per = spec.include_transfer, {}
-    try:
-        for bs in sorted(batches):
-            # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
-            x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
-            samples = time_interleaved(forms, x, device, spec.warmup, spec.iters, transfer, None)
-            if "pruned" not in forms:
-                per[bs] = {"dense": summarize(samples["dense"], bs)}
-            else:
-                per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
-            for tag in forms:
-                per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
-    finally:  # this thread's Winograd buffers (hundreds of MB at batch 128) are not kept past timing
-        free_scratch()
+    for bs in sorted(batches):
+        # Cast once up front unless the copy is to be timed: the forms share dtype and layout.
+        x = batches[bs] if transfer else forms["dense"].prepare(batches[bs])
+        samples = time_interleaved(forms, x, device, spec.warmup, spec.iters, transfer, None)
+        if "pruned" not in forms:
+            per[bs] = {"dense": summarize(samples["dense"], bs)}
+        else:
+            per[bs] = paired_stats(samples["dense"], samples["pruned"], bs)
+        for tag in forms:
+            per[bs][tag].update(include_transfer=transfer, interleaved_with=sorted(set(forms) - {tag}))
     return per
 
 
@@ -222,10 +218,7 @@ def time_together(dense_net: nn.Module, candidates: Mapping[str, tuple[nn.Module
     forms, facts, notes = build_forms(nets, two_four, {bs: batch}, bs, device, spec, channels_last)
     warmup, iters, transfer = spec.warmup, spec.iters, spec.include_transfer
     x = batch if transfer else forms["dense"].prepare(batch)
-    try:
-        samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
-    finally:
-        free_scratch()
+    samples = time_interleaved(forms, x, device, warmup, iters, transfer, None, rotate=True)
     models = {"dense": summarize(samples["dense"], bs)}
     for name, (_, method) in candidates.items():
         st = paired_stats(samples["dense"], samples[name], bs)
@@ -249,8 +242,6 @@ def _describe(forms: dict, facts: dict, hw, transfer: bool) -> dict:
     d = desc["dense"]
     facts.update(dtype=d["dtype"], layout=d["layout"], graph=all(x["graph"] for x in desc.values()),
                  fused_conv_relu=all(x.get("fused_conv_relu") for x in desc.values()),
-                 conv_algos={tag: x["conv_algos"] for tag, x in desc.items() if x.get("conv_algos")},
-                 linear_algos={tag: x["linear_algos"] for tag, x in desc.items() if x.get("linear_algos")},
                  device=hw.name, device_kind=hw.kind, hardware=hw.describe(), include_transfer=transfer)
     return desc
 

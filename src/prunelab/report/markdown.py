@@ -135,22 +135,6 @@ def _final_round(f: dict) -> list[str]:
             table(["method", "ratio", "p50 ms", "speedup (paired 5-95%)", "beyond noise"], rows), ""]
 
 
-def algo_counts(counts: dict[str, int]) -> str:
-    """``{"winograd": 6, "direct": 4}`` as "4 direct, 6 winograd"."""
-    return ", ".join(f"{n} {algo}" for algo, n in sorted(counts.items()))
-
-
-def _conv_algos(algos: dict | None, batch_size: int, what: str = "3x3 convs") -> str:
-    """How each deploy form ran its 3x3 convolutions (or, with ``what``, its Linear layers) at the
-    headline batch size (CPU float32 forms)."""
-    parts = []
-    for tag, per in (algos or {}).items():
-        counts = per.get(str(batch_size)) or {}
-        if counts:
-            parts.append(f"{tag} {algo_counts(counts)}")
-    return f", {what} by measured fastest algorithm ({'; '.join(parts)})" if parts else ""
-
-
 def _spread(cv: dict | None) -> str:
     if not cv:
         return ""
@@ -219,8 +203,7 @@ def render(report: dict, plots: dict[str, str]) -> str:
     rt = (report.get("latency") or {}).get("runtime")
     if rt:
         extras = "".join(text for key, text in (("graph", ", CUDA graph"), ("fused_conv_relu", ", conv+ReLU fused"))
-                         if rt.get(key)) + _conv_algos(rt.get("conv_algos"), report["latency"]["batch_size"]) \
-            + _conv_algos(rt.get("linear_algos"), report["latency"]["batch_size"], "Linear layers")
+                         if rt.get(key))
         lines += [f"Latency: `{rt['runtime']}` runtime, {rt.get('dtype')}, {rt.get('layout')}{extras}, batch "
                   f"{report['latency']['batch_size']} (also {', '.join(map(str, rt.get('batch_sizes', [])))}), on "
                   f"{rt.get('hardware') or rt.get('device')}; "
