@@ -2,6 +2,8 @@
 # Everything a GPU session checks, in one command: `bash benchmarks/gpu_check.sh [STEP ...]`.
 #   tests    the gpu-marked tests (pytest-xdist workers where the image has it)
 #   deploy   benchmarks.deploy_speed --device cuda (dense eager / deploy / channel / 2:4, in turns)
+#   runtimes benchmarks.runtimes --device cuda (eager, deploy bf16/fp16 with CUDA graphs, inductor, ONNX Runtime's
+#            CUDA provider where installed: what latency.runtime=auto weighs on a GPU; RUNTIMES_ARGS adds arguments)
 #   call     benchmarks.deploy_call --profile (the graph alone vs the deploy call, fused conv+ReLU, kernels)
 #   scale    benchmarks.finetune_scale --device cuda (notebook loop vs defaults vs fast, 40k/10k)
 #   graphs   the same for notebook, fast and fast-compile-default (what fast's CUDA-graph compile buys)
@@ -12,7 +14,7 @@
 #            data/cifar10-jpeg.tar.gz from gpu_bundle.sh), then the latency search one-shot and iterative
 #   seeds    the same, one-shot, for seeds 1 and 2 (each its own model), as long as its limit allows
 # WORTHY_ARGS adds arguments to both (WORTHY_ARGS="--quick --device cpu" dry-runs them without a GPU).
-# TESTS_K=expr narrows the tests step to pytest -k expr.
+# TESTS_K=expr narrows the tests step to pytest -k expr. RUNTIMES_DEVICE=cpu RUNTIMES_ARGS=--quick dry-runs the runtimes step.
 # Default (`make gpu-check`): tests deploy call overhead fastest; `make gpu-scale`: scale. Each step has its own
 # time limit (override with LIMIT_<step>=seconds) so one slow step cannot eat the others' time.
 # Results land in benchmarks/results; when the device tool sets $OUT (which returns at most 8
@@ -69,6 +71,9 @@ for s in "${steps[@]}"; do
             step tests 180 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 "${workers[@]}" \
                 ${TESTS_K:+-k "$TESTS_K"} "${files[@]}" ;;
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
+        # shellcheck disable=SC2086 # RUNTIMES_ARGS is split into words on purpose
+        runtimes) step runtimes 150 python -m benchmarks.runtimes --device "${RUNTIMES_DEVICE:-cuda}" --out "$res" \
+            ${RUNTIMES_ARGS:-} ;;
         call) step call 90 python -m benchmarks.deploy_call --profile --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
         stepvgg) step stepvgg 90 python -m benchmarks.step_overhead --device cuda --arch vgg16 --precision bf16-mixed \
@@ -94,7 +99,7 @@ for s in "${steps[@]}"; do
                 step seeds 300 bash -c 'for seed in 1 2; do python -m benchmarks.worthy "$@" --seed $seed || exit 1; done' \
                     _ "${wargs[@]}" --schedules oneshot
             fi ;;
-        *) echo "gpu_check: unknown step '$s' (tests, deploy, call, overhead, stepvgg, scale, graphs, fastest, worthy, seeds)"; exit 2 ;;
+        *) echo "gpu_check: unknown step '$s' (tests, deploy, runtimes, call, overhead, stepvgg, scale, graphs, fastest, worthy, seeds)"; exit 2 ;;
     esac
 done
 exit $failed

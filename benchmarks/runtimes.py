@@ -11,9 +11,15 @@ column alike. Columns:
 - ``onnxruntime fp32``, ``openvino f32``, ``openvino bf16``: the folded model through ONNX;
 - ``inductor bf16``: ``torch.compile`` with frozen weights.
 
-Runtimes whose package is missing are left out and listed. Random init is fine for timing.
+On a GPU (``--device cuda``) the columns are the runtimes ``auto`` weighs there: eager fp32, the
+deploy form in bf16 and fp16 (CUDA graphs where the spec captures them), inductor bf16 (compiled
+into CUDA graphs) and ONNX Runtime fp32 through its CUDA provider where the installed build has one.
+
+Runtimes whose package is missing (or that cannot run on the device) are left out and listed.
+Random init is fine for timing.
 
     python benchmarks/runtimes.py            # batch 128 and 1, writes benchmarks/results/<date>-runtimes-<machine>.{json,md}
+    python benchmarks/runtimes.py --device cuda            # the same on a GPU
     python benchmarks/runtimes.py --quick    # a smoke test: a tiny VGG, batch 4 and 1, a few rounds
 """
 
@@ -53,6 +59,18 @@ COLUMNS = {
     "openvino bf16": ("openvino", torch.bfloat16),
     "inductor bf16": ("inductor", torch.bfloat16),
 }
+GPU_COLUMNS = {
+    "eager fp32": ("eager", torch.float32),
+    "deploy bf16": ("deploy", torch.bfloat16),
+    "deploy fp16": ("deploy", torch.float16),
+    "inductor bf16": ("inductor", torch.bfloat16),
+    "onnxruntime fp32": ("onnxruntime", torch.float32),
+}
+
+
+def columns_for(device: torch.device) -> dict:
+    """The columns timed on ``device``: every CPU runtime on a CPU, the GPU's own set on a GPU."""
+    return GPU_COLUMNS if torch.device(device).type == "cuda" else COLUMNS
 PACKAGES = ("torch", "openvino", "onnxruntime", "onnx", "onnxscript")
 
 
@@ -79,8 +97,10 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _forms(models: dict, spec, columns: dict, example: torch.Tensor, skipped: dict) -> dict:
+def _forms(models: dict, spec, columns: dict, example: torch.Tensor, skipped: dict,
+           device: torch.device | str = "cpu") -> dict:
     """{(model, column): form}; ONNX exports shared by the ONNX-based columns of one model."""
+    device = torch.device(device)
     from prunelab.deploy.onnxrt import OnnxFile, OnnxRuntimeForm
     from prunelab.deploy.openvino import OpenVinoForm
 
@@ -95,28 +115,42 @@ def _forms(models: dict, spec, columns: dict, example: torch.Tensor, skipped: di
         for tag, net in models.items():
             t0 = time.perf_counter()
             if name == "eager":
-                form = eager_form(net, None, channels_last=False)
+                form = eager_form(net.to(device), None, channels_last=False)
             elif name in ("onnxruntime", "openvino"):
                 exported = exports.get(tag) or exports.setdefault(tag, OnnxFile(net, example))
-                form = OnnxRuntimeForm(exported, False) if name == "onnxruntime" else OpenVinoForm(exported, dtype, False)
+                form = (OnnxRuntimeForm(exported, False, device) if name == "onnxruntime"
+                        else OpenVinoForm(exported, dtype, False))
             else:
-                form = runtime.build(net, s, device=torch.device("cpu"), example_batch=example)
+                form = runtime.build(net.to(device), s, device=device, example_batch=example)
             forms[(tag, col)] = form
             print(f"built {tag} / {col} in {time.perf_counter() - t0:.1f} s", flush=True)
     return forms
 
 
+def machine(device: torch.device, hw, threads: int) -> dict:
+    """What ran it: the CPU's name and flags, and the GPU's where one did."""
+    name, flags = _cpuinfo()
+    out = {"cpu": name, "flags": sorted(flags & RELEVANT_FLAGS), "capability": hw.cpu_capability,
+           "native_bf16": hw.native_bf16, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform()}
+    if device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(device), cuda_capability=list(hw.cuda_capability or ()),
+                   cuda=torch.version.cuda)
+    return out
+
+
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
-    hw = detect("cpu")
+    device = torch.device(args.device)
+    hw = detect(device)
+    columns = columns_for(device)
     spec, _ = resolve_spec({"runtime": "deploy"}, hw)
     load_start, wall0 = os.getloadavg(), time.perf_counter()
     models = build_models(args.quick)
     gen = torch.Generator().manual_seed(1)
-    batches = {b: torch.randn(b, 3, 32, 32, generator=gen) for b in args.batch_sizes}
+    batches = {b: torch.randn(b, 3, 32, 32, generator=gen).to(device) for b in args.batch_sizes}
     head = max(batches)
     skipped: dict[str, str] = {}
-    forms = _forms(models, spec, COLUMNS, batches[head], skipped)
+    forms = _forms(models, spec, columns, batches[head], skipped, device)
     compile_s, agreement, refused = {}, {}, {}
     for key, form in list(forms.items()):
         t0 = time.perf_counter()
@@ -124,7 +158,7 @@ def measure(args) -> dict:
             form.warm(batches[b])
         compile_s["/".join(key)] = round(time.perf_counter() - t0, 2)
         try:
-            res = check_every_size(models[key[0]], form, None, batches, "cpu", what=" / ".join(key))
+            res = check_every_size(models[key[0]], form, None, batches, device, what=" / ".join(key))
             agreement["/".join(key)] = {str(b): {k: r[k] for k in ("agreement", "rms_rel_logit_error", "logit_scale")}
                                         for b, r in res.items()}
         except DeployMismatchError as exc:
@@ -134,20 +168,18 @@ def measure(args) -> dict:
     for b in sorted(batches, reverse=True):
         iters = args.iters if b == head else args.iters_small
         named = {"/".join(k): f for k, f in forms.items()}
-        samples = time_interleaved(named, batches[b], "cpu", args.warmup, iters, False, None, rotate=True)
+        samples = time_interleaved(named, batches[b], device, args.warmup, iters, False, None, rotate=True)
         timings[str(b)] = {"iters": iters, "p50_ms": {k: summarize(v, b) for k, v in samples.items()}}
         print(f"batch {b}: timed {len(named)} forms x {iters} rounds", flush=True)
-    name, flags = _cpuinfo()
     return {
-        "benchmark": "runtimes", "date": dt.date.today().isoformat(), "quick": args.quick,
-        "machine": {"cpu": name, "flags": sorted(flags & RELEVANT_FLAGS), "capability": hw.cpu_capability,
-                    "native_bf16": hw.native_bf16, "cores": os.cpu_count(), "threads": args.threads,
-                    "platform": platform.platform(), "load_avg_start": list(load_start),
+        "benchmark": "runtimes", "date": dt.date.today().isoformat(), "quick": args.quick, "device": device.type,
+        "machine": {**machine(device, hw, args.threads), "load_avg_start": list(load_start),
                     "load_avg_end": list(os.getloadavg()), "note": args.note},
         "versions": {p: _version(p) for p in PACKAGES}, "models": list(models), "batch_sizes": sorted(batches),
-        "columns": list(COLUMNS), "skipped": skipped, "refused": refused, "agreement": agreement,
+        "columns": list(columns), "skipped": skipped, "refused": refused, "agreement": agreement,
         "warm_s": compile_s, "timings": timings, "wall_s": round(time.perf_counter() - wall0, 1),
-        "goals": goals(timings, head, min(batches)) if not args.quick else {},
+        # the issue's goals are a CPU's; on a GPU the table is the record
+        "goals": goals(timings, head, min(batches)) if not args.quick and device.type == "cpu" else {},
     }
 
 
@@ -173,7 +205,8 @@ def goals(timings: dict, head: int, small: int) -> dict:
 def render(res: dict) -> str:
     m = res["machine"]
     load = max(m["load_avg_start"][0], m["load_avg_end"][0])
-    lines = [f"# Runtimes on {m['cpu']} ({m['threads']} threads), {res['date']}", "",
+    where = m["gpu"] if m.get("gpu") else f"{m['cpu']} ({m['threads']} threads)"
+    lines = [f"# Runtimes on {where}, {res['date']}", "",
              f"CPU flags: {', '.join(m['flags']) or 'none of note'}; native bf16: {m['native_bf16']}. Versions: "
              + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) + ".",
              f"Load average {m['load_avg_start'][0]:.2f} at the start, {m['load_avg_end'][0]:.2f} at the end"
@@ -208,10 +241,18 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def result_machine(m: dict) -> str:
+    """The machine part of the result's name: the GPU's (nvidia-h100-...) or the CPU's."""
+    if m.get("gpu"):
+        return "-".join(m["gpu"].lower().replace("nvidia ", "nvidia-").split())
+    return f"{platform.machine()}-cpu-{m['threads']}threads"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: a tiny VGG, batch 4 and 1, a few rounds")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU's runtimes")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds at the large batch (default 30)")
     ap.add_argument("--iters-small", type=int, default=None, help="timed rounds at batch 1 (default 100)")
     ap.add_argument("--note", default="", help="one line about the machine's state, written into the result")
@@ -223,8 +264,7 @@ def main(argv=None) -> dict:
     args.iters_small = args.iters_small or (3 if args.quick else 100)
     out = args.out or (HERE / ".cache" / "quick" if args.quick else HERE / "results")
     res = measure(args)
-    machine = f"{platform.machine()}-cpu-{res['machine']['threads']}threads"
-    stem = f"{res['date']}-runtimes-{machine}"
+    stem = f"{res['date']}-runtimes-{result_machine(res['machine'])}"
     write_json(out / f"{stem}.json", res)
     md = render(res)
     write_text(out / f"{stem}.md", md + "\n")

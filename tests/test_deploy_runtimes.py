@@ -339,3 +339,14 @@ def test_runtimes_benchmark_quick(tmp_path):
     timed = {k.split("/")[1] for k in res["timings"]["4"]["p50_ms"]}
     assert timed | set(res["skipped"]) == set(res["columns"])
     assert all(set(a) == {"1", "4"} for a in res["agreement"].values())  # every form checked at both sizes
+
+
+def test_runtimes_benchmark_times_on_a_gpu_what_auto_weighs_there():
+    from benchmarks.runtimes import columns_for, result_machine
+
+    gpu, cpu = columns_for(torch.device("cuda")), columns_for(torch.device("cpu"))
+    assert not any(name == "openvino" for name, _ in gpu.values())  # CPU-only: listed as left out, not a column
+    assert {name for name, _ in gpu.values()} == {"eager", "deploy", "inductor", "onnxruntime"}
+    assert {name for name, _ in cpu.values()} == {"eager", "deploy", "onnxruntime", "openvino", "inductor"}
+    assert result_machine({"gpu": "NVIDIA H100 80GB HBM3", "threads": 16}) == "nvidia-h100-80gb-hbm3"
+    assert result_machine({"cpu": "AMD EPYC", "threads": 2}).endswith("-cpu-2threads")
