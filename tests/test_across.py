@@ -113,6 +113,25 @@ def test_iterative_schedule_with_an_objective_keeps_the_measured_recovered_model
     assert report["pruned"]["val_acc"]["value"] == pytest.approx(chosen["val_acc"], abs=1e-6)
 
 
+def test_a_recovered_candidate_shows_its_accuracy_before_and_after_recovery():
+    """The row's val_acc is the recovered model's (what is judged); the accuracy right after pruning
+    stands beside it, in the json and in report.md's table."""
+    from prunelab.report.markdown import across_section
+    from prunelab.search.across import candidate_row
+    from prunelab.search.iterative import Step
+    from prunelab.search.rules import Evaluation
+
+    step = Step(0.1, before=Evaluation(0.1, 7800, 10000, 10000), after=Evaluation(0.1, 8312, 10000, 10000))
+    row = candidate_row("channel", step, threshold=84.0)
+    assert row["val_acc"] == pytest.approx(83.12) and row["val_acc_before_recovery"] == pytest.approx(78.0)
+    assert not row["passed"]
+    plain = candidate_row("channel", Evaluation(0.1, 8312, 10000, 10000), threshold=84.0)
+    assert "val_acc_before_recovery" not in plain
+    md = "\n".join(across_section({"objective": "latency", "methods": ["channel"], "candidates": [row], "tolerance": 1.0,
+                                    "dense_val_acc": 85.0, "threshold": 84.0, "chosen": None}))
+    assert "83.12 (78.00 before recovery)" in md
+
+
 def test_shortlist_ranks_on_own_session_speedup_not_on_p50s_from_other_sessions():
     from prunelab.search.across import shortlist
 

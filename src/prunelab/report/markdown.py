@@ -89,7 +89,8 @@ def across_section(s: dict) -> list[str]:
         lines += [f"- `{method}` not walked: {why} (`search.walk_all=true` walks it).", ""]
     headers = ["method", "ratio", "val acc %", "drop vs dense (paired 95%)", "screening p50 ms",
                "screening dense/model", "speedup (paired 5-95%)", "MACs", "nonzero params", "bytes", "verdict", "front"]
-    rows = [(c["method"], _ratio(c["ratio"]), ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}",
+    rows = [(c["method"], _ratio(c["ratio"]), ("≤ " if c["acc_is_bound"] else "") + f"{c['val_acc']:.2f}"
+             + (f" ({c['val_acc_before_recovery']:.2f} before recovery)" if "val_acc_before_recovery" in c else ""),
              _paired(c), f"{c['p50_ms']:.2f}" if c.get("p50_ms") is not None else "-",
              (f"{c['screening_ratio']:.2f}" if c.get("screening_ratio") else "-")
              + (f" (= {c['same_as']['method']} {_ratio(c['same_as']['ratio'])})" if c.get("same_as") else ""),

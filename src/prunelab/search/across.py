@@ -75,6 +75,8 @@ def candidate_row(method: str, e, threshold: float) -> dict:
     lo, hi = wilson_interval(ev.correct, ev.total)
     row = {"method": method, "ratio": e.ratio, "val_acc": ev.acc, "val_acc_ci95": [lo, hi],
            "acc_is_bound": ev.stopped, "seen": e.seen, "passed": e.passed(threshold), "paired": ev.paired}
+    if ev is not e:  # a recovered step: what recovery bought is only visible beside the accuracy before it
+        row["val_acc_before_recovery"] = e.before.acc
     for key in ("p50_ms", "p90_ms", "dense_p50_ms", "cv", "timed", "bytes", "macs", "params", "channels_removed",
                 "architecture"):
         if key in ev.extra:
