@@ -103,10 +103,12 @@ def test_iterative_schedule_with_an_objective_keeps_the_measured_recovered_model
     cfg = compose_cfg(tmp_path, [*FAST_LEARNER, "prune.schedule=iterative", "prune.recover_epochs=1",
                                  "trainer.limit_train_batches=2", "search.objective=params",
                                  "search.methods=[magnitude,channel]", "search.grid=[0.2,0.4]",
-                                 "search.tolerance=100", "stages.latency=false"])
+                                 "search.tolerance=100", "search.confidence=0.95", "stages.latency=false"])
     report = run(cfg)
     s = report["search"]
     assert s["schedule"] == "iterative" and s["objective"] == "params"
+    # recovered steps are judged like one-shot candidates: paired against dense on the same images
+    assert all(c["paired"] is not None and c["paired"]["n"] > 0 for c in s["candidates"])
     chosen = s["chosen"]
     assert chosen is not None and chosen["params"] == min(c["params"] for c in s["candidates"] if c["passed"])
     assert report["pruned"]["method"] == chosen["method"] and report["pruned"]["ratio"] == chosen["ratio"]
@@ -130,6 +132,26 @@ def test_a_recovered_candidate_shows_its_accuracy_before_and_after_recovery():
     md = "\n".join(across_section({"objective": "latency", "methods": ["channel"], "candidates": [row], "tolerance": 1.0,
                                     "dense_val_acc": 85.0, "threshold": 84.0, "chosen": None}))
     assert "83.12 (78.00 before recovery)" in md
+
+
+def test_a_step_whose_point_estimate_passes_fails_when_its_paired_bound_does_not():
+    import torch
+
+    from prunelab.search.oneshot import pair_with_dense
+    from prunelab.search.rules import Evaluation, verdict
+
+    dense = torch.tensor([True] * 850 + [False] * 150)
+    # 60 images lost, 55 gained: 84.5% against 85.0%, a point drop of 0.5 within a 1-point tolerance
+    hits = dense.clone()
+    hits[:60] = False
+    hits[850:905] = True
+    e = Evaluation(0.1, int(hits.sum()), 1000, 1000)
+    assert verdict(e, 84.0)  # the point rule alone passes it
+    pair_with_dense(e, dense, hits, confidence=0.95, tolerance=1.0)
+    assert e.paired["ci"][1] > 1.0 and e.paired_ok is False and not verdict(e, 84.0)
+    loose = Evaluation(0.1, int(hits.sum()), 1000, 1000)
+    pair_with_dense(loose, dense, hits, confidence=None, tolerance=1.0)
+    assert loose.paired is not None and verdict(loose, 84.0)  # reported, not judged, without confidence
 
 
 def test_shortlist_ranks_on_own_session_speedup_not_on_p50s_from_other_sessions():

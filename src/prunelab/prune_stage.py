@@ -32,7 +32,7 @@ from prunelab.pruning.spec import PruneSpec, prune_spec
 from prunelab.report.stats import wilson_interval
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
-from prunelab.search.oneshot import OneShotSearch
+from prunelab.search.oneshot import OneShotSearch, pair_with_dense
 from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
 from prunelab.search.spec import SearchSpec
 from prunelab.trainer import build_trainer
@@ -135,11 +135,21 @@ def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | 
 
 
 def _evaluate_fn(job: PruneJob):
+    """Each recovered model's validation result, paired against the dense model on the same images
+    (so ``search.confidence`` judges recovered steps as it judges one-shot candidates)."""
     loader, total = shard_loader(job.dm.val_set, job.dm.eval_batch_size)
 
+    def count(net: nn.Module):
+        return count_correct(net.to(job.device), loader, total, device=job.device, precision=job.precision,
+                             record=True)
+
+    dense_hits = job.dense_hits if job.dense_hits is not None else count(job.net).hits
+
     def evaluate(net: nn.Module) -> Evaluation:
-        c = count_correct(net.to(job.device), loader, total, device=job.device, precision=job.precision)
-        return Evaluation(0.0, c.correct, c.seen, c.total)
+        c = count(net)
+        e = Evaluation(0.0, c.correct, c.seen, c.total)
+        pair_with_dense(e, dense_hits, c.hits, job.search.confidence, job.search.tolerance)
+        return e
 
     return evaluate
 

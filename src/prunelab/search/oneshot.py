@@ -166,14 +166,20 @@ class OneShotSearch:
         return self.result
 
     def _pair(self, e: Evaluation, dense_hits: torch.Tensor | None, hits: torch.Tensor | None) -> None:
-        """The candidate's paired drop against the dense model (full passes only: a stopped
-        candidate has failed already), and under ``confidence`` the paired verdict."""
-        if e.stopped or dense_hits is None or hits is None or hits.numel() != dense_hits.numel():
-            return
-        b, c = int((dense_hits & ~hits).sum()), int((~dense_hits & hits).sum())
-        e.paired = paired_drop(b=b, c=c, n=int(hits.numel()), confidence=self.confidence or 0.95)
-        if self.confidence is not None:
-            e.paired_ok = e.paired["ci"][1] <= self.tolerance
+        pair_with_dense(e, dense_hits, hits, self.confidence, self.tolerance)
 
     def _view(self, model: nn.Module, image_hw: tuple[int, int]):
         return evaluation_view(model, image_hw, self.fast_eval)
+
+
+def pair_with_dense(e: Evaluation, dense_hits: torch.Tensor | None, hits: torch.Tensor | None,
+                    confidence: float | None, tolerance: float) -> None:
+    """``e``'s paired drop against the dense model on the same images (full passes only: a stopped
+    candidate has failed already), and under ``confidence`` the paired verdict. One-shot candidates
+    and recovered iterative steps are judged by this one rule."""
+    if e.stopped or dense_hits is None or hits is None or hits.numel() != dense_hits.numel():
+        return
+    b, c = int((dense_hits & ~hits).sum()), int((~dense_hits & hits).sum())
+    e.paired = paired_drop(b=b, c=c, n=int(hits.numel()), confidence=confidence or 0.95)
+    if confidence is not None:
+        e.paired_ok = e.paired["ci"][1] <= tolerance
