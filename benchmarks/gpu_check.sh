@@ -72,7 +72,7 @@ for s in "${steps[@]}"; do
                 ${TESTS_K:+-k "$TESTS_K"} "${files[@]}" ;;
         deploy) step deploy 100 python -m benchmarks.deploy_speed --device cuda --out "$res" ;;
         # shellcheck disable=SC2086 # RUNTIMES_ARGS is split into words on purpose
-        runtimes) step runtimes 150 python -m benchmarks.runtimes --device "${RUNTIMES_DEVICE:-cuda}" --out "$res" \
+        runtimes) step runtimes 240 python -m benchmarks.runtimes --device "${RUNTIMES_DEVICE:-cuda}" --out "$res" \
             ${RUNTIMES_ARGS:-} ;;
         call) step call 90 python -m benchmarks.deploy_call --profile --out "$res" ;;
         overhead) step overhead 60 python -m benchmarks.step_overhead --device cuda --out "$res" ;;
