@@ -105,7 +105,7 @@ def served_answer(report: dict, models_dir: Path) -> tuple | None:
 
 def fastest_answer(speedups: dict) -> str | None:
     """The fastest model a search chose (one-shot, or a schedule's recovered answer), as timed in turns."""
-    tags = [t for t in speedups if t == "latency_search_deploy" or (t.endswith("_search_deploy"))]
+    tags = [t for t in speedups if t.endswith("_search_deploy")]  # latency_search_deploy, iterative_search_deploy
     return max(tags, key=speedups.__getitem__) if tags else None
 
 

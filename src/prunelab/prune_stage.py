@@ -143,12 +143,13 @@ def _evaluate_fn(job: PruneJob):
         return count_correct(net.to(job.device), loader, total, device=job.device, precision=job.precision,
                              record=True)
 
-    dense_hits = job.dense_hits if job.dense_hits is not None else count(job.net).hits
+    if job.dense_hits is None:  # once per job: every method's walk pairs against the same dense answers
+        job.dense_hits = count(job.net).hits
 
     def evaluate(net: nn.Module) -> Evaluation:
         c = count(net)
         e = Evaluation(0.0, c.correct, c.seen, c.total)
-        pair_with_dense(e, dense_hits, c.hits, job.search.confidence, job.search.tolerance)
+        pair_with_dense(e, job.dense_hits, c.hits, job.search.confidence, job.search.tolerance)
         return e
 
     return evaluate

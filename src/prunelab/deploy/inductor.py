@@ -5,7 +5,6 @@ its own: it ships as the state_dict, and the report shows the lines that compile
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 
@@ -13,7 +12,7 @@ import torch
 
 from prunelab.deploy.form import Form
 from prunelab.deploy.registry import Runtime
-from prunelab.models.rewrite import INPUT_SIZE, fold_pool, memory_format
+from prunelab.models.rewrite import INPUT_SIZE, folded_copy, memory_format
 
 
 class CompiledForm(Form):
@@ -59,13 +58,7 @@ class InductorRuntime(Runtime):
 
     def build(self, net, spec, *, device, example_batch, two_four=False, channels_last=None):
         size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
-        notes, folded_at = [], None
-        try:
-            served = fold_pool(net, size)
-            folded_at = size
-        except ValueError as exc:
-            notes.append(f"pool not folded: {exc}")
-            served = copy.deepcopy(net)
+        served, folded_at, notes = folded_copy(net, size)
         layout = spec.channels_last if channels_last is None else channels_last
         served = served.eval().requires_grad_(False).to(device=device, dtype=spec.dtype,
                                                         memory_format=memory_format(layout))

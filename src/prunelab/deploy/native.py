@@ -12,7 +12,6 @@ semi-structured tensors). It has no file format of its own: it ships as the plai
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from prunelab.deploy.form import Form, dtype_name
 from prunelab.deploy.registry import Runtime
 from prunelab.hardware import detect, resolve_fuse
-from prunelab.models.rewrite import INPUT_SIZE, ConvReLU, fold_pool, fuse_conv_relu, memory_format
+from prunelab.models.rewrite import INPUT_SIZE, ConvReLU, folded_copy, fuse_conv_relu, memory_format
 
 GRAPH_WARMUP = 3  # forwards on the side stream before capture: cuDNN/cuBLAS pick and cache their plans
 
@@ -173,18 +172,6 @@ def _check_fuse(fuse: bool | None, device: torch.device, compile: bool) -> bool:
     return fuse
 
 
-def _folded_copy(net: nn.Module, fold: bool,
-                 input_size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int] | None, list[str]]:
-    """(a copy of ``net``, the input size its pool is folded for or None, a note saying why not)."""
-    if not fold:
-        return copy.deepcopy(net), None, ["pool not folded: fold=False"]
-    try:
-        # fold_pool copies the model and sums the weights in their trained dtype, before any cast.
-        return fold_pool(net, input_size), tuple(input_size), []
-    except ValueError as exc:
-        return copy.deepcopy(net), None, [f"pool not folded: {exc}"]
-
-
 def _fused(net: nn.Module) -> tuple[nn.Module, int]:
     """``net`` (already a copy) with each Conv2d+ReLU pair as one cuDNN call, and how many pairs."""
     net = fuse_conv_relu(net, inplace=True)
@@ -248,7 +235,8 @@ def deploy_form(net: nn.Module, *, dtype: torch.dtype = torch.float32, channels_
     fuse = _check_fuse(fuse, device, compile)
     if input_size is None:
         input_size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
-    deployed, folded_at, notes = _folded_copy(net, fold, input_size)
+    # fold_pool copies the model and sums the weights in their trained dtype, before any cast.
+    deployed, folded_at, notes = folded_copy(net, input_size, fold)
     # Cast first: the sparse kernels need their weights in the target dtype before conversion.
     deployed = deployed.eval().requires_grad_(False).to(device=device, dtype=dtype,
                                                         memory_format=memory_format(channels_last))

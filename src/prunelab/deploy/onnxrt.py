@@ -6,32 +6,20 @@ installed build has one (``onnxruntime-gpu``), the images handed over in GPU mem
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from prunelab.deploy.form import Form
 from prunelab.deploy.registry import Runtime
-from prunelab.models.rewrite import INPUT_SIZE, fold_pool
+from prunelab.models.rewrite import INPUT_SIZE, folded_copy
 
 EXPORT_PACKAGES = ("onnx", "onnxscript")  # prunelab's exporter (torch.onnx, dynamo) needs both
-
-
-def folded_fp32(net: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int] | None, list[str]]:
-    """(a float32 CPU eval copy of ``net`` with VGG's pool folded where exact, folded size, notes)."""
-    notes, folded_at = [], None
-    try:
-        out = fold_pool(net, input_size)
-        folded_at = tuple(input_size)
-    except ValueError as exc:
-        notes.append(f"pool not folded: {exc}")
-        out = copy.deepcopy(net)
-    return out.to("cpu", torch.float32).eval().requires_grad_(False), folded_at, notes
 
 
 @contextlib.contextmanager
@@ -55,7 +43,8 @@ class OnnxFile:
         from prunelab.export import export_onnx
 
         size = tuple(example_batch.shape[-2:]) if example_batch is not None else INPUT_SIZE
-        self.net, self.folded_at, self.notes = folded_fp32(net, size)
+        net, self.folded_at, self.notes = folded_copy(net, size)
+        self.net = net.to("cpu", torch.float32).eval().requires_grad_(False)
         self._dir = tempfile.TemporaryDirectory(prefix="prunelab-onnx-")
         with _quiet("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's INFO lines, per model, would flood a run's log
             self.path = export_onnx(self.net, Path(self._dir.name) / "model.onnx", batch=2, input_size=size)
@@ -112,8 +101,6 @@ class OnnxRuntimeForm(Form):
         x = self.prepare(x)
         if not self.on_gpu:
             return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
-        import numpy as np
-
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", self.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
         binding.bind_output(self.output_name, "cuda", self.device.index or 0)

@@ -115,6 +115,18 @@ def fold_pool(model: nn.Module, input_size: tuple[int, int] = INPUT_SIZE) -> nn.
     return folded
 
 
+def folded_copy(model: nn.Module, input_size: tuple[int, int] = INPUT_SIZE,
+                fold: bool = True) -> tuple[nn.Module, tuple[int, int] | None, list[str]]:
+    """(a copy of ``model`` with its pool folded where that is exact, the input size it is folded
+    for or None, a note saying why not): what every served form starts from."""
+    if not fold:
+        return copy.deepcopy(model), None, ["pool not folded: fold=False"]
+    try:
+        return fold_pool(model, input_size), tuple(input_size), []
+    except ValueError as exc:
+        return copy.deepcopy(model), None, [f"pool not folded: {exc}"]
+
+
 def folded_view(model: nn.Module, input_size: tuple[int, int] = INPUT_SIZE) -> nn.Module:
     """The same function as ``model`` with the pool folded, sharing every module but
     ``classifier[0]`` (a new Linear(C, out) from its current values): a cheap way to evaluate

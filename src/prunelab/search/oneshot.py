@@ -142,7 +142,7 @@ class OneShotSearch:
             stats = pruner.stats()
             e = Evaluation(ratio, c.correct, c.seen, c.total, c.stopped, stats["nonzero"],
                            extra=candidate_extra(self.method, stats))
-            self._pair(e, dense_hits, c.hits)
+            pair_with_dense(e, dense_hits, c.hits, self.confidence, self.tolerance)
             if self.measure is not None and verdict(e, limit):
                 e.extra.update(self.measure(candidate))
             if rank_zero:
@@ -164,9 +164,6 @@ class OneShotSearch:
         log_sparsity(loggers, pruner.stats())
         self.seconds = time.perf_counter() - t0
         return self.result
-
-    def _pair(self, e: Evaluation, dense_hits: torch.Tensor | None, hits: torch.Tensor | None) -> None:
-        pair_with_dense(e, dense_hits, hits, self.confidence, self.tolerance)
 
     def _view(self, model: nn.Module, image_hw: tuple[int, int]):
         return evaluation_view(model, image_hw, self.fast_eval)
