@@ -25,6 +25,7 @@ from prunelab.deploy import spec as latency_group
 from prunelab.deploy.registry import AUTO, RUNTIMES
 from prunelab.errors import ConfigError
 from prunelab.lr_schedule import LR_SCHEDULES
+from prunelab.models.rewrite import data_image_size, fold_training_problem
 from prunelab.pruning import spec as prune_group
 from prunelab.search import spec as search_group
 from prunelab.value_specs import (
@@ -100,6 +101,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("model.dropout", optional(number(0, 1))),
         ("model.channels_last", BOOL_AUTO),
         ("model.compile", BOOL_AUTO),
+        ("model.fold_classifier", BOOL_AUTO),
         ("model.compile_mode", choice(*hardware.COMPILE_MODES)),
         # trainer
         ("trainer.accelerator", choice(*ACCELERATORS)),
@@ -174,6 +176,7 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError("ckpt_path and finetune.weights_path are both set, but a run starts from one of them; "
                           "set the other to null")
     _check_model(cfg.get("model") or {})
+    _check_fold(cfg)
 
 
 def _several_processes(trainer: DictConfig) -> bool:
@@ -194,6 +197,16 @@ def _check_processes(cfg: DictConfig) -> None:
         # ranks could not agree on the fastest model.
         raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
                           "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
+
+
+def _check_fold(cfg: DictConfig) -> None:
+    """model.fold_classifier=true only where the fold is exact (VGG, features ending at 1x1)."""
+    model = cfg.get("model") or {}
+    if model.get("fold_classifier") is not True:
+        return
+    problem = fold_training_problem(model.get("arch", ""), data_image_size(cfg))
+    if problem:
+        raise ConfigError(f"model.fold_classifier=true, but {problem}; set model.fold_classifier=auto (or false)")
 
 
 def _check_model(model) -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from prunelab import hardware
 from prunelab.errors import ConfigError
+from prunelab.models.rewrite import data_image_size, fold_training_problem
 
 log = logging.getLogger("prunelab")
 
@@ -58,6 +59,8 @@ def resolve_run(cfg: DictConfig):
         requested = node[name]
         res = rule(requested, hw)
         _apply(record, key, node, name, requested, res.value, res.reason, res.warning, res.ran)
+    if "fold_classifier" in cfg.get("model", {}):
+        _resolve_fold(record, cfg)
     spec = None
     if "latency" in cfg:
         from prunelab.deploy.spec import resolve_spec
@@ -70,6 +73,18 @@ def resolve_run(cfg: DictConfig):
                 _apply(record, f"latency.{name}", cfg.latency, name, r["requested"], r["value"], r["reason"],
                        r.get("warning"))
     return record, spec
+
+
+def _resolve_fold(record: dict, cfg: DictConfig) -> None:
+    """``model.fold_classifier``: auto folds where the fold is exact (not a question of hardware)."""
+    requested = cfg.model.fold_classifier
+    problem = fold_training_problem(cfg.model.get("arch", ""), data_image_size(cfg))
+    if str(requested).lower() == "auto":
+        value = problem is None
+        reason = "auto: " + ("VGG at 32x32, the fold is exact" if value else problem)
+    else:
+        value, reason = bool(requested), f"explicit model.fold_classifier={bool(requested)} honoured"
+    _apply(record, "model.fold_classifier", cfg.model, "fold_classifier", requested, value, reason, None)
 
 
 def _apply(record: dict, key: str, node, name: str, requested, value, reason: str, warning: str | None,

@@ -8,6 +8,11 @@ not available for the parameters' device or dtype. ``compile_mode`` is ``torch.c
 the CUDA-graph modes (``reduce-overhead``, ``max-autotune``) replay each step's kernels from a graph,
 which pays where a step's Python and launch work outlasts its GPU arithmetic (small images, eager
 Lightning steps on an H100/H200).
+
+``fold_classifier`` trains a VGG at 32x32 in its folded form (``models.rewrite.fold_for_training``):
+the same SGD trajectory with a quarter of the parameters, folded when a fit starts (before a
+checkpoint is restored into it, so checkpoints hold the folded form) and unfolded when it ends, so
+everything after training sees torchvision's network.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.errors import ConfigError
 from prunelab.hardware import COMPILE_MODES, GRAPH_COMPILE_MODES
 from prunelab.lr_schedule import LR_SCHEDULES, lr_factor
 from prunelab.models.factory import build_classifier
-from prunelab.models.rewrite import memory_format
+from prunelab.models.rewrite import fold_for_training, memory_format, unfold_after_training
 
 
 class ImageClassifier(LightningModule):
@@ -43,6 +49,7 @@ class ImageClassifier(LightningModule):
         schedule: str = "constant",
         warmup_epochs: float = 0.0,
         dropout: float | None = None,
+        fold_classifier: bool = False,
         net: nn.Module | None = None,
     ):
         super().__init__()
@@ -56,6 +63,8 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         if nesterov and momentum <= 0:
             raise ValueError("model.nesterov=true needs model.momentum > 0")
+        if fold_classifier not in (True, False):  # "auto" is resolved (prunelab.resolve) before the model is built
+            raise ValueError(f"model.fold_classifier must be true or false here, got {fold_classifier!r}")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
@@ -86,6 +95,8 @@ class ImageClassifier(LightningModule):
         # per stage: the epoch's summed loss (a device tensor, never read mid-epoch) and image count
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._loss_count: dict[str, int] = {}
+        # fold_for_training's block count while a fit holds the folded form (None: not folded)
+        self._fold_copies: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -201,9 +212,50 @@ class ImageClassifier(LightningModule):
     def on_test_epoch_end(self):
         self._log_epoch("test", self.test_acc)
 
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a checkpoint and before DDP wraps the module: both see the folded form.
+        if stage == "fit" and self.hparams.get("fold_classifier") and self._fold_copies is None:
+            self._fold_copies = fold_for_training(self.net)
+
+    def on_fit_end(self) -> None:
+        self._unfold()
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._unfold()
+
+    def _unfold(self) -> None:
+        if self._fold_copies is not None:
+            unfold_after_training(self.net)
+            self._fold_copies = None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint resumes only a fit in its own form: folded weights and their momentum do not
+        load into the full network, nor the other way round."""
+        key = "net.classifier.0.weight"
+        saved = checkpoint.get("state_dict", {}).get(key)
+        current = self.net.classifier[0].weight if hasattr(self.net, "classifier") else None
+        if saved is None or current is None or saved.shape == current.shape:
+            return
+        was = "true" if saved.shape[1] < current.shape[1] else "false"
+        raise ConfigError(f"the checkpoint was trained with model.fold_classifier={was} ({key} is {tuple(saved.shape)}, "
+                          f"this run's {tuple(current.shape)}): set model.fold_classifier={was} to resume it")
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups: one, or with the fold on, the folded ``classifier[0]``
+        weight apart with its step scaled by the block count and its decay divided by it, which
+        is SGD on the full weight, seen through the fold."""
+        hp = self.hparams
+        if self._fold_copies is None:
+            return [{"params": list(self.parameters())}]
+        folded = self.net.classifier[0].weight
+        rest = [p for p in self.parameters() if p is not folded]
+        k = self._fold_copies
+        return [{"params": rest}, {"params": [folded], "lr": hp.lr * k, "weight_decay": hp.weight_decay / k}]
+
     def configure_optimizers(self):
         hp = self.hparams
-        opt = make_sgd(list(self.parameters()), hp.lr, hp.momentum, hp.weight_decay,
+        opt = make_sgd(self.param_groups(), hp.lr, hp.momentum, hp.weight_decay,
                        fused=hp.get("fused_optimizer", True), nesterov=hp.get("nesterov", False))
         schedule = hp.get("schedule", "constant")
         warmup = float(hp.get("warmup_epochs", 0.0))
@@ -221,13 +273,15 @@ class ImageClassifier(LightningModule):
 
 def make_sgd(params: list, lr: float, momentum: float, weight_decay: float, fused: bool = True,
              nesterov: bool = False) -> torch.optim.SGD:
-    """SGD with the fused kernel when asked and supported, else the foreach (multi-tensor) path."""
+    """SGD with the fused kernel when asked and supported, else the foreach (multi-tensor) path.
+    ``params``: tensors, or parameter groups (dicts with ``params`` and their own settings)."""
     kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     # torch checks a fused optimiser's devices and dtypes only at its first step, so decide here:
     # the fused SGD kernel exists for floating-point tensors on CPU and CUDA.
-    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors):
         try:
             return torch.optim.SGD(params, fused=True, **kwargs)
         except (RuntimeError, TypeError, ValueError):  # a torch without ``fused`` for SGD
             pass
-    return torch.optim.SGD(params, foreach=all(p.device.type in ("cpu", "cuda") for p in params) or None, **kwargs)
+    return torch.optim.SGD(params, foreach=all(p.device.type in ("cpu", "cuda") for p in tensors) or None, **kwargs)
