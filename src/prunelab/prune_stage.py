@@ -89,15 +89,20 @@ class PruneJob:
                              memory_format=self.memory_format, confidence=s.confidence)
 
 
-def recovery_module(cfg: DictConfig, net: nn.Module, p: PruneSpec) -> ImageClassifier:
+def recovery_module(cfg: DictConfig, net: nn.Module, p: PruneSpec, masks: dict | None = None) -> ImageClassifier:
     """The network wrapped for one recovery: the model's optimiser (momentum, Nesterov, weight
     decay) and label smoothing, ``prune.recover_lr`` down ``prune.recover_schedule``. A constant
     lr with plain cross-entropy leaves a pruned model noisier than it found it; the cosine to zero
-    ends the recovery on its best weights."""
+    ends the recovery on its best weights. It trains folded where the model does
+    (``model.fold_classifier``) and no mask holds ``classifier.0``: a channel-pruned VGG recovers
+    in the folded form, a masked classifier in its own."""
     m = cfg.model
+    fold = m.get("fold_classifier") is True and "classifier.0" not in (masks or {}) \
+        and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d)
     return ImageClassifier(net=net, num_classes=m.num_classes, lr=p.recover_lr, momentum=m.momentum,
                            weight_decay=m.weight_decay, nesterov=bool(m.get("nesterov", False)),
-                           label_smoothing=float(m.get("label_smoothing", 0.0)), schedule=p.recover_schedule)
+                           label_smoothing=float(m.get("label_smoothing", 0.0)), schedule=p.recover_schedule,
+                           fold_classifier=fold)
 
 
 def recovery_batches(epochs: float, configured):
@@ -121,7 +126,7 @@ def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | 
     def recover(net: nn.Module, masks: dict | None) -> nn.Module:
         if p.recover_epochs <= 0:
             return net
-        module = recovery_module(cfg, net, p)
+        module = recovery_module(cfg, net, p, masks)
         trainer = build_trainer(cfg, callbacks=[MaskKeeper(masks), *callbacks], with_config_callbacks=False,
                                 logger=False, devices=1, max_epochs=max(1, int(p.recover_epochs)),
                                 limit_train_batches=recovery_batches(p.recover_epochs,

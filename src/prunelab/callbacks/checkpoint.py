@@ -39,6 +39,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 
+from prunelab.fit_progress import final_epoch
 from prunelab.io import _atomic
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,6 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
 
 def _write_atomic(path: str | os.PathLike, write) -> None:
     _atomic(path, write, _tmp_path(path))  # a tmp name with host and pid: remove_stale_tmp finds leftovers
-
-
-def final_epoch(trainer: Trainer) -> bool:
-    """Whether the epoch ending now is the fit's last (max_epochs, max_steps or a requested stop)."""
-    if trainer.should_stop:
-        return True
-    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and trainer.current_epoch + 1 >= trainer.max_epochs:
-        return True
-    return trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
 
 
 class AtomicCheckpoint(ModelCheckpoint):

@@ -1,6 +1,18 @@
-"""Models: torchvision classifiers with a new head, wrapped as a LightningModule."""
+"""Models: torchvision classifiers with a new head, wrapped as a LightningModule.
 
-from prunelab.models.classifier import ImageClassifier
-from prunelab.models.factory import build_classifier
+Loaded on first use, so the pure rules in ``models.rewrite`` (what the config check asks) import
+without Lightning."""
 
-__all__ = ["ImageClassifier", "build_classifier"]
+from __future__ import annotations
+
+import importlib
+
+_HOME = {"ImageClassifier": "prunelab.models.classifier", "build_classifier": "prunelab.models.factory"}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'prunelab.models' has no attribute {name!r}")

@@ -10,9 +10,12 @@ which pays where a step's Python and launch work outlasts its GPU arithmetic (sm
 Lightning steps on an H100/H200).
 
 ``fold_classifier`` trains a VGG at 32x32 in its folded form (``models.rewrite.fold_for_training``):
-the same SGD trajectory with a quarter of the parameters, folded when a fit starts (before a
-checkpoint is restored into it, so checkpoints hold the folded form) and unfolded when it ends, so
-everything after training sees torchvision's network.
+the same SGD trajectory with a quarter of the parameters. The network is folded when a fit is set
+up (before a checkpoint is restored into it and before DDP wraps it) and unfolded at the end of
+the fit's last epoch, before any callback's ``on_train_end``/``on_fit_end`` (a pruning callback,
+a search) looks at it; checkpoints always hold the folded form, the one their optimiser state
+belongs to. Callbacks that run during the fit (a pruning callback at fit start) see the folded
+network: set ``model.fold_classifier=false`` for one that must see torchvision's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.errors import ConfigError
+from prunelab.fit_progress import final_epoch
 from prunelab.hardware import COMPILE_MODES, GRAPH_COMPILE_MODES
 from prunelab.lr_schedule import LR_SCHEDULES, lr_factor
 from prunelab.models.factory import build_classifier
@@ -95,8 +99,11 @@ class ImageClassifier(LightningModule):
         # per stage: the epoch's summed loss (a device tensor, never read mid-epoch) and image count
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._loss_count: dict[str, int] = {}
-        # fold_for_training's block count while a fit holds the folded form (None: not folded)
+        # fold_for_training's block count while a fit holds the folded form (None: not folded), and
+        # the folded weight the optimiser trained, kept from the last epoch's unfold to the fit's end
+        # so a checkpoint saved in between still holds the form its optimiser state belongs to
         self._fold_copies: int | None = None
+        self._folded_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -205,6 +212,8 @@ class ImageClassifier(LightningModule):
         # ranks stop at the same step, so they agree
         if "train" in self._loss_sum:
             self._log_epoch("train", self.train_acc)
+        if self._trainer is not None and final_epoch(self._trainer):
+            self._unfold()  # no step follows: the end-of-training hooks see torchvision's network
 
     def on_validation_epoch_end(self):
         self._log_epoch("val", self.val_acc)
@@ -217,17 +226,23 @@ class ImageClassifier(LightningModule):
         if stage == "fit" and self.hparams.get("fold_classifier") and self._fold_copies is None:
             self._fold_copies = fold_for_training(self.net)
 
-    def on_fit_end(self) -> None:
-        self._unfold()
+    def on_train_end(self) -> None:
+        self._unfold()  # a stop decided after the last epoch's hook (early stopping)
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
             self._unfold()
+            self._folded_weight = None
 
     def _unfold(self) -> None:
         if self._fold_copies is not None:
+            self._folded_weight = self.net.classifier[0].weight.detach()  # a tensor: not registered
             unfold_after_training(self.net)
             self._fold_copies = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._folded_weight is not None:  # unfolded at the last epoch's end, saved after it
+            checkpoint["state_dict"]["net.classifier.0.weight"] = self._folded_weight
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint resumes only a fit in its own form: folded weights and their momentum do not
