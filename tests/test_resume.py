@@ -24,6 +24,7 @@ from prunelab.callbacks.checkpoint import (
     read_checkpoint,
 )
 from prunelab.compose import compose
+from prunelab.resolve import resolve_auto
 from prunelab.data import SyntheticDataModule
 from prunelab.data.arrays import EpochShuffle
 from prunelab.data.on_device import epoch_seed
@@ -70,6 +71,7 @@ class _KillAt(Callback):
 def _fit(root: Path, name: str, overrides: list[str], kill: tuple[int, int] | None = None):
     """The pipeline's fine-tune stage alone; output in the task's run folder, as a real run's."""
     cfg = compose(overrides, root, root / "logs" / "smoke" / "runs" / name)
+    resolve_auto(cfg)  # as the pipeline does before building anything
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, module = build(cfg.data, "data"), build(cfg.model, "model")
     dm.setup("fit")

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from prunelab.errors import ConfigError, WeightsFileError, WeightsUnavailableError
-from prunelab.models.rewrite import replace_module, replicating_pools
+from prunelab.models.rewrite import replace_module, replicating_pools, spread_folded
 
 
 def last_linear_name(net: nn.Module) -> str:
@@ -47,8 +47,7 @@ def unfold_classifier(state_dict: dict[str, torch.Tensor], in_features: int) -> 
     w = state_dict.get("classifier.0.weight")
     if w is None or w.dim() != 2 or w.shape[1] == in_features or in_features % w.shape[1]:
         return state_dict
-    repeat = in_features // w.shape[1]
-    return {**state_dict, "classifier.0.weight": w.repeat_interleave(repeat, dim=1) / repeat}
+    return {**state_dict, "classifier.0.weight": spread_folded(w, in_features // w.shape[1])}
 
 
 def load_start_weights(net: nn.Module, path: str) -> nn.Module:

@@ -173,6 +173,12 @@ def fold_for_training(net: nn.Module) -> int:
     return copies
 
 
+def spread_folded(weight: torch.Tensor, copies: int) -> torch.Tensor:
+    """A folded ``classifier[0]`` weight (out x C) spread evenly over its ``copies`` column blocks
+    (out x C*copies, channel-major as VGG flattens CxHxW): the same function where the pool replicates."""
+    return weight.repeat_interleave(copies, dim=1) / copies
+
+
 def unfold_after_training(net: nn.Module) -> None:
     """Undo :func:`fold_for_training` in place: ``classifier[0]`` back to Linear(C x blocks, out), each
     block a 1/blocks share of the trained sum (the same outputs at 32x32, torchvision's shapes and
@@ -186,8 +192,7 @@ def unfold_after_training(net: nn.Module) -> None:
     full = nn.Linear(fc.in_features * copies, fc.out_features, bias=fc.bias is not None,
                      device=fc.weight.device, dtype=fc.weight.dtype)
     with torch.no_grad():
-        # flatten order of (C, 7, 7) is channel-major: column c*49 + k belongs to channel c
-        full.weight.copy_((fc.weight.detach() / copies).repeat_interleave(copies, dim=1))
+        full.weight.copy_(spread_folded(fc.weight.detach(), copies))
         if fc.bias is not None:
             full.bias.copy_(fc.bias.detach())
     net.classifier[0] = full.train(fc.training)
