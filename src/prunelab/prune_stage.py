@@ -24,6 +24,7 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import count_correct, shard_loader
 from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
+from prunelab.models.rewrite import folded_copy
 from prunelab.pruning import registry
 from prunelab.pruning.channel import count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
@@ -89,20 +90,23 @@ class PruneJob:
                              memory_format=self.memory_format, confidence=s.confidence)
 
 
-def recovery_module(cfg: DictConfig, net: nn.Module, p: PruneSpec, masks: dict | None = None) -> ImageClassifier:
+def recovery_module(cfg: DictConfig, net: nn.Module, p: PruneSpec, masks: dict | None = None,
+                    teacher: nn.Module | None = None) -> ImageClassifier:
     """The network wrapped for one recovery: the model's optimiser (momentum, Nesterov, weight
     decay) and label smoothing, ``prune.recover_lr`` down ``prune.recover_schedule``. A constant
     lr with plain cross-entropy leaves a pruned model noisier than it found it; the cosine to zero
     ends the recovery on its best weights. It trains folded where the model does
     (``model.fold_classifier``) and no mask holds ``classifier.0``: a channel-pruned VGG recovers
-    in the folded form, a masked classifier in its own."""
+    in the folded form, a masked classifier in its own. With ``prune.recover_distill`` the dense
+    model (``teacher``) teaches it as well."""
     m = cfg.model
     fold = m.get("fold_classifier") is True and "classifier.0" not in (masks or {}) \
         and isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d)
     return ImageClassifier(net=net, num_classes=m.num_classes, lr=p.recover_lr, momentum=m.momentum,
                            weight_decay=m.weight_decay, nesterov=bool(m.get("nesterov", False)),
                            label_smoothing=float(m.get("label_smoothing", 0.0)), schedule=p.recover_schedule,
-                           fold_classifier=fold)
+                           fold_classifier=fold, distill=p.recover_distill if teacher is not None else 0.0,
+                           distill_temperature=p.recover_temperature, teacher=teacher)
 
 
 def recovery_batches(epochs: float, configured):
@@ -117,16 +121,19 @@ def recovery_batches(epochs: float, configured):
     return float(configured) * epochs
 
 
-def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None, callbacks=()):
+def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None, callbacks=(),
+               dense: nn.Module | None = None):
     """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split
     (``recovery_module``), with the run's trainer settings, pruned weights held at zero by
-    ``MaskKeeper``."""
+    ``MaskKeeper``; ``dense`` teaches it where ``prune.recover_distill`` > 0 (a copy, its pool
+    folded where exact: the teacher's forward is the cheapest form of the same function)."""
     p = p or prune_spec(cfg)
+    teacher = folded_copy(dense)[0] if dense is not None and p.recover_distill > 0 else None
 
     def recover(net: nn.Module, masks: dict | None) -> nn.Module:
         if p.recover_epochs <= 0:
             return net
-        module = recovery_module(cfg, net, p, masks)
+        module = recovery_module(cfg, net, p, masks, teacher)
         trainer = build_trainer(cfg, callbacks=[MaskKeeper(masks), *callbacks], with_config_callbacks=False,
                                 logger=False, devices=1, max_epochs=max(1, int(p.recover_epochs)),
                                 limit_train_batches=recovery_batches(p.recover_epochs,
@@ -228,7 +235,7 @@ def _walk_fn(job: PruneJob, recovered: dict[tuple[str, float], nn.Module]):
 
         return oneshot_walk(make_search, job.dm.val_set, job.device, job.dense, job.dense_hits,
                             dict(job.identity, objective=s.objective), job.loggers, job.rank_zero)
-    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p), _evaluate_fn(job)
+    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p, dense=job.net), _evaluate_fn(job)
 
     def walk(method: str, start: nn.Module, measure):
         _, result = iterative_search(start, method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
@@ -290,7 +297,7 @@ def _search_across(job: PruneJob) -> PruneOutcome:
 def _iterative(job: PruneJob) -> PruneOutcome:
     p, s = job.prune, job.search
     t0 = time.perf_counter()
-    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p), _evaluate_fn(job)
+    recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p, dense=job.net), _evaluate_fn(job)
     if p.searches:
         pruned, result = iterative_search(job.net, p.method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
                                           p.pruner_options())

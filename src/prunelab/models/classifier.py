@@ -16,6 +16,12 @@ the fit's last epoch, before any callback's ``on_train_end``/``on_fit_end`` (a p
 a search) looks at it; checkpoints always hold the folded form, the one their optimiser state
 belongs to. Callbacks that run during the fit (a pruning callback at fit start) see the folded
 network: set ``model.fold_classifier=false`` for one that must see torchvision's.
+
+``teacher`` and ``distill`` (a pruned model's recovery): the training loss becomes
+``(1 - distill) x cross-entropy + distill x T^2 x KL(teacher || student)`` on both models' softmax at
+temperature ``T = distill_temperature`` (the T^2 keeps the soft targets' gradients the size of the
+hard ones'). The teacher runs in eval mode without gradients and is kept out of the module tree:
+neither trained, nor saved, nor counted.
 """
 
 from __future__ import annotations
@@ -54,7 +60,10 @@ class ImageClassifier(LightningModule):
         warmup_epochs: float = 0.0,
         dropout: float | None = None,
         fold_classifier: bool = False,
+        distill: float = 0.0,
+        distill_temperature: float = 4.0,
         net: nn.Module | None = None,
+        teacher: nn.Module | None = None,
     ):
         super().__init__()
         if lr <= 0:
@@ -67,12 +76,18 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         if nesterov and momentum <= 0:
             raise ValueError("model.nesterov=true needs model.momentum > 0")
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"prune.recover_distill must be in [0, 1], got {distill}")
+        if distill_temperature <= 0:
+            raise ValueError(f"prune.recover_temperature must be > 0, got {distill_temperature}")
+        if distill > 0 and teacher is None:
+            raise ValueError("distill > 0 needs a teacher network (the dense model)")
         if fold_classifier not in (True, False):  # "auto" is resolved (prunelab.resolve) before the model is built
             raise ValueError(f"model.fold_classifier must be true or false here, got {fold_classifier!r}")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         # ``net`` wraps an existing network (e.g. a channel-pruned one) instead of building one.
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "teacher"])
         self.net = net if net is not None else build_classifier(arch, weights, num_classes, dropout)
         # The one reading of model.channels_last: the pipeline, the search and the timing ask
         # ``memory_format`` instead of re-reading the config or guessing from weight strides.
@@ -99,6 +114,10 @@ class ImageClassifier(LightningModule):
         # per stage: the epoch's summed loss (a device tensor, never read mid-epoch) and image count
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._loss_count: dict[str, int] = {}
+        # Outside the module tree (not trained, saved or moved by Lightning: on_fit_start moves it);
+        # eval mode for good: its dropout off, its answers the dense model's.
+        object.__setattr__(self, "_teacher", None if teacher is None or distill <= 0 else
+                           teacher.eval().requires_grad_(False).to(memory_format=self.memory_format))
         # fold_for_training's block count while a fit holds the folded form (None: not folded), and
         # the folded weight the optimiser trained, kept from the last epoch's unfold to the fit's end
         # so a checkpoint saved in between still holds the form its optimiser state belongs to
@@ -128,6 +147,8 @@ class ImageClassifier(LightningModule):
         x, y = batch
         logits = self(x)
         loss = (self.train_criterion if stage == "train" else self.criterion)(logits, y)
+        if stage == "train" and self._teacher is not None:
+            loss = self._distilled(loss, logits, x)
         # update, not forward: forward also computes this batch's accuracy, which nothing logs.
         metric.update(logits, y)
         # The epoch's mean loss is summed on the device and logged once at the epoch's end: each
@@ -141,6 +162,19 @@ class ImageClassifier(LightningModule):
             # a bar refreshes every step (in its own on_train_batch_end, before the module's): log now
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _distilled(self, hard: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The recovery loss with the teacher's soft targets mixed in (``distill`` of it)."""
+        a, t = float(self.hparams.distill), float(self.hparams.distill_temperature)
+        with torch.no_grad():
+            soft = self._teacher(x.contiguous(memory_format=self.memory_format)).float()
+        kl = nn.functional.kl_div(torch.log_softmax(logits.float() / t, dim=1), torch.log_softmax(soft / t, dim=1),
+                                  reduction="batchmean", log_target=True)
+        return (1.0 - a) * hard + a * t * t * kl
+
+    def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         trainer = self._trainer

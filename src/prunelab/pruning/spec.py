@@ -51,6 +51,8 @@ def rules() -> list[tuple[str, Spec]]:
         ("recover_epochs", RECOVER_EPOCHS),
         ("recover_lr", number(0, lo_open=True)),
         ("recover_schedule", choice(*LR_SCHEDULES)),
+        ("recover_distill", number(0, 1)),
+        ("recover_temperature", number(0, lo_open=True)),
         *registry.option_rules(),
     ]
 
@@ -80,6 +82,8 @@ class PruneSpec:
     recover_epochs: float  # whole epochs, or a fraction of one (< 1)
     recover_lr: float  # the recovery's peak learning rate
     recover_schedule: str  # cosine: from recover_lr to zero over the recovery; constant
+    recover_distill: float = 0.0  # the distillation loss's share of the recovery loss (the dense model teaches)
+    recover_temperature: float = 4.0  # the softmax temperature both models' logits are taken at
     options: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # every method's own
 
     @property
@@ -117,4 +121,5 @@ def prune_spec(cfg) -> PruneSpec:
         method=str(values["method"]), ratio=None if ratio is None else float(ratio), scope=values["scope"],
         schedule=values["schedule"], steps=int(values["steps"]), recover_epochs=_epochs(values["recover_epochs"]),
         recover_lr=float(values["recover_lr"]), recover_schedule=str(values["recover_schedule"]),
+        recover_distill=float(values["recover_distill"]), recover_temperature=float(values["recover_temperature"]),
         options=MappingProxyType({k: v for k, v in values.items() if k in own}))
