@@ -155,6 +155,32 @@ def test_a_folded_fit_checkpoints_folded_resumes_exactly_and_ends_unfolded(tmp_p
         _fit(full, loader, tmp_path, 3, ckpt_path=str(tmp_path / "a" / "epoch=0.ckpt"))
 
 
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            trainer.should_stop = True
+
+
+def test_a_stop_refused_until_min_epochs_folds_back_and_trains_on(tmp_path):
+    """The first epoch looks like the last (a stop request), the network unfolds; min_epochs keeps the
+    fit going, and it must go on training the folded parameters the optimiser holds."""
+    loader = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), batch_size=8)
+    torch.manual_seed(0)
+    start = TinyVGG()
+
+    def fit(callbacks, **kw):
+        module = ImageClassifier(net=copy.deepcopy(start), lr=0.05, momentum=0.9, fold_classifier=True)
+        Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
+                **kw).fit(module, train_dataloaders=loader)
+        return module.net.state_dict()
+
+    plain = fit([])
+    refused = fit([StopAfterFirstEpoch()], min_epochs=3)
+    for k, v in plain.items():
+        assert torch.equal(v, refused[k]), k
+
+
 def test_fold_rule_names_what_stops_it():
     assert fold_training_problem("vgg16", 32) is None
     assert fold_training_problem("vgg19_bn", 48) is None

@@ -119,10 +119,11 @@ class ImageClassifier(LightningModule):
         object.__setattr__(self, "_teacher", None if teacher is None or distill <= 0 else
                            teacher.eval().requires_grad_(False).to(memory_format=self.memory_format))
         # fold_for_training's block count while a fit holds the folded form (None: not folded), and
-        # the folded weight the optimiser trained, kept from the last epoch's unfold to the fit's end
-        # so a checkpoint saved in between still holds the form its optimiser state belongs to
+        # (folded Linear, its pool, block count) from the last epoch's unfold to the fit's end: a
+        # checkpoint saved in between still holds the form its optimiser state belongs to, and a fit
+        # that goes on after all (a stop refused for min_epochs) folds back to the very same parameter
         self._fold_copies: int | None = None
-        self._folded_weight: torch.Tensor | None = None
+        self._folded: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -228,6 +229,7 @@ class ImageClassifier(LightningModule):
 
     def on_train_epoch_start(self):
         self._restart("train", self.train_acc)
+        self._fold_back()  # the epoch thought last was not (a stop refused until min_epochs)
 
     def on_validation_epoch_start(self):
         self._restart("val", self.val_acc)
@@ -266,17 +268,22 @@ class ImageClassifier(LightningModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit":
             self._unfold()
-            self._folded_weight = None
+            self._folded = None
 
     def _unfold(self) -> None:
         if self._fold_copies is not None:
-            self._folded_weight = self.net.classifier[0].weight.detach()  # a tensor: not registered
+            self._folded = (self.net.classifier[0], self.net.avgpool, self._fold_copies)  # a tuple: not registered
             unfold_after_training(self.net)
             self._fold_copies = None
 
+    def _fold_back(self) -> None:
+        if self._folded is not None:
+            self.net.classifier[0], self.net.avgpool, self._fold_copies = self._folded
+            self._folded = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._folded_weight is not None:  # unfolded at the last epoch's end, saved after it
-            checkpoint["state_dict"]["net.classifier.0.weight"] = self._folded_weight
+        if self._folded is not None:  # unfolded at the last epoch's end, saved after it
+            checkpoint["state_dict"]["net.classifier.0.weight"] = self._folded[0].weight.detach()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint resumes only a fit in its own form: folded weights and their momentum do not
