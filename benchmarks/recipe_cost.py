@@ -8,7 +8,8 @@
    steps of each fit left out), then the seconds a 40,000-image epoch and the 10- and 30-epoch
    budgets take at that rate.
 2. With ``--run DIR`` (a run of the recipe, finished or in progress): its validation accuracy after
-   each epoch, from the run's ``csv/metrics.csv``.
+   each epoch and, once it finished, its test accuracy, from the run's ``csv/metrics.csv``.
+   ``--rounds 0 --run DIR`` reads the run alone (no timing); ``--label`` names the result apart.
 
     python -m benchmarks.recipe_cost --data-root ../shared/data/cifar10-jpeg [--steps 30] [--run RUN_DIR]
 
@@ -88,50 +89,64 @@ def speeds_in_turns(data: list[str], steps: int, skip: int, rounds: int, work: P
     return out
 
 
-def val_curve(run_dir: Path) -> list[dict]:
-    """(epoch, val accuracy %) after each finished epoch of a run, from its csv/metrics.csv."""
+def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
         raise SystemExit(f"--run {run_dir}: no csv/metrics.csv there (point it at a run folder of the recipe)")
-    out = []
     with open(path) as fh:
-        for row in csv.DictReader(fh):
-            if row.get("val/acc"):
-                out.append({"epoch": int(row["epoch"]) + 1, "val_acc": 100 * float(row["val/acc"])})
-    return out
+        return list(csv.DictReader(fh))
+
+
+def val_curve(run_dir: Path) -> list[dict]:
+    """(epoch, val accuracy %) after each finished epoch of a run, from its csv/metrics.csv."""
+    return [{"epoch": int(row["epoch"]) + 1, "val_acc": 100 * float(row["val/acc"])}
+            for row in _metrics(run_dir) if row.get("val/acc")]
+
+
+def test_accuracy(run_dir: Path) -> float | None:
+    """The finished run's test accuracy %, or None before its test pass (no test/acc logged yet)."""
+    values = [100 * float(row["test/acc"]) for row in _metrics(run_dir) if row.get("test/acc")]
+    return values[-1] if values else None
 
 
 def measure(args) -> dict:
     data = [f"data.root={(REPO / args.data_root).resolve()}", f"data.cache_dir={REPO / 'benchmarks' / '.cache' / 'imagefolder'}"]
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        speeds = speeds_in_turns(data, args.steps, args.skip, args.rounds, Path(tmp))
     hw = hardware.detect("cpu")
-    rate = speeds["recipe (auto)"]["images_per_s"]
     res = {
         "what": "the from-scratch recipe's training speed on this machine, and its validation accuracy per epoch",
         "date": dt.date.today().isoformat(), "machine": {**hw.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                                           "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-        "speeds": speeds, "bf16_vs_fp32": rate / speeds["float32 NCHW"]["images_per_s"],
-        "folded_vs_unfolded": rate / speeds["unfolded"]["images_per_s"],
-        "epoch_s": EPOCH_IMAGES / rate,
-        "budget_h": {str(e): e * EPOCH_IMAGES / rate / 3600 for e in (10, 30)},
     }
+    if args.rounds > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            speeds = speeds_in_turns(data, args.steps, args.skip, args.rounds, Path(tmp))
+        rate = speeds["recipe (auto)"]["images_per_s"]
+        res.update({
+            "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+            "speeds": speeds, "bf16_vs_fp32": rate / speeds["float32 NCHW"]["images_per_s"],
+            "folded_vs_unfolded": rate / speeds["unfolded"]["images_per_s"],
+            "epoch_s": EPOCH_IMAGES / rate,
+            "budget_h": {str(e): e * EPOCH_IMAGES / rate / 3600 for e in (10, 30)},
+        })
     if args.run:
         res["run"] = str(args.run)
         res["val_curve"] = val_curve(Path(args.run))
+        res["test_acc"] = test_accuracy(Path(args.run))
     return res
 
 
 def render(res: dict) -> str:
     m = res["machine"]
+    flags = (f"Machine: {m.get('name')} ({m['cpu_capability']}, flags {', '.join(m.get('cpu_flags') or [])}, native bf16: "
+             f"{m.get('native_bf16')}), torch {m['torch']}, {m['threads']} threads")
+    if "speeds" not in res:
+        return "\n".join([f"# The from-scratch recipe's run ({res['date']})", "", flags + ".", "", *_run_lines(res)])
     loaded = max(res["loadavg_start"][0], res["loadavg_end"][0]) > m["threads"] + 0.5
     rows = [(k, v["precision"], str(v["channels_last"]), str(v.get("fold_classifier", "-")), f"{v['images_per_s']:.1f}",
              f"{v['median_step_s']:.3f}") for k, v in res["speeds"].items()]
     lines = [f"# The from-scratch recipe's cost ({res['date']})", "",
-             f"Machine: {m.get('name')} ({m['cpu_capability']}, flags {', '.join(m.get('cpu_flags') or [])}, native bf16: "
-             f"{m.get('native_bf16')}), torch {m['torch']}, {m['threads']} threads; 1-minute load average "
+             f"{flags}; 1-minute load average "
              f"{res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end"
              + (" (**other work shared the CPU: the rates are lower bounds**)." if loaded else "."), "",
              table(["variant", "precision", "channels_last", "fold_classifier", "images/s", "median step s"], rows), "",
@@ -141,10 +156,16 @@ def render(res: dict) -> str:
              f"{res['budget_h']['10']:.1f} h for 10 epochs, {res['budget_h']['30']:.1f} h for 30 "
              f"(validation adds about a quarter of an epoch's forward passes). bf16 vs float32: {res['bf16_vs_fp32']:.2f}x; "
              + (f"folded vs unfolded classifier: {res['folded_vs_unfolded']:.2f}x." if "folded_vs_unfolded" in res else ""), ""]
-    if res.get("val_curve"):
-        rows = [(str(c["epoch"]), f"{c['val_acc']:.2f}") for c in res["val_curve"]]
-        lines += [f"Validation accuracy after each epoch of `{res['run']}`:", "", table(["epoch", "val acc %"], rows), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _run_lines(res))
+
+
+def _run_lines(res: dict) -> list[str]:
+    if not res.get("val_curve"):
+        return []
+    rows = [(str(c["epoch"]), f"{c['val_acc']:.2f}") for c in res["val_curve"]]
+    test = res.get("test_acc")
+    return [f"Validation accuracy after each epoch of `{res['run']}`:", "", table(["epoch", "val acc %"], rows), "",
+            f"Test accuracy at the end: {test:.2f}%." if test is not None else "Not finished: no test accuracy yet.", ""]
 
 
 def main(argv=None) -> dict:
@@ -154,12 +175,15 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="fits of every variant, taken in turns")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the rate")
     p.add_argument("--run", default=None, help="a run folder of the recipe: its validation accuracy per epoch")
+    p.add_argument("--label", default=None, help="a suffix for the result files' names")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
+    if args.rounds < 0 or (args.rounds == 0 and not args.run):
+        p.error("--rounds must be >= 1, or 0 with --run RUN_DIR (read the run alone)")
     if args.steps < args.skip + 3:
         p.error(f"--steps {args.steps} must exceed --skip {args.skip} by at least 3")
     res = measure(args)
-    tag = result_tag("recipe-cost", "cpu")
+    tag = result_tag("recipe-cost", "cpu") + (f"-{args.label}" if args.label else "")
     write_json(Path(args.out) / f"{tag}.json", res)
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))

@@ -324,7 +324,7 @@ def test_worthy_judges_the_fastest_answer_of_any_schedule():
 
 
 def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
-    from benchmarks.recipe_cost import val_curve
+    from benchmarks.recipe_cost import main, test_accuracy, val_curve
 
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "metrics.csv").write_text(
@@ -333,6 +333,17 @@ def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
     assert val_curve(tmp_path) == [{"epoch": 1, "val_acc": 25.0}, {"epoch": 2, "val_acc": 50.0}]
     with pytest.raises(SystemExit, match="no csv/metrics.csv"):
         val_curve(tmp_path / "elsewhere")
+    assert test_accuracy(tmp_path) is None  # not finished
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/acc,train/loss,train/loss_step,val/acc,val/loss,test/acc,test/loss\n"
+        "0,312,,,,0.25,2.0,,\n1,625,,,,0.5,1.5,,\n1,625,,,,,,0.875,0.4\n")
+    assert test_accuracy(tmp_path) == pytest.approx(87.5)
+    res = main(["--rounds", "0", "--run", str(tmp_path), "--label", "t", "--out", str(tmp_path / "out")])
+    assert "speeds" not in res and res["test_acc"] == pytest.approx(87.5)
+    md = next((tmp_path / "out").glob("*-recipe-cost-cpu-t.md")).read_text()
+    assert "| 2     | 50.00     |" in md and "Test accuracy at the end: 87.50%." in md
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])  # nothing to read and nothing to time
 
 
 def test_the_results_index_in_benchmarks_readme_is_what_the_result_files_give():
