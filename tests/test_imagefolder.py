@@ -140,17 +140,32 @@ def test_other_sizes_and_modes_become_rgb_at_image_size(tmp_path):
     assert tuple(img.shape) == (3, 24, 24)  # the crop keeps the configured size
 
 
-def test_the_fine_tune_key_follows_the_files(tmp_path):
+def test_the_fine_tune_key_follows_what_the_files_hold_not_where_or_when(tmp_path):
+    import shutil
+
     from prunelab.finetune import training_key
 
     root = write_tree(tmp_path / "tree", {"train": 2, "test": 1})
-    over = ["data=imagefolder", f"data.root={root}", "model.weights=null"]
-    before = training_key(compose_cfg(tmp_path, over))
-    assert before == training_key(compose_cfg(tmp_path, [*over, "data.cache_dir=/elsewhere"]))
-    path = root / "test" / "ship" / "0000.png"
+    over = ["data=imagefolder", "model.weights=null"]
+    before = training_key(compose_cfg(tmp_path, [*over, f"data.root={root}"]))
+    assert before == training_key(compose_cfg(tmp_path, [*over, f"data.root={root}",
+                                                          f"data.cache_dir={tmp_path / 'elsewhere'}"]))
+    # copied elsewhere and every file rewritten later (a restore, a copy without times): the decode
+    # cache misses, the images are the same, so the training is the same one (it resumes, it is reused)
+    copy = Path(shutil.copytree(root, tmp_path / "copy"))
+    for path in copy.rglob("*.png"):
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert imagefolder.files_key(copy, 32) != imagefolder.files_key(root, 32)
+    assert training_key(compose_cfg(tmp_path, [*over, f"data.root={copy}"])) == before
+    # one pixel changed: another training
+    path = copy / "test" / "ship" / "0000.png"
     st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert training_key(compose_cfg(tmp_path, over)) != before
+    px = np.asarray(Image.open(path)).copy()
+    px[0, 0, 0] ^= 1
+    Image.fromarray(px).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert training_key(compose_cfg(tmp_path, [*over, f"data.root={copy}"])) != before
 
 
 def test_cli_refuses_a_head_of_another_size_in_one_line(run_cli, tmp_path):

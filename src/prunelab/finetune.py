@@ -69,10 +69,12 @@ class FinetuneResult:
 def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _DATA_IGNORED}
     data["kind"] = cfg.data._target_
-    # what the files hold, not only where they are: a changed image is another fine-tune
+    # what the files hold, not where they are: a changed image is another fine-tune, the same images
+    # copied elsewhere (another path, new modification times) the same one
     content = data_identity(cfg.data)
     if content is not None:
         data["identity"] = content
+        data.pop("root", None)
     data.pop("cache_dir", None)  # where decoded arrays are kept changes nothing they hold
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()

@@ -12,10 +12,12 @@ __all__ = ["CIFAR10DataModule", "ImageFolderDataModule", "SyntheticDataModule", 
 
 
 def data_identity(data) -> str | None:
-    """A key of the data's contents where the config alone does not fix them (class folders: every
-    file's path, size and modification time); None where it does (CIFAR-10's release, generated data)."""
+    """A key of the data's contents where the config alone does not fix them (class folders: a digest
+    of the decoded images, labels and class names, decoding the tree first if it is not cached);
+    None where it does (CIFAR-10's release, generated data)."""
     if data.get("_target_") == IMAGEFOLDER_TARGET and data.get("root"):
         from prunelab.data.imagefolder import identity
 
-        return identity(data.root, int(data.get("image_size", 32)))
+        return identity(data.root, int(data.get("image_size", 32)), data.get("cache_dir"),
+                        data.get("decode_workers"))
     return None

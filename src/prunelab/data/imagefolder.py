@@ -11,6 +11,11 @@ of every file's path, size and modification time and of ``image_size``: a second
 arrays in about a second; a changed, added or removed file makes a new key and so a new decode.
 A file that does not decode stops the run with one line naming it, and no cache entry is written.
 
+The tree's ``identity`` (part of the fine-tune key) is a digest of what training sees, the class
+names and the decoded arrays, stored with the cache entry: a tree copied to another machine or
+restored with new modification times decodes once more and keeps its identity, so a training
+resumes and a cached fine-tune is reused there; a changed pixel is another identity.
+
 Within each split, files are ordered by position within their class (sorted names), classes
 interleaved: image 0 of every class, then image 1 of every class, ... So ``train_size=N`` keeps a
 class-balanced first N, as CIFAR-10's batches do, and the order is that of the official release
@@ -92,9 +97,9 @@ def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[str, 
     return names, {split: _interleave(classes, names) for split, classes in found.items()}
 
 
-def identity(root: str | os.PathLike, image_size: int) -> str:
-    """A key of the tree's contents as the decode sees them: every file's path, size and modification
-    time, and the image size. Equal keys decode to equal arrays; it is part of the fine-tune cache key."""
+def files_key(root: str | os.PathLike, image_size: int) -> str:
+    """The decode cache's key: every file's path, size and modification time, and the image size.
+    Equal keys decode to equal arrays (a stat per file: cheap enough to check on every run)."""
     root = Path(root).expanduser()
     names, splits = scan(root)
     h = hashlib.sha256(json.dumps({"format": _FORMAT, "image_size": image_size, "classes": names}).encode())
@@ -139,13 +144,44 @@ def decode_all(paths: list[str], size: int, workers: int | None = None) -> np.nd
     return np.concatenate(results) if results else np.empty((0, size, size, 3), np.uint8)
 
 
+def content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """A digest of the class names and every split's images and labels: what training sees, not
+    where the files are or when they were written."""
+    h = hashlib.sha256(f"format {_FORMAT}\n".encode())
+    for name in sorted(k for k in arrays if k != "digest"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\n".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
+
+
+def _entry(root: Path, image_size: int, cache_dir: str | os.PathLike | None) -> Path | None:
+    return Path(cache_dir).expanduser() / f"{files_key(root, image_size)}.npz" if cache_dir else None
+
+
+def identity(root: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = None,
+             workers: int | None = None) -> str:
+    """The tree's ``content_digest``: read from its cache entry when there is one, else the tree is
+    decoded (and cached) to compute it. Part of the fine-tune key."""
+    root = Path(root).expanduser()
+    entry = _entry(root, image_size, cache_dir)
+    if entry is not None and entry.is_file():
+        try:
+            with np.load(entry, allow_pickle=False) as z:
+                if "digest" in z.files:
+                    return str(z["digest"])
+        except (OSError, ValueError, EOFError):
+            pass  # damaged: load_tree decodes again and replaces it
+    arrays = load_tree(root, image_size, cache_dir, workers)
+    return str(arrays["digest"]) if "digest" in arrays else content_digest(arrays)
+
+
 def load_tree(root: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None,
               workers: int | None = None) -> dict[str, np.ndarray]:
-    """{'classes', 'x_<split>', 'y_<split>'} of the tree, from the cache when its key matches, else
-    decoded (and cached, atomically, when ``cache_dir`` is set)."""
+    """{'classes', 'x_<split>', 'y_<split>', 'digest'} of the tree, from the cache when its key
+    matches, else decoded (and cached, atomically, when ``cache_dir`` is set)."""
     root = Path(root).expanduser()
-    key = identity(root, image_size)
-    entry = Path(cache_dir).expanduser() / f"{key}.npz" if cache_dir else None
+    entry = _entry(root, image_size, cache_dir)
     if entry is not None and entry.is_file():
         try:
             with np.load(entry, allow_pickle=False) as z:
@@ -157,6 +193,7 @@ def load_tree(root: str | os.PathLike, image_size: int, cache_dir: str | os.Path
     for split, files in splits.items():
         arrays[f"x_{split}"] = decode_all([str(root / split / rel) for rel, _ in files], image_size, workers)
         arrays[f"y_{split}"] = np.array([label for _, label in files], dtype=np.int64)
+    arrays["digest"] = np.array(content_digest(arrays))
     if entry is not None:
         _atomic(entry, lambda tmp: _save_npz(tmp, arrays))
     return arrays
