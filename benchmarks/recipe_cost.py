@@ -7,8 +7,10 @@
    (``--rounds`` rounds, each a short fit of every variant); steady images/s (the first ``--skip``
    steps of each fit left out), then the seconds a 40,000-image epoch and the 10- and 30-epoch
    budgets take at that rate.
-2. With ``--run DIR`` (a run of the recipe, finished or in progress): its validation accuracy after
-   each epoch and, once it finished, its test accuracy, from the run's ``csv/metrics.csv``.
+2. With ``--run DIR [DIR ...]`` (a run of the recipe, finished or in progress; a run resumed into
+   new folders is its folders in order): its validation accuracy after each epoch, from each
+   folder's ``csv/metrics.csv`` (a later folder's epoch replaces an earlier one's), and, once it
+   finished, its test accuracy, from the last folder's ``report.json`` (else its metrics).
    ``--rounds 0 --run DIR`` reads the run alone (no timing); ``--label`` names the result apart.
 
     python -m benchmarks.recipe_cost --data-root ../shared/data/cifar10-jpeg [--steps 30] [--run RUN_DIR]
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import os
 import statistics
 import tempfile
@@ -97,14 +100,25 @@ def _metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def val_curve(run_dir: Path) -> list[dict]:
-    """(epoch, val accuracy %) after each finished epoch of a run, from its csv/metrics.csv."""
-    return [{"epoch": int(row["epoch"]) + 1, "val_acc": 100 * float(row["val/acc"])}
-            for row in _metrics(run_dir) if row.get("val/acc")]
+def val_curve(*run_dirs: Path) -> list[dict]:
+    """(epoch, val accuracy %) after each finished epoch of a run, from its folders' csv/metrics.csv
+    in order: a resumed run's folder holds the epochs from where it resumed, and replaces them."""
+    by_epoch = {}
+    for run_dir in run_dirs:
+        for row in _metrics(run_dir):
+            if row.get("val/acc"):
+                by_epoch[int(row["epoch"]) + 1] = 100 * float(row["val/acc"])
+    return [{"epoch": e, "val_acc": v} for e, v in sorted(by_epoch.items())]
 
 
 def test_accuracy(run_dir: Path) -> float | None:
-    """The finished run's test accuracy %, or None before its test pass (no test/acc logged yet)."""
+    """The finished run's test accuracy %: its report's (the run's own figure), else the last
+    test/acc its metrics logged; None before its test pass."""
+    report = run_dir / "report.json"
+    if report.is_file():
+        test = (json.loads(report.read_text()).get("dense") or {}).get("test_acc")
+        if test:
+            return float(test["value"])
     values = [100 * float(row["test/acc"]) for row in _metrics(run_dir) if row.get("test/acc")]
     return values[-1] if values else None
 
@@ -130,9 +144,10 @@ def measure(args) -> dict:
             "budget_h": {str(e): e * EPOCH_IMAGES / rate / 3600 for e in (10, 30)},
         })
     if args.run:
-        res["run"] = str(args.run)
-        res["val_curve"] = val_curve(Path(args.run))
-        res["test_acc"] = test_accuracy(Path(args.run))
+        runs = [Path(r) for r in args.run]
+        res["run"] = ", ".join(map(str, runs))
+        res["val_curve"] = val_curve(*runs)
+        res["test_acc"] = test_accuracy(runs[-1])
     return res
 
 
@@ -174,7 +189,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=14, help="optimiser steps per fit")
     p.add_argument("--rounds", type=int, default=3, help="fits of every variant, taken in turns")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the rate")
-    p.add_argument("--run", default=None, help="a run folder of the recipe: its validation accuracy per epoch")
+    p.add_argument("--run", nargs="+", default=None,
+                   help="a run folder of the recipe (a resumed run: its folders in order): its validation "
+                        "accuracy per epoch and its test accuracy")
     p.add_argument("--label", default=None, help="a suffix for the result files' names")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)

@@ -346,6 +346,25 @@ def test_recipe_cost_reads_a_runs_validation_accuracy_per_epoch(tmp_path):
         main(["--rounds", "0"])  # nothing to read and nothing to time
 
 
+def test_recipe_cost_joins_a_resumed_runs_folders_and_takes_its_reports_test_accuracy(tmp_path):
+    import json
+
+    from benchmarks.recipe_cost import main, test_accuracy
+
+    first, resumed = tmp_path / "a", tmp_path / "b"
+    for d in (first, resumed):
+        (d / "csv").mkdir(parents=True)
+    head = "epoch,step,train/acc,train/loss,train/loss_step,val/acc,val/loss\n"
+    (first / "csv" / "metrics.csv").write_text(head + "0,312,,,,0.25,2.0\n1,625,,,,0.5,1.5\n2,937,,,,0.55,1.4\n")
+    # resumed from the end of epoch 2: it redoes epoch 3, which replaces the first folder's
+    (resumed / "csv" / "metrics.csv").write_text(head + "2,937,,,,0.6,1.3\n3,1249,,,,0.7,1.1\n")
+    (resumed / "report.json").write_text(json.dumps({"dense": {"test_acc": {"value": 68.25, "n": 10000}}}))
+    assert test_accuracy(resumed) == pytest.approx(68.25)
+    res = main(["--rounds", "0", "--run", str(first), str(resumed), "--out", str(tmp_path / "out")])
+    assert [c["val_acc"] for c in res["val_curve"]] == pytest.approx([25.0, 50.0, 60.0, 70.0])
+    assert res["test_acc"] == pytest.approx(68.25)
+
+
 def test_the_results_index_in_benchmarks_readme_is_what_the_result_files_give():
     from benchmarks import results_table
 
