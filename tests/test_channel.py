@@ -79,6 +79,24 @@ def test_pruned_equals_masked_dense(batch_norm, ratio):
     assert sum(len(v) for v in plan.values()) == round(ratio * sum(c.out_channels for c in convs(model).values()))
 
 
+def test_layerwise_takes_the_same_share_of_every_layer_its_own_lowest():
+    model = tiny_vgg()
+    # one layer's filters made far weaker than the rest: a global ranking empties it first
+    with torch.no_grad():
+        convs(model)["features.3"].weight.mul_(1e-3)
+    scores = {n: filter_importance(c) for n, c in convs(model).items()}
+    glob = channel_plan(model, 0.25, normalize="none", round_to=1)
+    assert len(glob["features.3"]) == 15  # emptied to its floor (one of 16 kept)
+    plan = channel_plan(model, 0.25, normalize="none", round_to=1, scope="layerwise")
+    for name, s in scores.items():
+        assert len(plan[name]) == round(0.25 * s.numel())
+        assert plan[name] == sorted(torch.argsort(s, stable=True)[: len(plan[name])].tolist())
+    pruner = ChannelPruner(model, X[:1], normalize="none", round_to=1, scope="layerwise")
+    assert pruner.plan(0.25) == plan
+    with pytest.raises(ValueError, match="scope must be global or layerwise"):
+        channel_plan(model, 0.25, scope="per-layer")
+
+
 def test_removes_exactly_the_lowest_ranked_and_keeps_original_rows():
     model = tiny_vgg()
     before = copy.deepcopy(model.state_dict())

@@ -2,8 +2,9 @@
 
 Ranking is ours, surgery is Torch-Pruning's. Every output filter of every prunable conv gets one
 score (the L1 or L2 norm of its weights, optionally divided by its layer's mean) and the
-``round(ratio * total)`` lowest scores across the whole network are removed, except that a layer
-never drops below ``min_channels``; with ``round_to > 1`` each layer's width is then rounded to
+``round(ratio * total)`` lowest scores across the whole network are removed (``scope="layerwise"``:
+the ``round(ratio * n)`` lowest of each n-wide conv), except that a layer never drops below
+``min_channels``; with ``round_to > 1`` each layer's width is then rounded to
 a multiple of it (fast kernel widths). Torch-Pruning's dependency graph then deletes each chosen filter together with
 its bias, the BatchNorm entries after it, the matching input channels of the next conv and, for
 the last conv of a VGG, the 49 input features per channel of ``classifier[0]``.
@@ -104,11 +105,14 @@ class ChannelRanking:
     def total(self) -> int:
         return sum(self.sizes.values())
 
-    def plan(self, ratio: float, min_channels: int = 1, round_to: int = 1) -> dict[str, list[int]]:
+    def plan(self, ratio: float, min_channels: int = 1, round_to: int = 1,
+             layerwise: bool = False) -> dict[str, list[int]]:
         """Removed channel indices per conv at ``ratio``: the lowest-ranked ones the floors allow.
 
-        When the floors leave fewer than ``round(ratio * total)`` removable channels, every
-        removable one goes (the floors win over the ratio). With ``round_to > 1`` each layer
+        Global (the default): the ``round(ratio * total)`` lowest across the network. ``layerwise``:
+        ``round(ratio * n)`` of each n-wide conv, its own lowest-ranked (every layer loses the
+        same share; how the layers compare does not matter). When the floors leave fewer removable
+        channels than that, every removable one goes (the floors win over the ratio). With ``round_to > 1`` each layer
         then keeps the multiple of ``round_to`` nearest to what the global ranking left it
         (never fewer than ``round_to`` nor ``min_channels``), dropping its own lowest-ranked
         channels: widths such as 64 or 256 run at full SIMD width, 61 or 203 do not. The total
@@ -123,10 +127,12 @@ class ChannelRanking:
         room = {name: max(0, n - min_channels) for name, n in self.sizes.items()}
         removed: dict[str, list[int]] = {name: [] for name in self.sizes}
         by_layer: dict[str, list[int]] = {name: [] for name in self.sizes}
+        quota = {name: min(room[name], count_to_prune(n, ratio)) if layerwise else room[name]
+                 for name, n in self.sizes.items()}
         taken = 0
         for name, ch in self.order:
             by_layer[name].append(ch)  # each layer's channels, lowest-ranked first
-            if taken < k and len(removed[name]) < room[name]:
+            if (layerwise or taken < k) and len(removed[name]) < quota[name]:
                 removed[name].append(ch)
                 taken += 1
         if round_to > 1:
@@ -166,12 +172,20 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
                  example_input: torch.Tensor | None = None, normalize: str = DEFAULT_NORMALIZE,
-                 round_to: int = DEFAULT_ROUND_TO) -> dict[str, list[int]]:
+                 round_to: int = DEFAULT_ROUND_TO, scope: str = "global") -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
+    ``scope="layerwise"``: every prunable conv loses the same share (``ChannelRanking.plan``).
     """
-    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels, round_to)
+    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels, round_to,
+                                                                           layerwise=_layerwise(scope))
+
+
+def _layerwise(scope: str) -> bool:
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"prune.scope must be global or layerwise, got {scope!r}")
+    return scope == "layerwise"
 
 
 def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_input: torch.Tensor) -> nn.Module:
@@ -296,7 +310,7 @@ class ChannelPruner:
     method = "channel"
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
-                 normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO):
+                 normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global"):
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if min_channels < 1:
@@ -310,6 +324,7 @@ class ChannelPruner:
         self.normalize = normalize
         self.min_channels = min_channels
         self.round_to = round_to
+        self.layerwise = _layerwise(scope)
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None
@@ -324,7 +339,7 @@ class ChannelPruner:
         for r in ratios:
             r = round(float(r), 6)
             if r not in self.plans:
-                self.plans[r] = self.ranking.plan(r, self.min_channels, self.round_to)
+                self.plans[r] = self.ranking.plan(r, self.min_channels, self.round_to, self.layerwise)
 
     def plan(self, ratio: float) -> dict[str, list[int]]:
         ratio = round(float(ratio), 6)

@@ -81,13 +81,13 @@ NORMALIZATIONS = ("mean", "none")
 
 
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
-             round_to: int = 16, example_input: torch.Tensor | None = None, **_):
+             round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global", **_):
     from prunelab.pruning.channel import ChannelPruner, default_example
 
     example = example_input if example_input is not None else default_example(model)
     device = next(model.parameters()).device
     return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
-                         normalize=normalize, round_to=round_to)
+                         normalize=normalize, round_to=round_to, scope=scope)
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
