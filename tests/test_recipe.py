@@ -118,6 +118,17 @@ def test_the_scratch_experiment_composes_the_recipe(tmp_path):
     assert m.warmup_epochs > 0 and cfg.trainer.max_epochs >= 10 and not math.isnan(m.lr)
 
 
+def test_the_recipes_search_prunes_channels_layerwise(tmp_path):
+    from prunelab.pruning.registry import make_pruner
+    from prunelab.pruning.spec import prune_spec
+
+    options = prune_spec(compose_cfg(tmp_path, ["+experiment=scratch"])).pruner_options()
+    pruner = make_pruner("channel", build_classifier("resnet18", None, 10), **options)
+    assert options["scope"] == "layerwise" and pruner.layerwise
+    assert not make_pruner("channel", build_classifier("resnet18", None, 10),
+                           **prune_spec(compose_cfg(tmp_path, [])).pruner_options()).layerwise
+
+
 # --- model.weights=PATH: training starts from a state_dict file -------------------------------------
 
 
