@@ -1,0 +1,163 @@
+"""How channel pruning's ranking choices keep a trained model's accuracy, one-shot, before recovery.
+
+On a trained VGG16 (a ``dense.pt``; its classifier may be stored folded, ``--folded``), each of:
+
+- ``global-mean``: one ranking across layers, each filter's L1 norm divided by its layer's mean
+  (``prune.scope=global prune.normalize=mean``);
+- ``global-none``: one ranking of raw L1 norms (``prune.normalize=none``);
+- ``layerwise``: the same share of every conv, its own lowest L1 norms (``prune.scope=layerwise``);
+- ``taylor`` (a reference, not a prunelab option): one ranking of first-order Taylor scores, the
+  squared sum over a filter's weights and bias of weight x gradient of the cross-entropy, summed over
+  ``--taylor-batches`` training batches: an estimate of what removing the filter costs the loss,
+  comparable across layers;
+
+prunes the model at each ``--ratios`` (widths rounded to ``prune.round_to``, 16) and counts its
+top-1 on the first ``--val-images`` validation images, bf16 autocast where the CPU has native bf16.
+
+    python -m benchmarks.channel_ranking --weights DENSE_PT --data-root ../shared/data/cifar10-jpeg
+
+Results: benchmarks/results/<date>-channel-ranking-cpu.{json,md}, with the CPU's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.compare import DEFAULT_OUT, result_tag
+from prunelab import hardware
+from prunelab.data import ImageFolderDataModule
+from prunelab.evaluation import count_correct
+from prunelab.io import load_state_dict, write_json, write_text
+from prunelab.models.factory import build_from_state_dict, unfold_classifier
+from prunelab.pruning.channel import (
+    ChannelRanking,
+    conv_channels,
+    default_example,
+    filter_importance,
+    prunable_convs,
+    prune_channels,
+    rank_channels,
+)
+from prunelab.report.markdown import table
+
+RANKINGS = ("global-mean", "global-none", "layerwise", "taylor")
+
+
+def taylor_scores(net: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Per prunable conv, each filter's summed (weight x gradient)^2 over ``batches`` (eval mode:
+    no dropout, so the scores are those of the network that is pruned)."""
+    convs = prunable_convs(net)
+    scores = {n: torch.zeros(c.out_channels) for n, c in convs.items()}
+    net.eval()
+    for x, y in batches:
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=hardware.detect("cpu").native_bf16):
+            loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        for n, c in convs.items():
+            g = (c.weight.grad * c.weight).sum((1, 2, 3)) + (c.bias.grad * c.bias if c.bias is not None else 0)
+            scores[n] += g.detach().float().pow(2)
+    net.zero_grad(set_to_none=True)
+    return scores
+
+
+def plans(net: nn.Module, ratio: float, round_to: int, taylor: dict[str, torch.Tensor]) -> dict[str, dict]:
+    mean = rank_channels(net, normalize="mean")
+    return {
+        "global-mean": mean.plan(ratio, 1, round_to),
+        "global-none": rank_channels(net, normalize="none").plan(ratio, 1, round_to),
+        "layerwise": mean.plan(ratio, 1, round_to, layerwise=True),
+        "taylor": ChannelRanking(taylor).plan(ratio, 1, round_to),
+    }
+
+
+def measure(args) -> dict:
+    hw = hardware.detect("cpu")
+    precision = "bf16-mixed" if hw.native_bf16 else "32-true"
+    state = load_state_dict(args.weights)
+    if args.folded:
+        state = unfold_classifier(state, 512)
+    dense = build_from_state_dict("vgg16", state)
+    dm = ImageFolderDataModule(root=args.data_root, cache_dir=args.cache_dir, num_workers=0, batch_size=128, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    val = Subset(dm.val_set, range(min(args.val_images, len(dm.val_set))))
+    loader = DataLoader(val, batch_size=256)
+
+    def accuracy(net: nn.Module) -> float:
+        c = count_correct(net.eval(), loader, len(val), device=torch.device("cpu"), precision=precision)
+        return 100 * c.correct / c.seen
+
+    t0 = time.perf_counter()
+    train = DataLoader(dm.train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = [b for _, b in zip(range(args.taylor_batches), train, strict=False)]
+    taylor = taylor_scores(build_from_state_dict("vgg16", state), batches)
+    taylor_s = time.perf_counter() - t0
+    example = default_example(dense)
+    rows = []
+    for ratio in args.ratios:
+        for name, plan in plans(dense, ratio, args.round_to, taylor).items():
+            net = prune_channels(dense, plan, example)
+            rows.append({"ratio": ratio, "ranking": name, "val_acc": accuracy(net),
+                         "widths": list(conv_channels(net).values())})
+            del net
+    return {
+        "what": "one-shot accuracy of channel pruning's rankings on a trained model, before any recovery",
+        "date": dt.date.today().isoformat(), "weights": str(args.weights), "val_images": len(val),
+        "precision": precision, "round_to": args.round_to, "taylor_batches": args.taylor_batches,
+        "taylor_s": taylor_s, "dense_val_acc": accuracy(dense),
+        "machine": {**hw.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "rows": rows,
+    }
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    rows = [(f"{r['ratio']:.2f}", r["ranking"], f"{r['val_acc']:.2f}", " ".join(map(str, r["widths"])))
+            for r in res["rows"]]
+    return "\n".join([
+        f"# Channel pruning's rankings, one-shot ({res['date']})", "",
+        f"Machine: {m.get('name')} ({m['cpu_capability']}, flags {', '.join(m.get('cpu_flags') or [])}, native bf16: "
+        f"{m.get('native_bf16')}), torch {m['torch']}, {m['threads']} threads; {res['precision']}.",
+        f"Model: `{res['weights']}`; dense {res['dense_val_acc']:.2f}% on the first {res['val_images']} validation "
+        f"images. Widths rounded to multiples of {res['round_to']}; no recovery. Taylor scores from "
+        f"{res['taylor_batches']} training batches of 128 in {res['taylor_s']:.1f} s.", "",
+        table(["ratio", "ranking", "val acc %", "conv widths"], rows), "",
+        "`taylor` is a reference (a data-driven ranking), not a prunelab option.", "",
+    ])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help="a trained VGG16's dense.pt")
+    p.add_argument("--folded", action="store_true", help="--weights stores classifier.0 folded (4096 x 512)")
+    p.add_argument("--data-root", default="../shared/data/cifar10-jpeg")
+    p.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache" / "imagefolder"))
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    p.add_argument("--round-to", type=int, default=16)
+    p.add_argument("--val-images", type=int, default=5000)
+    p.add_argument("--taylor-batches", type=int, default=8)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    if not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights}: no such file (a run's models/dense.pt)")
+    if any(not 0 < r < 1 for r in args.ratios):
+        p.error(f"--ratios must lie in (0, 1), got {args.ratios}")
+    res = measure(args)
+    tag = result_tag("channel-ranking", "cpu")
+    write_json(Path(args.out) / f"{tag}.json", res)
+    write_text(Path(args.out) / f"{tag}.md", render(res))
+    print(render(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
