@@ -87,6 +87,7 @@ def rules() -> list[tuple[str, Spec]]:
         ("data.seed", integer(0, MAX_SEED)),
         ("data.noise", number(0)),
         ("data.image_size", integer(8)),
+        ("data.cutout", integer(0)),
         ("data.decode_workers", optional(integer(1))),
         # model
         ("model.weights", optional(TEXT)),

@@ -146,6 +146,7 @@ class ArrayDataModule(LightningDataModule):
         on_device: bool = False,
         train_size: int | None = None,
         test_size: int | None = None,
+        cutout: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -158,6 +159,9 @@ class ArrayDataModule(LightningDataModule):
         if (train_size is not None and train_size < 2) or (test_size is not None and test_size < 1):
             raise ValueError(f"data.train_size must be >= 2 and data.test_size >= 1 (or null for all), "
                              f"got {train_size} and {test_size}")
+        if isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 0:
+            raise ValueError(f"data.cutout must be a whole number of pixels >= 0 (0: off), got {cutout!r}")
+        self.cutout = cutout
         self.train_size = train_size
         self.test_size = test_size
         self.batch_size = batch_size
@@ -188,7 +192,10 @@ class ArrayDataModule(LightningDataModule):
         self.train_indices, self.val_indices = train_idx, val_idx
         self._arrays = (x_train, y_train, x_test, y_test)  # references, for the on-device loaders
         size = x_train.shape[1]  # the crop keeps the images' own size (32 for CIFAR-10)
-        fit_tf = train_transform(size) if self.augment else eval_transform()
+        if self.cutout > size:
+            raise ConfigError(f"data.cutout={self.cutout} is larger than the {size}x{size} images; "
+                              f"set data.cutout<={size} (16 for 32x32 images) or 0")
+        fit_tf = train_transform(size, cutout=self.cutout) if self.augment else eval_transform()
         self.train_set = Subset(ArrayDataset(x_train, y_train, fit_tf), train_idx)
         self.val_set = Subset(ArrayDataset(x_train, y_train, eval_transform()), val_idx)
         self.test_set = ArrayDataset(x_test, y_test, eval_transform())
@@ -264,7 +271,7 @@ class ArrayDataModule(LightningDataModule):
         if split == "train":
             return DeviceLoader(
                 x_train, y_train, self.train_indices, self.batch_size, shuffle=True, augment=self.augment,
-                seed=self.seed, dataset=self.train_set,
+                cutout=self.cutout, seed=self.seed, dataset=self.train_set,
                 # the trainer's epoch, so a resumed fit draws the plan the interrupted one would have
                 epoch_fn=_fit_epoch(trainer) if trainer is not None else None, **common,
             )
@@ -297,4 +304,5 @@ class ArrayDataModule(LightningDataModule):
             "test": len(self.test_set),
             "seed": self.seed,
             "on_device": self.on_device,
+            "cutout": self.cutout,
         }

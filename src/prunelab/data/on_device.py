@@ -1,5 +1,5 @@
 """Batches made on the accelerator: the uint8 split stays resident on the device and every batch
-is flipped, padded-cropped and normalised there, with no loader workers and no per-batch copy
+is flipped, padded-cropped, normalised (and cut out, with ``cutout``) there, with no loader workers and no per-batch copy
 from the host.
 
 The transforms reproduce torchvision's ``RandomHorizontalFlip -> RandomCrop(32, padding=4) ->
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD
+from prunelab.data.transforms import CIFAR10_MEAN, CIFAR10_STD, cutout_mask
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -68,7 +68,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0])
 
 
-def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, augment: bool, padding: int = 4) -> dict[str, torch.Tensor]:
+def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, augment: bool, padding: int = 4,
+               cutout: int = 0, size: tuple[int, int] = (32, 32)) -> dict[str, torch.Tensor]:
     """Order and augmentation parameters for one epoch of ``n`` samples, drawn on the CPU.
 
     Drawn for positions in the epoch's order, so a DDP rank's stride of the plan holds exactly the
@@ -81,6 +82,9 @@ def epoch_plan(n: int, seed: int, epoch: int, shuffle: bool, augment: bool, padd
         # randint's high is exclusive: offsets 0..2*padding, like RandomCrop's get_params
         plan["top"] = torch.randint(0, 2 * padding + 1, (n,), generator=g)
         plan["left"] = torch.randint(0, 2 * padding + 1, (n,), generator=g)
+        if cutout:  # drawn after the crops, so turning cutout on leaves every flip and crop as it was
+            plan["cut_y"] = torch.randint(0, size[0], (n,), generator=g)
+            plan["cut_x"] = torch.randint(0, size[1], (n,), generator=g)
     return plan
 
 
@@ -129,6 +133,7 @@ class DeviceLoader:
         dataset: Dataset | None = None,
         epoch_fn: Callable[[], int | None] | None = None,
         channels_last: bool = False,
+        cutout: int = 0,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
@@ -149,6 +154,7 @@ class DeviceLoader:
         self.epoch = 0
         self._fixed_epoch = False
         self.channels_last = channels_last
+        self.cutout = cutout if augment else 0
         self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)
         self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
 
@@ -177,7 +183,8 @@ class DeviceLoader:
         # A generator, so that merely calling iter() (Lightning does, to check the loader) draws
         # nothing and advances no epoch.
         epoch = self._current_epoch()
-        plan = epoch_plan(len(self.indices), self.seed, epoch, self.shuffle, self.augment, self.padding)
+        plan = epoch_plan(len(self.indices), self.seed, epoch, self.shuffle, self.augment, self.padding,
+                          self.cutout, tuple(self.images.shape[1:3]))
         # One host-to-device copy of the epoch's plan, this rank's share only.
         plan = {k: v[self.positions].to(self.device) for k, v in plan.items()}
         for start in range(0, len(self.positions), self.batch_size):
@@ -186,7 +193,11 @@ class DeviceLoader:
             x = self.images.index_select(0, idx)  # whole-image row copies, faster than x[idx] on the CPU
             if self.augment:
                 x = flip_crop(x, plan["flip"][sl], plan["top"][sl], plan["left"][sl], self.padding)
-            yield normalize(x, self.mean, self.std, self.channels_last), self.labels.index_select(0, idx)
+            x = normalize(x, self.mean, self.std, self.channels_last)
+            if self.cutout:  # on the normalised batch, as the PIL pipeline's Cutout: the mean colour
+                mask = cutout_mask(x.shape[2], x.shape[3], plan["cut_y"][sl], plan["cut_x"][sl], self.cutout)
+                x.masked_fill_(mask[:, None], 0.0)
+            yield x, self.labels.index_select(0, idx)
 
     def __repr__(self) -> str:
         return (f"DeviceLoader(n={len(self.positions)}, batch_size={self.batch_size}, device={self.device}, "
