@@ -6,10 +6,11 @@ On a trained VGG16 (a ``dense.pt``; its classifier may be stored folded, ``--fol
   (``prune.scope=global prune.normalize=mean``);
 - ``global-none``: one ranking of raw L1 norms (``prune.normalize=none``);
 - ``layerwise``: the same share of every conv, its own lowest L1 norms (``prune.scope=layerwise``);
-- ``taylor`` (a reference, not a prunelab option): one ranking of first-order Taylor scores, the
-  squared sum over a filter's weights and bias of weight x gradient of the cross-entropy, summed over
-  ``--taylor-batches`` training batches: an estimate of what removing the filter costs the loss,
-  comparable across layers;
+- ``taylor``: one ranking across layers of first-order Taylor scores (``prune.importance=taylor
+  prune.normalize=none``), the squared sum over a filter's weights and bias of weight x gradient of the
+  cross-entropy, summed over the first ``--taylor-batches`` training batches, unaugmented: an
+  estimate of what removing the filter costs the loss, comparable across layers;
+- ``taylor-layerwise``: the same scores, the same share of every conv (``prune.scope=layerwise``);
 
 prunes the model at each ``--ratios`` (widths rounded to ``prune.round_to``, 16) and counts its
 top-1 on the first ``--val-images`` validation images, bf16 autocast where the CPU has native bf16.
@@ -40,41 +41,25 @@ from prunelab.pruning.channel import (
     ChannelRanking,
     conv_channels,
     default_example,
-    filter_importance,
-    prunable_convs,
     prune_channels,
     rank_channels,
 )
+from prunelab.pruning.taylor import Calibration
 from prunelab.report.markdown import table
 
-RANKINGS = ("global-mean", "global-none", "layerwise", "taylor")
+RANKINGS = ("global-mean", "global-none", "layerwise", "taylor", "taylor-layerwise")
 
 
-def taylor_scores(net: nn.Module, batches) -> dict[str, torch.Tensor]:
-    """Per prunable conv, each filter's summed (weight x gradient)^2 over ``batches`` (eval mode:
-    no dropout, so the scores are those of the network that is pruned)."""
-    convs = prunable_convs(net)
-    scores = {n: torch.zeros(c.out_channels) for n, c in convs.items()}
-    net.eval()
-    for x, y in batches:
-        net.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=hardware.detect("cpu").native_bf16):
-            loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        for n, c in convs.items():
-            g = (c.weight.grad * c.weight).sum((1, 2, 3)) + (c.bias.grad * c.bias if c.bias is not None else 0)
-            scores[n] += g.detach().float().pow(2)
-    net.zero_grad(set_to_none=True)
-    return scores
-
-
-def plans(net: nn.Module, ratio: float, round_to: int, taylor: dict[str, torch.Tensor]) -> dict[str, dict]:
+def plans(net: nn.Module, ratio: float, round_to: int, taylor: ChannelRanking) -> dict[str, dict]:
+    """Each ranking's plan at ``ratio``; ``taylor`` is prunelab's Taylor ranking of ``net``, raw
+    scores (``rank_channels(net, "taylor", normalize="none", calibration=...)``), ranked once."""
     mean = rank_channels(net, normalize="mean")
     return {
         "global-mean": mean.plan(ratio, 1, round_to),
         "global-none": rank_channels(net, normalize="none").plan(ratio, 1, round_to),
         "layerwise": mean.plan(ratio, 1, round_to, layerwise=True),
-        "taylor": ChannelRanking(taylor).plan(ratio, 1, round_to),
+        "taylor": taylor.plan(ratio, 1, round_to),
+        "taylor-layerwise": taylor.plan(ratio, 1, round_to, layerwise=True),
     }
 
 
@@ -96,9 +81,8 @@ def measure(args) -> dict:
         return 100 * c.correct / c.seen
 
     t0 = time.perf_counter()
-    train = DataLoader(dm.train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
-    batches = [b for _, b in zip(range(args.taylor_batches), train, strict=False)]
-    taylor = taylor_scores(build_from_state_dict("vgg16", state), batches)
+    calibration = Calibration.from_datamodule(dm, args.taylor_batches, 128)
+    taylor = rank_channels(dense, "taylor", normalize="none", calibration=calibration)
     taylor_s = time.perf_counter() - t0
     example = default_example(dense)
     rows = []
@@ -131,7 +115,8 @@ def render(res: dict) -> str:
         f"images. Widths rounded to multiples of {res['round_to']}; no recovery. Taylor scores from "
         f"{res['taylor_batches']} training batches of 128 in {res['taylor_s']:.1f} s.", "",
         table(["ratio", "ranking", "val acc %", "conv widths"], rows), "",
-        "`taylor` is a reference (a data-driven ranking), not a prunelab option.", "",
+        "`taylor` is `prune.importance=taylor prune.normalize=none` across layers; `taylor-layerwise` the same "
+        "scores with `prune.scope=layerwise`.", "",
     ])
 
 

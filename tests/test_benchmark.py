@@ -387,26 +387,26 @@ def test_results_index_names_benchmarks_and_counts_goals(tmp_path):
     assert "notes" not in table
 
 
-def test_channel_ranking_benchmark_plans_and_taylor_scores():
+def test_channel_ranking_benchmark_plans_each_ranking():
     from test_channel import X, tiny_vgg
 
-    from benchmarks.channel_ranking import RANKINGS, main, plans, taylor_scores
-    from prunelab.pruning.channel import prunable_convs
+    from benchmarks.channel_ranking import RANKINGS, main, plans
+    from prunelab.pruning.channel import prunable_convs, rank_channels
+    from prunelab.pruning.taylor import Calibration
 
     net = tiny_vgg()
     with torch.no_grad():  # filter 3 of the second conv computes nothing: removing it costs no loss
         net.features[3].weight[3] = 0
         net.features[3].bias[3] = 0
     y = torch.arange(len(X)) % 10
-    scores = taylor_scores(net, [(X, y), (X, y)])
-    assert scores["features.3"][3] == 0 and scores["features.3"].sum() > 0
-    assert set(scores) == {"features.0", "features.3", "features.6", "features.9", "features.12"}
-    out = plans(net, 0.25, 1, scores)
+    taylor = rank_channels(net, "taylor", normalize="none", calibration=Calibration([(X, y), (X, y)]))
+    out = plans(net, 0.25, 1, taylor)
     assert tuple(out) == RANKINGS
-    assert 3 in out["taylor"]["features.3"]
+    assert 3 in out["taylor"]["features.3"] and 3 in out["taylor-layerwise"]["features.3"]
     sizes = {n: c.out_channels for n, c in prunable_convs(net).items()}
-    assert all(len(out["layerwise"][n]) == round(0.25 * k) for n, k in sizes.items())
+    for r in ("layerwise", "taylor-layerwise"):
+        assert all(len(out[r][n]) == round(0.25 * k) for n, k in sizes.items())
     assert all(sum(len(v) for v in out[r].values()) == round(0.25 * sum(sizes.values())) for r in RANKINGS
-               if r != "layerwise")
+               if "layerwise" not in r)
     with pytest.raises(SystemExit):
         main(["--weights", __file__, "--ratios", "0.5", "1.5"])

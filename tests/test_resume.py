@@ -24,11 +24,11 @@ from prunelab.callbacks.checkpoint import (
     read_checkpoint,
 )
 from prunelab.compose import compose
-from prunelab.resolve import resolve_auto
 from prunelab.data import SyntheticDataModule
 from prunelab.data.arrays import EpochShuffle
 from prunelab.data.on_device import epoch_seed
 from prunelab.finetune import _cacheable, finetune, lineage_key, training_key
+from prunelab.resolve import resolve_auto
 from prunelab.trainer import build, build_trainer
 
 # mobilenet_v3_small: small, and its head has dropout, the model-side randomness a resume must replay.

@@ -30,6 +30,7 @@ from prunelab.pruning.channel import count_macs, default_example
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
 from prunelab.pruning.spec import PruneSpec, prune_spec
+from prunelab.pruning.taylor import Calibration, with_calibration
 from prunelab.report.stats import wilson_interval
 from prunelab.search.across import oneshot_walk, search_across
 from prunelab.search.iterative import iterative, iterative_search, schedule
@@ -76,6 +77,14 @@ class PruneJob:
     dense_hits: torch.Tensor | None = None  # the dense model's per-image correctness on validation
     time_pair: Callable[[nn.Module, str], dict] | None = None
     time_together: Callable[[dict], dict] | None = None
+    calibration: Calibration | None = None  # a Taylor ranking's training images, drawn once per job
+
+    def pruner_options(self) -> dict:
+        """What ``make_pruner`` takes: the prune spec's options, with the calibration images where
+        the ranking needs them (``prune.importance=taylor``)."""
+        opts = with_calibration(self.prune.pruner_options(), self.dm, self.calibration)
+        self.calibration = opts.get("calibration", self.calibration)
+        return opts
 
     @property
     def dense(self) -> Evaluation:
@@ -84,9 +93,10 @@ class PruneJob:
     def oneshot(self, method: str, rule: str, full_curve: bool, journal: Path | None) -> OneShotSearch:
         """The one-shot walk of ``method`` under this job's settings."""
         p, s = self.prune, self.search
+        options = {k: v for k, v in self.pruner_options().items() if k != "scope"}
         return OneShotSearch(s.tolerance, rule, list(s.grid), s.refine_step, p.scope, s.exact, self.dm.eval_batch_size,
                              self.precision, journal_path=str(journal) if journal else None, method=method,
-                             pruner_options=dict(p.options), full_curve=full_curve, fast_eval=bool(s.fast_eval),
+                             pruner_options=options, full_curve=full_curve, fast_eval=bool(s.fast_eval),
                              memory_format=self.memory_format, confidence=s.confidence)
 
 
@@ -239,7 +249,7 @@ def _walk_fn(job: PruneJob, recovered: dict[tuple[str, float], nn.Module]):
 
     def walk(method: str, start: nn.Module, measure):
         _, result = iterative_search(start, method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
-                                     p.pruner_options(), measure=measure,
+                                     job.pruner_options(), measure=measure,
                                      on_pass=lambda ratio, model: recovered.__setitem__((method, ratio), model))
         return result, 0
 
@@ -256,7 +266,7 @@ def _retime_fn(job: PruneJob, recovered: dict[tuple[str, float], nn.Module]):
         nets = {}
         for i, c in enumerate(rows):
             model = (recovered[(c["method"], c["ratio"])] if job.prune.iterative
-                     else make_pruner(c["method"], copy.deepcopy(job.net), **job.prune.pruner_options()).finish(c["ratio"]))
+                     else make_pruner(c["method"], copy.deepcopy(job.net), **job.pruner_options()).finish(c["ratio"]))
             nets[f"c{i}"] = (model.to(job.device, memory_format=job.memory_format), c["method"])
         return job.time_together(nets)
 
@@ -284,7 +294,7 @@ def _search_across(job: PruneJob) -> PruneOutcome:
         recovered.clear()
         stats = registry.stats(chosen["method"], pruned, job.net)
     else:
-        pruner = make_pruner(chosen["method"], copy.deepcopy(job.net), **p.pruner_options())
+        pruner = make_pruner(chosen["method"], copy.deepcopy(job.net), **job.pruner_options())
         pruned = pruner.finish(chosen["ratio"])
         stats = pruner.stats()
     return PruneOutcome(pruned.to(job.device, memory_format=job.memory_format), chosen["ratio"], val, stats, search,
@@ -300,11 +310,11 @@ def _iterative(job: PruneJob) -> PruneOutcome:
     recover, evaluate = recover_fn(job.cfg, job.dm, job.device, p, dense=job.net), _evaluate_fn(job)
     if p.searches:
         pruned, result = iterative_search(job.net, p.method, s.grid, job.dense.acc, s.tolerance, recover, evaluate,
-                                          p.pruner_options())
+                                          job.pruner_options())
         ratio, search, history = result.best_ratio, search_report(result, p, "iterative"), []
     else:
         pruned, steps = iterative(job.net, p.method, schedule(float(p.ratio), p.steps), recover, evaluate,
-                                  p.pruner_options())
+                                  job.pruner_options())
         ratio, search, history = float(p.ratio), None, [st.to_dict() for st in steps]
     final = evaluate(pruned)
     return PruneOutcome(pruned, ratio, (final.correct, final.total), registry.stats(p.method, pruned, job.net), search,
@@ -327,7 +337,7 @@ def _oneshot_search(job: PruneJob) -> PruneOutcome:
 def _fixed(job: PruneJob) -> PruneOutcome:
     p = job.prune
     t0 = time.perf_counter()
-    pruner = make_pruner(p.method, job.net, **p.pruner_options())
+    pruner = make_pruner(p.method, job.net, **job.pruner_options())
     pruned = pruner.finish(float(p.ratio)).to(job.device)
     final = _evaluate_fn(job)(pruned)
     return PruneOutcome(pruned, float(p.ratio), (final.correct, final.total), pruner.stats(), None, [],

@@ -20,6 +20,7 @@ from torch import nn
 
 from prunelab.pruning import registry
 from prunelab.pruning.masks import SCOPES, prunable_weights
+from prunelab.pruning.taylor import with_calibration
 from prunelab.search.oneshot import OneShotSearch, log_sparsity
 from prunelab.search.rules import Evaluation, SearchResult
 
@@ -75,7 +76,9 @@ class PruningCallback(MaskKeeper):
 
     def prune(self, pl_module: LightningModule, trainer: Trainer | None = None) -> dict:
         net = _net(pl_module)
-        pruner = registry.make_pruner(self.method, net, self.scope, **self.options)
+        # a Taylor ranking measures on the trainer's training images (prune.importance=taylor)
+        options = with_calibration(self.options, getattr(trainer, "datamodule", None))
+        pruner = registry.make_pruner(self.method, net, self.scope, **options)
         pruned = pruner.finish(self.ratio)
         if pruned is not net:  # a new, smaller network: the module must hold it from now on
             if not hasattr(pl_module, "net"):
@@ -117,6 +120,7 @@ class RatioSearch(OneShotSearch, Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.memory_format = getattr(pl_module, "memory_format", self.memory_format)
+        self.pruner_options = with_calibration(self.pruner_options, trainer.datamodule)
         self.run(_net(pl_module), trainer.datamodule.val_set, pl_module.device, trainer)
         if hasattr(pl_module, "net"):
             pl_module.net = self.model

@@ -217,6 +217,14 @@ class ArrayDataModule(LightningDataModule):
                               f"set data.{key}<={len(x)} or null for all")
         return x[:n], y[:n]
 
+    def calibration_set(self, n: int) -> Dataset:
+        """The first ``n`` images of the training split, in its order, unaugmented: what data-aware
+        pruning (``prune.importance=taylor``) measures on, never the validation images it is judged on."""
+        if self._arrays is None:
+            self.setup()
+        x_train, y_train = self._arrays[0], self._arrays[1]
+        return Subset(ArrayDataset(x_train, y_train, eval_transform()), list(self.train_indices[:n]))
+
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = None
         if shuffle:

@@ -1,7 +1,8 @@
 """Structured filter pruning: remove whole Conv2d output channels and everything tied to them.
 
 Ranking is ours, surgery is Torch-Pruning's. Every output filter of every prunable conv gets one
-score (the L1 or L2 norm of its weights, optionally divided by its layer's mean) and the
+score (the L1 or L2 norm of its weights, or its first-order Taylor term on training images:
+``pruning.taylor``; optionally divided by its layer's mean) and the
 ``round(ratio * total)`` lowest scores across the whole network are removed (``scope="layerwise"``:
 the ``round(ratio * n)`` lowest of each n-wide conv), except that a layer never drops below
 ``min_channels``; with ``round_to > 1`` each layer's width is then rounded to
@@ -32,6 +33,7 @@ from prunelab.models.factory import last_linear_name
 from prunelab.models.modes import eval_mode
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
+from prunelab.pruning.taylor import Calibration, taylor_scores
 
 # The code's defaults are the config's (conf/prune/options/channel.yaml; a test holds them equal).
 DEFAULT_NORMALIZE = "mean"
@@ -76,9 +78,10 @@ def prunable_convs(model: nn.Module, example_input: torch.Tensor | None = None,
 
 
 def filter_importance(conv: nn.Conv2d, importance: str = "l1") -> torch.Tensor:
-    """One score per output filter: the L1 or L2 norm of its weights."""
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    """One score per output filter: the L1 or L2 norm of its weights (Taylor needs data:
+    ``rank_channels``)."""
+    if importance not in ("l1", "l2"):
+        raise ValueError(f"a filter's norm is l1 or l2, got {importance!r}")
     w = conv.weight.detach().flatten(1).float()
     return w.abs().sum(1) if importance == "l1" else w.pow(2).sum(1).sqrt()
 
@@ -154,17 +157,26 @@ def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -
 
 
 def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
-                  normalize: str = DEFAULT_NORMALIZE) -> ChannelRanking:
-    """Rank every prunable filter; ``normalize="mean"`` divides each layer's norms by their mean.
+                  normalize: str = DEFAULT_NORMALIZE, calibration: Calibration | None = None) -> ChannelRanking:
+    """Rank every prunable filter; ``normalize="mean"`` divides each layer's scores by their mean.
 
     Raw norms grow with a filter's fan-in (27 weights in VGG's first conv, 4,608 in its last), so
     a global ranking of raw norms empties the early layers first; dividing by the layer mean
-    compares filters by how weak they are within their own layer.
+    compares filters by how weak they are within their own layer. ``importance="taylor"`` scores
+    filters on ``calibration``'s training images (``pruning.taylor``).
     """
+    if importance not in IMPORTANCES:
+        raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"prune.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     convs = prunable_convs(model, example_input)
-    scores = {name: filter_importance(c, importance) for name, c in convs.items()}
+    if importance == "taylor":
+        if calibration is None:
+            raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
+                             "pass calibration= (pruning.taylor.Calibration), or use prune.importance=l1")
+        scores = taylor_scores(model, convs, calibration.batches)
+    else:
+        scores = {name: filter_importance(c, importance) for name, c in convs.items()}
     if normalize == "mean":
         scores = {name: s / s.mean().clamp_min(1e-12) for name, s in scores.items()}
     return ChannelRanking(scores)
@@ -172,14 +184,15 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
                  example_input: torch.Tensor | None = None, normalize: str = DEFAULT_NORMALIZE,
-                 round_to: int = DEFAULT_ROUND_TO, scope: str = "global") -> dict[str, list[int]]:
+                 round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
+                 calibration: Calibration | None = None) -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
     ``scope="layerwise"``: every prunable conv loses the same share (``ChannelRanking.plan``).
     """
-    return rank_channels(model, importance, example_input, normalize).plan(ratio, min_channels, round_to,
-                                                                           layerwise=_layerwise(scope))
+    return rank_channels(model, importance, example_input, normalize, calibration).plan(
+        ratio, min_channels, round_to, layerwise=_layerwise(scope))
 
 
 def _layerwise(scope: str) -> bool:
@@ -310,9 +323,13 @@ class ChannelPruner:
     method = "channel"
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
-                 normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global"):
+                 normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
+                 calibration: Calibration | None = None):
         if importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+            raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
+        if importance == "taylor" and calibration is None:
+            raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
+                             "pass calibration= (pruning.taylor.Calibration), or use prune.importance=l1")
         if min_channels < 1:
             raise ValueError(f"min_channels must be >= 1, got {min_channels}")
         if round_to < 1:
@@ -321,6 +338,7 @@ class ChannelPruner:
         # One image is enough to trace shapes and count MACs, and keeps both cheap.
         self.example_input = example_input.detach()[:1]
         self.importance = importance
+        self.calibration = calibration
         self.normalize = normalize
         self.min_channels = min_channels
         self.round_to = round_to
@@ -334,7 +352,8 @@ class ChannelPruner:
 
     def prepare(self, ratios: Iterable[float]) -> None:
         if self.ranking is None:
-            self.ranking = rank_channels(self.model, self.importance, self.example_input, self.normalize)
+            self.ranking = rank_channels(self.model, self.importance, self.example_input, self.normalize,
+                                         self.calibration)
             self._prunable = dict(self.ranking.sizes)
         for r in ratios:
             r = round(float(r), 6)

@@ -74,20 +74,22 @@ def _magnitude(model: nn.Module, scope: str = "global", **_):
     return MagnitudePruner(model, scope)
 
 
-# channel's option values (the ranking's norm, its per-layer normalisation); ``pruning.channel``
-# reads them from here, so the config check needs no Torch-Pruning import.
-IMPORTANCES = ("l1", "l2")
+# channel's option values (the ranking's score: a weight norm, or first-order Taylor on training
+# images; its per-layer normalisation); ``pruning.channel`` reads them from here, so the config check
+# needs no Torch-Pruning import.
+IMPORTANCES = ("l1", "l2", "taylor")
 NORMALIZATIONS = ("mean", "none")
 
 
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
-             round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global", **_):
+             round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global",
+             calibration=None, **_):
     from prunelab.pruning.channel import ChannelPruner, default_example
 
     example = example_input if example_input is not None else default_example(model)
     device = next(model.parameters()).device
     return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
-                         normalize=normalize, round_to=round_to, scope=scope)
+                         normalize=normalize, round_to=round_to, scope=scope, calibration=calibration)
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
@@ -126,7 +128,8 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(_magnitude, kernels="dense"),
     "channel": Method(_channel, kernels="smaller", in_place=False,
                       options={"importance": choice(*IMPORTANCES), "normalize": choice(*NORMALIZATIONS),
-                               "min_channels": integer(1), "round_to": integer(1)},
+                               "min_channels": integer(1), "round_to": integer(1),
+                               "calibration_batches": integer(1)},
                       report_keys=("params", "macs", "channels", "channels_removed"), stats=_channel_stats,
                       save=_channel_save, load=_channel_load, steps=_channel_steps, shapes_fix_network=True),
     "semi_structured": Method(_semi_structured, kernels="two_four", report_keys=("two_four_layers",)),

@@ -129,7 +129,10 @@ class OneShotSearch:
         pruner.prepare(search_ratios(self.grid, self.refine_step))
         journal = Journal(self.journal_path if rank_zero else None,
                           dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
-                               tolerance=self.tolerance, exact=self.exact, options=self.pruner_options,
+                               tolerance=self.tolerance, exact=self.exact,
+                               # the calibration images are the data's (in the identity already) and
+                               # calibration_batches says how many
+                               options={k: v for k, v in self.pruner_options.items() if k != "calibration"},
                                fast_eval=self.fast_eval, confidence=self.confidence,
                                # A verdict reached under another head rule (magnitude before it kept
                                # a weight per class) is not this one's.

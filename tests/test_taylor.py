@@ -1,0 +1,112 @@
+"""prune.importance=taylor: each filter's (sum of weight x gradient)^2 summed over the calibration
+batches (the training split's first images, unaugmented), ranking what the data need rather than
+what is large; through the pruner, the callbacks and the pipeline, whose search journal resumes."""
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from test_channel import X, tiny_vgg
+from test_methods import QUICK
+from torch import nn
+
+from conftest import compose_cfg
+from prunelab.data import SyntheticDataModule
+from prunelab.data.transforms import eval_transform
+from prunelab.pruning.channel import ChannelPruner, channel_plan, prunable_convs
+from prunelab.pruning.taylor import Calibration, taylor_scores, with_calibration
+
+Y = torch.tensor([0, 3, 5, 9])
+
+
+def _by_hand(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+    m = copy.deepcopy(model).eval()
+    loss = nn.functional.cross_entropy(m(x), y)
+    conv = m.get_submodule(name)
+    gw, gb = torch.autograd.grad(loss, [conv.weight, conv.bias])
+    return ((gw * conv.weight).sum((1, 2, 3)) + gb * conv.bias).detach().pow(2)
+
+
+def test_scores_are_the_squared_first_order_terms_summed_over_batches():
+    model = tiny_vgg()
+    convs = prunable_convs(model)
+    batches = [(X[:2], Y[:2]), (X[2:], Y[2:])]
+    scores = taylor_scores(model, convs, batches)
+    for name in ("features.0", "features.9"):
+        expected = sum(_by_hand(model, x, y, name) for x, y in batches)  # a sum of squares, not a square of sums
+        assert torch.allclose(scores[name], expected, rtol=1e-4, atol=1e-12), name
+    assert set(scores) == set(convs) and all(s.shape == (c.out_channels,) for s, c in zip(
+        scores.values(), convs.values(), strict=True))
+
+
+def test_model_flags_and_gradients_are_left_as_they_were():
+    model = tiny_vgg().train()
+    model.features[0].weight.requires_grad_(False)
+    marker = torch.ones_like(model.classifier[0].weight)
+    model.classifier[0].weight.grad = marker
+    taylor_scores(model, prunable_convs(model), [(X, Y)])
+    assert model.training and not model.features[0].weight.requires_grad
+    assert model.classifier[0].weight.grad is marker and model.features[3].weight.grad is None
+
+
+def test_a_large_filter_the_network_ignores_goes_first_where_a_norm_keeps_it():
+    model = tiny_vgg()
+    with torch.no_grad():
+        model.features[0].weight[2] *= 50  # the largest filter of the first conv by far...
+        model.features[3].weight[:, 2] = 0  # ...whose output the next conv never reads
+    calib = Calibration([(X, Y)])
+    l1 = channel_plan(model, 0.125, normalize="none", round_to=1, scope="layerwise")
+    taylor = channel_plan(model, 0.125, importance="taylor", normalize="none", round_to=1, scope="layerwise",
+                          calibration=calib)
+    assert 2 not in l1["features.0"]
+    assert taylor["features.0"] == [2]  # one of 8 filters: the one whose removal costs nothing
+
+
+def test_the_pruner_needs_calibration_and_reproduces_its_plan():
+    model = tiny_vgg()
+    with pytest.raises(ValueError, match=r"prune.importance=taylor .*calibration="):
+        ChannelPruner(model, X[:1], importance="taylor")
+    calib = Calibration([(X, Y)])
+    a = ChannelPruner(model, X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
+    b = ChannelPruner(copy.deepcopy(model), X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
+    assert a == b and sum(map(len, a.values())) > 0
+    with pytest.raises(ValueError, match="at least one batch"):
+        Calibration([])
+
+
+def test_calibration_is_the_training_splits_first_images_unaugmented():
+    dm = SyntheticDataModule(train_size=300, test_size=20, batch_size=16)
+    calib = Calibration.from_datamodule(dm, batches=2)
+    assert len(calib.batches) == 2 and calib.images == 32
+    x_train, y_train = dm._arrays[0], dm._arrays[1]
+    first = dm.train_indices[:32]
+    assert not set(first) & set(dm.val_indices)
+    x = torch.cat([b[0] for b in calib.batches])
+    y = torch.cat([b[1] for b in calib.batches])
+    expected = torch.stack([eval_transform()(Image.fromarray(x_train[i])) for i in first])
+    assert torch.equal(x, expected) and y.tolist() == [int(y_train[i]) for i in first]
+    again = Calibration.from_datamodule(dm, batches=2)  # the same images every time
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(calib.batches, again.batches, strict=True))
+
+
+def test_with_calibration_adds_images_only_for_taylor():
+    dm = SyntheticDataModule(train_size=300, test_size=20, batch_size=16)
+    assert with_calibration({"importance": "l1"}, dm) == {"importance": "l1"}
+    opts = with_calibration({"importance": "taylor", "calibration_batches": 3}, dm)
+    assert opts["calibration"].images == 48
+    with pytest.raises(ValueError, match="needs training images"):
+        with_calibration({"importance": "taylor"}, None)
+
+
+def test_taylor_search_runs_through_the_pipeline_and_its_journal_resumes(tmp_path):
+    from prunelab.pipeline import run
+
+    over = QUICK + ["prune.method=channel", "prune.importance=taylor", "prune.calibration_batches=2",
+                    "search.grid=[0.2,0.4]", "search.refine_step=null", "search.full_curve=true",
+                    "stages.latency=false", "search.allow_weak_model=true"]
+    first = run(compose_cfg(tmp_path, over))["search"]
+    assert [c["ratio"] for c in first["curve"]] == [0.2, 0.4] and first["resumed_candidates"] == 0
+    again = run(compose_cfg(tmp_path, over))["search"]
+    assert again["resumed_candidates"] == 2  # same images, same identity: the journal's verdicts stand
+    assert [c["correct"] for c in again["curve"]] == [c["correct"] for c in first["curve"]]
