@@ -59,6 +59,31 @@ def test_device_batches_with_cutout_are_those_without_it_with_one_square_zeroed(
     assert 0 < sum(a < 256 for a in areas) < len(areas)  # some squares clipped at the border, not all
 
 
+def test_non_square_device_batches_cut_one_square_each():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 255, (40, 24, 40, 3), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(40, dtype=torch.long)
+    plain = DeviceLoader(images, labels, batch_size=40, shuffle=True, augment=True, seed=1)
+    cut = DeviceLoader(images, labels, batch_size=40, shuffle=True, augment=True, seed=1, cutout=10)
+    (xp, _), (xc, _) = next(iter(plain)), next(iter(cut))
+    zero = (xc == 0).all(1)
+    assert torch.equal(xc, xp.masked_fill(zero[:, None], 0.0))
+    for z in zero:  # one axis-aligned rectangle, at most 10 x 10, inside the 24 x 40 image
+        rows, cols = z.nonzero().T
+        h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert h <= 10 and w <= 10 and int(z.sum()) == h * w
+
+
+def test_the_data_module_hands_cutout_to_both_training_paths():
+    dm = SyntheticDataModule(train_size=100, test_size=20, batch_size=20, on_device=True, cutout=12)
+    dm.setup()
+    assert dm.device_loader("train").cutout == 12
+    assert [type(t).__name__ for t in dm.train_set.dataset.transform.transforms][-1] == "Cutout"
+    assert dm.train_set.dataset.transform.transforms[-1].size == 12
+    assert "Cutout" not in [type(t).__name__ for t in dm.val_set.dataset.transform.transforms]
+    assert dm.describe()["cutout"] == 12
+
+
 def test_eval_loaders_and_unaugmented_training_ignore_cutout():
     dm = SyntheticDataModule(train_size=100, test_size=20, batch_size=20, on_device=True, cutout=16)
     dm.setup()
@@ -92,3 +117,6 @@ def test_cutout_off_keeps_earlier_keys_and_on_is_another_fine_tune(tmp_path):
         del base.data["cutout"]  # a config from before the setting existed
     assert training_key(base) == off
     assert training_key(compose_cfg(tmp_path, ["+experiment=smoke", "data.cutout=16"])) != off
+    # without augmentation there is nothing to cut: the same training as without the setting
+    no_aug = training_key(compose_cfg(tmp_path, ["+experiment=smoke", "+data.augment=false"]))
+    assert training_key(compose_cfg(tmp_path, ["+experiment=smoke", "+data.augment=false", "data.cutout=16"])) == no_aug

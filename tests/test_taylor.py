@@ -15,7 +15,7 @@ from conftest import compose_cfg
 from prunelab.data import SyntheticDataModule
 from prunelab.data.transforms import eval_transform
 from prunelab.pruning.channel import ChannelPruner, channel_plan, prunable_convs
-from prunelab.pruning.taylor import Calibration, taylor_scores, with_calibration
+from prunelab.pruning.taylor import Calibration, journal_options, taylor_scores, with_calibration
 
 Y = torch.tensor([0, 3, 5, 9])
 
@@ -63,16 +63,71 @@ def test_a_large_filter_the_network_ignores_goes_first_where_a_norm_keeps_it():
     assert taylor["features.0"] == [2]  # one of 8 filters: the one whose removal costs nothing
 
 
-def test_the_pruner_needs_calibration_and_reproduces_its_plan():
+def test_the_pruner_needs_calibration_and_scores_each_set_of_weights_once(monkeypatch):
+    import prunelab.pruning.taylor as taylor
+
     model = tiny_vgg()
     with pytest.raises(ValueError, match=r"prune.importance=taylor .*calibration="):
         ChannelPruner(model, X[:1], importance="taylor")
+    calls = []
+    real = taylor.taylor_scores
+    monkeypatch.setattr(taylor, "taylor_scores", lambda *a: calls.append(a[0]) or real(*a))
     calib = Calibration([(X, Y)])
     a = ChannelPruner(model, X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
-    b = ChannelPruner(copy.deepcopy(model), X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
-    assert a == b and sum(map(len, a.values())) > 0
+    # the same weights in another layout (a search evaluates channels-last candidates, then saves and
+    # times contiguous ones): the scores are reused, not summed again in another order
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    b = ChannelPruner(nhwc, X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
+    assert a == b and sum(map(len, a.values())) > 0 and len(calls) == 1
+    other = tiny_vgg(seed=1)  # other weights: scored afresh
+    ChannelPruner(other, X[:1], importance="taylor", round_to=1, calibration=calib).plan(0.3)
+    assert len(calls) == 2 and calls[1] is other
     with pytest.raises(ValueError, match="at least one batch"):
         Calibration([])
+
+
+def test_calibration_is_drawn_only_when_a_ranking_needs_it_and_its_identity_holds_the_images():
+    drawn = []
+
+    def draw():
+        drawn.append(1)
+        return [(X, Y)]
+
+    calib = Calibration(draw=draw)
+    assert drawn == [] and "not drawn" in repr(calib)
+    ident = calib.identity()
+    assert drawn == [1] and ident["images"] == 4
+    assert Calibration([(X, Y)]).identity() == ident
+    assert Calibration([(X.flip(0), Y)]).identity()["digest"] != ident["digest"]
+    assert journal_options({"importance": "l1", "round_to": 16, "calibration_batches": 8}) == {
+        "importance": "l1", "round_to": 16}
+    assert journal_options({"importance": "taylor", "calibration_batches": 8, "calibration": calib}) == {
+        "importance": "taylor", "calibration": ident}
+    with pytest.raises(ValueError, match="one of the two"):
+        Calibration()
+
+
+def test_the_pruning_callback_ranks_on_the_trainers_training_images(tmp_path, monkeypatch):
+    import lightning as L
+
+    import prunelab.pruning.taylor as taylor
+    from prunelab.callbacks import PruningCallback
+    from prunelab.models import ImageClassifier
+
+    seen = []
+    real = taylor.taylor_scores
+    monkeypatch.setattr(taylor, "taylor_scores", lambda m, c, b: seen.append(len(b)) or real(m, c, b))
+    dm = SyntheticDataModule(train_size=64, test_size=8, batch_size=16, num_workers=0)
+    module = ImageClassifier("resnet18", None, lr=0.05)
+    cb = PruningCallback(0.5, method="channel", when="fit_start", round_to=1, importance="taylor",
+                         calibration_batches=2)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, limit_train_batches=1)
+    trainer.fit(module, datamodule=dm)
+    assert seen == [2]  # two batches of the trainer's data module
+    with pytest.raises(ValueError, match="needs training images"):
+        PruningCallback(0.5, method="channel", importance="taylor").prune(ImageClassifier("resnet18", None))
 
 
 def test_calibration_is_the_training_splits_first_images_unaugmented():
@@ -99,14 +154,20 @@ def test_with_calibration_adds_images_only_for_taylor():
         with_calibration({"importance": "taylor"}, None)
 
 
-def test_taylor_search_runs_through_the_pipeline_and_its_journal_resumes(tmp_path):
+def test_taylor_search_runs_through_the_pipeline_and_its_journal_resumes(tmp_path, monkeypatch):
+    import prunelab.pruning.taylor as taylor
     from prunelab.pipeline import run
 
+    batches = []
+    real = taylor.taylor_scores
+    monkeypatch.setattr(taylor, "taylor_scores", lambda m, c, b: batches.append([len(y) for _, y in b]) or real(m, c, b))
     over = QUICK + ["prune.method=channel", "prune.importance=taylor", "prune.calibration_batches=2",
                     "search.grid=[0.2,0.4]", "search.refine_step=null", "search.full_curve=true",
                     "stages.latency=false", "search.allow_weak_model=true"]
     first = run(compose_cfg(tmp_path, over))["search"]
     assert [c["ratio"] for c in first["curve"]] == [0.2, 0.4] and first["resumed_candidates"] == 0
+    # scored once, on two training batches, though the walk and the final model both rank the network
+    assert len(batches) == 1 and len(batches[0]) == 2
     again = run(compose_cfg(tmp_path, over))["search"]
     assert again["resumed_candidates"] == 2  # same images, same identity: the journal's verdicts stand
     assert [c["correct"] for c in again["curve"]] == [c["correct"] for c in first["curve"]]

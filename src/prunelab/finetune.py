@@ -76,8 +76,8 @@ def _key(cfg: DictConfig, trainer_keys: tuple[str, ...]) -> str:
         data["identity"] = content
         data.pop("root", None)
     data.pop("cache_dir", None)  # where decoded arrays are kept changes nothing they hold
-    if not data.get("cutout"):  # off, as before the setting existed: earlier fine-tunes keep their keys
-        data.pop("cutout", None)
+    if not data.get("cutout") or data.get("augment") is False:  # off (or unused: no augmentation), as
+        data.pop("cutout", None)  # before the setting existed: earlier fine-tunes keep their keys
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
              if k not in ("compile", "compile_mode", "fused_optimizer")}

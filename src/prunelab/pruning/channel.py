@@ -33,7 +33,7 @@ from prunelab.models.factory import last_linear_name
 from prunelab.models.modes import eval_mode
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
-from prunelab.pruning.taylor import Calibration, taylor_scores
+from prunelab.pruning.taylor import Calibration
 
 # The code's defaults are the config's (conf/prune/options/channel.yaml; a test holds them equal).
 DEFAULT_NORMALIZE = "mean"
@@ -174,11 +174,13 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
         if calibration is None:
             raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
                              "pass calibration= (pruning.taylor.Calibration), or use prune.importance=l1")
-        scores = taylor_scores(model, convs, calibration.batches)
+        scores = calibration.scores(model, convs)  # once per set of weights: see pruning.taylor
     else:
         scores = {name: filter_importance(c, importance) for name, c in convs.items()}
     if normalize == "mean":
-        scores = {name: s / s.mean().clamp_min(1e-12) for name, s in scores.items()}
+        # the smallest positive float as the floor: squared Taylor terms can be far below 1e-12, and
+        # an absolute floor would make a whole layer look weak
+        scores = {name: s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for name, s in scores.items()}
     return ChannelRanking(scores)
 
 

@@ -20,6 +20,7 @@ from prunelab.models.rewrite import folded_view
 from prunelab.pruning.magnitude import search_ratios
 from prunelab.pruning.masks import SCOPES
 from prunelab.pruning.registry import candidate_extra, is_known, make_pruner, methods
+from prunelab.pruning.taylor import journal_options
 from prunelab.report.stats import paired_drop
 from prunelab.search.journal import Journal
 from prunelab.search.rules import RULES, Evaluation, SearchResult, pass_threshold, search, verdict
@@ -130,9 +131,7 @@ class OneShotSearch:
         journal = Journal(self.journal_path if rank_zero else None,
                           dict(identity or {}, dense_correct=dense.correct, scope=self.scope, method=self.method,
                                tolerance=self.tolerance, exact=self.exact,
-                               # the calibration images are the data's (in the identity already) and
-                               # calibration_batches says how many
-                               options={k: v for k, v in self.pruner_options.items() if k != "calibration"},
+                               options=journal_options(self.pruner_options),
                                fast_eval=self.fast_eval, confidence=self.confidence,
                                # A verdict reached under another head rule (magnitude before it kept
                                # a weight per class) is not this one's.
