@@ -130,6 +130,7 @@ def main(argv=None) -> dict:
     p.add_argument("--round-to", type=int, default=16)
     p.add_argument("--val-images", type=int, default=5000)
     p.add_argument("--taylor-batches", type=int, default=8)
+    p.add_argument("--label", default="", help="appended to the result's name, to tell models apart")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     if not Path(args.weights).is_file():
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
     if any(not 0 < r < 1 for r in args.ratios):
         p.error(f"--ratios must lie in (0, 1), got {args.ratios}")
     res = measure(args)
-    tag = result_tag("channel-ranking", "cpu")
+    tag = result_tag("channel-ranking", "cpu") + (f"-{args.label}" if args.label else "")
     write_json(Path(args.out) / f"{tag}.json", res)
     write_text(Path(args.out) / f"{tag}.md", render(res))
     print(render(res))
