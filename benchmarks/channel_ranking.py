@@ -11,6 +11,8 @@ On a trained VGG16 (a ``dense.pt``; its classifier may be stored folded, ``--fol
   cross-entropy, summed over the first ``--taylor-batches`` training batches, unaugmented: an
   estimate of what removing the filter costs the loss, comparable across layers;
 - ``taylor-layerwise``: the same scores, the same share of every conv (``prune.scope=layerwise``);
+- ``taylor-macs``: each Taylor score divided by the multiply-adds its channel costs
+  (``prune.normalize=macs``), across layers: importance per unit of compute removed;
 
 prunes the model at each ``--ratios`` (widths rounded to ``prune.round_to``, 16) and counts its
 top-1 on the first ``--val-images`` validation images, bf16 autocast where the CPU has native bf16.
@@ -40,6 +42,7 @@ from prunelab.models.factory import build_from_state_dict, unfold_classifier
 from prunelab.pruning.channel import (
     ChannelRanking,
     conv_channels,
+    count_macs,
     default_example,
     prune_channels,
     rank_channels,
@@ -47,12 +50,14 @@ from prunelab.pruning.channel import (
 from prunelab.pruning.taylor import Calibration
 from prunelab.report.markdown import table
 
-RANKINGS = ("global-mean", "global-none", "layerwise", "taylor", "taylor-layerwise")
+RANKINGS = ("global-mean", "global-none", "layerwise", "taylor", "taylor-layerwise", "taylor-macs")
 
 
-def plans(net: nn.Module, ratio: float, round_to: int, taylor: ChannelRanking) -> dict[str, dict]:
-    """Each ranking's plan at ``ratio``; ``taylor`` is prunelab's Taylor ranking of ``net``, raw
-    scores (``rank_channels(net, "taylor", normalize="none", calibration=...)``), ranked once."""
+def plans(net: nn.Module, ratio: float, round_to: int, taylor: ChannelRanking,
+          taylor_macs: ChannelRanking) -> dict[str, dict]:
+    """Each ranking's plan at ``ratio``; ``taylor`` and ``taylor_macs`` are prunelab's Taylor
+    rankings of ``net`` (``rank_channels(net, "taylor", normalize="none" or "macs", calibration=...)``),
+    ranked once."""
     mean = rank_channels(net, normalize="mean")
     return {
         "global-mean": mean.plan(ratio, 1, round_to),
@@ -60,6 +65,7 @@ def plans(net: nn.Module, ratio: float, round_to: int, taylor: ChannelRanking) -
         "layerwise": mean.plan(ratio, 1, round_to, layerwise=True),
         "taylor": taylor.plan(ratio, 1, round_to),
         "taylor-layerwise": taylor.plan(ratio, 1, round_to, layerwise=True),
+        "taylor-macs": taylor_macs.plan(ratio, 1, round_to),
     }
 
 
@@ -83,13 +89,16 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     calibration = Calibration.from_datamodule(dm, args.taylor_batches, 128)
     taylor = rank_channels(dense, "taylor", normalize="none", calibration=calibration)
+    taylor_macs = rank_channels(dense, "taylor", normalize="macs", calibration=calibration)
     taylor_s = time.perf_counter() - t0
     example = default_example(dense)
+    dense_macs = count_macs(dense, example)
     rows = []
     for ratio in args.ratios:
-        for name, plan in plans(dense, ratio, args.round_to, taylor).items():
+        for name, plan in plans(dense, ratio, args.round_to, taylor, taylor_macs).items():
             net = prune_channels(dense, plan, example)
             rows.append({"ratio": ratio, "ranking": name, "val_acc": accuracy(net),
+                         "macs_share": count_macs(net, example) / dense_macs,
                          "widths": list(conv_channels(net).values())})
             del net
     return {
@@ -105,7 +114,8 @@ def measure(args) -> dict:
 
 def render(res: dict) -> str:
     m = res["machine"]
-    rows = [(f"{r['ratio']:.2f}", r["ranking"], f"{r['val_acc']:.2f}", " ".join(map(str, r["widths"])))
+    rows = [(f"{r['ratio']:.2f}", r["ranking"], f"{r['val_acc']:.2f}",
+             f"{r['macs_share']:.2f}" if "macs_share" in r else "-", " ".join(map(str, r["widths"])))
             for r in res["rows"]]
     return "\n".join([
         f"# Channel pruning's rankings, one-shot ({res['date']})", "",
@@ -114,9 +124,10 @@ def render(res: dict) -> str:
         f"Model: `{res['weights']}`; dense {res['dense_val_acc']:.2f}% on the first {res['val_images']} validation "
         f"images. Widths rounded to multiples of {res['round_to']}; no recovery. Taylor scores from "
         f"{res['taylor_batches']} training batches of 128 in {res['taylor_s']:.1f} s.", "",
-        table(["ratio", "ranking", "val acc %", "conv widths"], rows), "",
+        table(["ratio", "ranking", "val acc %", "MACs / dense", "conv widths"], rows), "",
         "`taylor` is `prune.importance=taylor prune.normalize=none` across layers; `taylor-layerwise` the same "
-        "scores with `prune.scope=layerwise`.", "",
+        "scores with `prune.scope=layerwise`; `taylor-macs` each score per multiply-add its channel costs "
+        "(`prune.normalize=macs`). MACs / dense: multiply-adds per image against the dense model's, in torchvision's layout (pool unfolded).", "",
     ])
 
 

@@ -330,3 +330,19 @@ def test_same_network_is_one_candidate_left_out_of_the_final_round_and_the_front
     mark_same_networks(rows)
     assert rows[1]["same_as"] == {"method": "channel", "ratio": 0.97} and "same_as" not in rows[0]
     assert [r["ratio"] for r in shortlist(rows, 3)] == [0.97, 0.5]  # the twin's lucky screening counts for nothing
+
+
+def test_a_stopped_candidates_interval_holds_its_bound_and_the_plot_draws_it(tmp_path):
+    from prunelab.report.plots import accuracy_vs_latency
+    from prunelab.search.across import candidate_row
+
+    # stopped after 100 of 1,000 images with 20 right: at most 92% over the split, at least 2%
+    stopped = Evaluation(0.5, correct=20, seen=100, total=1000, stopped=True, extra={"p50_ms": 3.0})
+    row = candidate_row("channel", stopped, threshold=80.0)
+    lo, hi = row["val_acc_ci95"]
+    assert row["val_acc"] == 92.0 and row["acc_is_bound"] and lo <= 2.0 and hi == 92.0
+    full = candidate_row("channel", Evaluation(0.3, correct=900, seen=1000, total=1000, extra={"p50_ms": 4.0}), 80.0)
+    assert full["val_acc_ci95"][0] < 90.0 < full["val_acc_ci95"][1] < 92.0
+    search = {"methods": ["channel"], "candidates": [row, full], "dense_val_acc": 91.0, "threshold": 90.0}
+    out = accuracy_vs_latency(search, {"latency_ms": {"p50": 5.0}}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").is_file() and out

@@ -399,8 +399,9 @@ def test_channel_ranking_benchmark_plans_each_ranking():
         net.features[3].weight[3] = 0
         net.features[3].bias[3] = 0
     y = torch.arange(len(X)) % 10
-    taylor = rank_channels(net, "taylor", normalize="none", calibration=Calibration([(X, y), (X, y)]))
-    out = plans(net, 0.25, 1, taylor)
+    calib = Calibration([(X, y), (X, y)])
+    taylor = rank_channels(net, "taylor", normalize="none", calibration=calib)
+    out = plans(net, 0.25, 1, taylor, rank_channels(net, "taylor", normalize="macs", calibration=calib))
     assert tuple(out) == RANKINGS
     assert 3 in out["taylor"]["features.3"] and 3 in out["taylor-layerwise"]["features.3"]
     sizes = {n: c.out_channels for n, c in prunable_convs(net).items()}

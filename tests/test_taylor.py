@@ -171,3 +171,35 @@ def test_taylor_search_runs_through_the_pipeline_and_its_journal_resumes(tmp_pat
     again = run(compose_cfg(tmp_path, over))["search"]
     assert again["resumed_candidates"] == 2  # same images, same identity: the journal's verdicts stand
     assert [c["correct"] for c in again["curve"]] == [c["correct"] for c in first["curve"]]
+
+
+def test_channel_costs_count_a_filters_own_and_its_readers_multiply_adds():
+    from prunelab.pruning.channel import build_graph, default_example
+    from prunelab.pruning.costs import channel_costs
+
+    model = tiny_vgg()  # convs 3->8 at 32x32, 8->16 at 16x16, 16->16 at 8x8, 16->32 at 4x4, 32->32 at 2x2
+    graph = build_graph(model, default_example(model))
+    costs = channel_costs(model, graph, prunable_convs(model, graph=graph), default_example(model))
+    assert costs["features.0"] == 32 * 32 * 3 * 9 + 16 * 16 * 16 * 9  # its own, plus its input channel of features.3
+    assert costs["features.3"] == 16 * 16 * 8 * 9 + 8 * 8 * 16 * 9
+    # the 49 pooled copies it feeds classifier[0] are one input in the served (folded) form
+    assert costs["features.12"] == 2 * 2 * 32 * 9 + 64
+    unfoldable = tiny_vgg()
+    with torch.no_grad():  # features end at 2x2 for 64x64 inputs: the pool averages, nothing to fold
+        big = torch.zeros(1, 3, 64, 64)
+        g2 = build_graph(unfoldable, big)
+        c2 = channel_costs(unfoldable, g2, prunable_convs(unfoldable, graph=g2), big)
+    assert c2["features.12"] == 4 * 4 * 32 * 9 + 49 * 64
+
+
+def test_macs_normalisation_ranks_importance_per_multiply_add():
+    model = tiny_vgg()
+    calib = Calibration([(X, Y)])
+    per_mac = channel_plan(model, 0.3, importance="taylor", normalize="macs", round_to=1, calibration=calib)
+    raw = channel_plan(model, 0.3, importance="taylor", normalize="none", round_to=1, calibration=calib)
+    from prunelab.pruning.channel import count_macs, prune_channels
+    macs = {k: count_macs(prune_channels(model, p, X[:1]), X[:1]) for k, p in (("macs", per_mac), ("none", raw))}
+    assert sum(map(len, per_mac.values())) == sum(map(len, raw.values()))  # the same number of channels...
+    assert macs["macs"] < macs["none"]  # ...buying fewer multiply-adds per image when weighed by their cost
+    with pytest.raises(ValueError, match="prune.normalize must be one of"):
+        channel_plan(model, 0.3, normalize="flops")

@@ -31,6 +31,7 @@ from torch import nn
 
 from prunelab.models.factory import last_linear_name
 from prunelab.models.modes import eval_mode
+from prunelab.pruning.costs import channel_costs
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
 from prunelab.pruning.taylor import Calibration
@@ -158,7 +159,8 @@ def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -
 
 def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
                   normalize: str = DEFAULT_NORMALIZE, calibration: Calibration | None = None) -> ChannelRanking:
-    """Rank every prunable filter; ``normalize="mean"`` divides each layer's scores by their mean.
+    """Rank every prunable filter; ``normalize="mean"`` divides each layer's scores by their mean,
+    ``"macs"`` each score by the multiply-adds its channel costs (``pruning.costs``).
 
     Raw norms grow with a filter's fan-in (27 weights in VGG's first conv, 4,608 in its last), so
     a global ranking of raw norms empties the early layers first; dividing by the layer mean
@@ -169,7 +171,9 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
         raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"prune.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    convs = prunable_convs(model, example_input)
+    example = default_example(model) if example_input is None else example_input
+    graph = build_graph(model, example)
+    convs = prunable_convs(model, graph=graph)
     if importance == "taylor":
         if calibration is None:
             raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
@@ -181,6 +185,9 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
         # the smallest positive float as the floor: squared Taylor terms can be far below 1e-12, and
         # an absolute floor would make a whole layer look weak
         scores = {name: s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for name, s in scores.items()}
+    elif normalize == "macs":  # importance per multiply-add saved: cut where the time goes
+        costs = channel_costs(model, graph, convs, example.to(next(model.parameters()).device))
+        scores = {name: s / costs[name] for name, s in scores.items()}
     return ChannelRanking(scores)
 
 

@@ -78,7 +78,7 @@ def _magnitude(model: nn.Module, scope: str = "global", **_):
 # images; its per-layer normalisation); ``pruning.channel`` reads them from here, so the config check
 # needs no Torch-Pruning import.
 IMPORTANCES = ("l1", "l2", "taylor")
-NORMALIZATIONS = ("mean", "none")
+NORMALIZATIONS = ("mean", "none", "macs")
 
 
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,

@@ -73,6 +73,8 @@ def candidate_row(method: str, e, threshold: float) -> dict:
     report lists it, figures missing where it was not measured."""
     ev = getattr(e, "after", e)
     lo, hi = wilson_interval(ev.correct, ev.total)
+    if ev.stopped:  # val_acc is then an upper bound (every unseen image counted right): the interval
+        hi = max(hi, ev.acc)  # runs from what the seen images allow up to it, never excluding it
     row = {"method": method, "ratio": e.ratio, "val_acc": ev.acc, "val_acc_ci95": [lo, hi],
            "acc_is_bound": ev.stopped, "seen": e.seen, "passed": e.passed(threshold), "paired": ev.paired}
     if ev is not e:  # a recovered step: what recovery bought is only visible beside the accuracy before it
