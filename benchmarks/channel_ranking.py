@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.compare import DEFAULT_OUT, result_tag
+from benchmarks.compare import DEFAULT_OUT, result_tag, write_result
 from prunelab import hardware
 from prunelab.data import ImageFolderDataModule
 from prunelab.evaluation import count_correct
-from prunelab.io import load_state_dict, write_json, write_text
+from prunelab.io import load_state_dict
 from prunelab.models.factory import build_from_state_dict, unfold_classifier
 from prunelab.pruning.channel import (
     ChannelRanking,
@@ -150,9 +150,7 @@ def main(argv=None) -> dict:
         p.error(f"--ratios must lie in (0, 1), got {args.ratios}")
     res = measure(args)
     tag = result_tag("channel-ranking", "cpu") + (f"-{args.label}" if args.label else "")
-    write_json(Path(args.out) / f"{tag}.json", res)
-    write_text(Path(args.out) / f"{tag}.md", render(res))
-    print(render(res))
+    write_result(args.out, tag, res, render)
     return res
 
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,6 +65,18 @@ def result_tag(what: str, device: str, quick: bool = False) -> str:
     dev = torch.device(device)
     where = device_slug(dev, 0) if dev.type == "cuda" else dev.type
     return f"{_dt.date.today().isoformat()}-{what}-{where}{'-quick' if quick else ''}"
+
+
+def write_result(out: str | Path, tag: str, res: dict, render: Callable[[dict], str]) -> str:
+    """A benchmark's result as ``<out>/<tag>.json`` and ``.md`` (each written atomically), the
+    markdown printed as well; returns the markdown."""
+    from prunelab.io import write_json, write_text
+
+    md = render(res)
+    write_json(Path(out) / f"{tag}.json", res)
+    write_text(Path(out) / f"{tag}.md", md)
+    print(md)
+    return md
 
 
 def ratios(notebook: dict, prunelab: dict, keys=METRICS) -> dict:

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, REPO, result_tag
+from benchmarks.compare import DEFAULT_OUT, REPO, result_tag, write_result
 from prunelab import hardware
-from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table
 
 EPOCH_IMAGES = 40_000
@@ -201,9 +200,7 @@ def main(argv=None) -> dict:
         p.error(f"--steps {args.steps} must exceed --skip {args.skip} by at least 3")
     res = measure(args)
     tag = result_tag("recipe-cost", "cpu") + (f"-{args.label}" if args.label else "")
-    write_json(Path(args.out) / f"{tag}.json", res)
-    write_text(Path(args.out) / f"{tag}.md", render(res))
-    print(render(res))
+    write_result(args.out, tag, res, render)
     return res
 
 

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.compare import DEFAULT_OUT, result_tag
+from benchmarks.compare import DEFAULT_OUT, result_tag, write_result
 from prunelab import hardware
-from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table
 
 
@@ -176,9 +175,7 @@ def main(argv=None) -> dict:
     res = measure(args)
     what = "step-overhead" if args.arch == "tiny" else f"step-overhead-{args.arch}-{args.precision}"
     tag = result_tag(what, args.device, args.quick)
-    write_json(Path(args.out) / f"{tag}.json", res)
-    write_text(Path(args.out) / f"{tag}.md", render(res))
-    print(render(res))
+    write_result(args.out, tag, res, render)
     return res
 
 

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, REPO, result_tag
+from benchmarks.compare import DEFAULT_OUT, REPO, result_tag, write_result
 from benchmarks.fastest import beats_sparsity, time_answers
 from prunelab import hardware
 from prunelab.compose import compose
-from prunelab.io import load_state_dict, save_state_dict, write_json, write_text
+from prunelab.io import load_state_dict, save_state_dict
 from prunelab.models.factory import build_from_state_dict, unfold_classifier
 from prunelab.pipeline import run
 from prunelab.pruning.channel_files import load_compact
@@ -289,9 +289,7 @@ def main(argv=None) -> dict:
     if args.weights and not os.path.isfile(args.weights):
         p.error(f"--weights {args.weights} is not a file")
     res = measure(args)
-    write_json(Path(args.out) / f"{res['tag']}.json", res)
-    write_text(Path(args.out) / f"{res['tag']}.md", render(res))
-    print(render(res))
+    write_result(args.out, res["tag"], res, render)
     return res
 
 

@@ -346,3 +346,13 @@ def test_a_stopped_candidates_interval_holds_its_bound_and_the_plot_draws_it(tmp
     search = {"methods": ["channel"], "candidates": [row, full], "dense_val_acc": 91.0, "threshold": 90.0}
     out = accuracy_vs_latency(search, {"latency_ms": {"p50": 5.0}}, tmp_path / "a.png")
     assert (tmp_path / "a.png").is_file() and out
+
+
+@pytest.mark.parametrize("correct,total", [(60, 60), (0, 60), (1, 3), (999, 1000)])
+def test_the_wilson_interval_holds_the_observed_share_exactly_at_the_ends(correct, total):
+    from prunelab.report.stats import wilson_interval
+
+    lo, hi = wilson_interval(correct, total)
+    share = 100.0 * correct / total
+    assert lo <= share <= hi
+    assert (hi == 100.0) == (correct == total) and (lo == 0.0) == (correct == 0)

@@ -18,7 +18,11 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half))
+    # The interval always holds the observed share; at 0 or n correct its end is exactly that share
+    # (the formula lands a rounding error inside it: 99.99999999999999 for n of n).
+    lo = 0.0 if correct <= 0 else 100.0 * min(p, max(0.0, centre - half))
+    hi = 100.0 if correct >= total else 100.0 * max(p, min(1.0, centre + half))
+    return (lo, hi)
 
 
 def accuracy(correct: int, total: int) -> dict:
