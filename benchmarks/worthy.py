@@ -259,10 +259,20 @@ def render(res: dict) -> str:
                   f"{comp['deploy']['dtype']}, channels_last={comp['deploy']['channels_last']}; the notebook's "
                   "dense model in eager fp32 NCHW)", "",
                   table(["model", "p50 ms", "vs notebook dense", "paired 5-95%", "method / ratio"], rows), ""]
-    goals = [(k, v["measured"] if not isinstance(v["measured"], float) else f"{v['measured']:.2f}",
-              "met" if v["met"] else "NOT met") for k, v in res["goals"].items()]
+    goals = [(k, _measured(v["measured"]), ("met" if v["met"] else "NOT met") + (f": {v['why']}" if v.get("why") else ""))
+             for k, v in res["goals"].items()]
     lines += ["## Goals", "", table(["goal", "measured", ""], goals), "", f"Whole job: {res['job_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _measured(m) -> str:
+    """A goal's measured figure for the table: a number to two places; a pair (the chosen model's
+    speedup, then the best sparsity answer's) as "a against b"; none as "-"."""
+    if m is None:
+        return "-"
+    if isinstance(m, (list, tuple)):
+        return " against ".join(f"{x:.2f}" for x in m)
+    return f"{m:.2f}" if isinstance(m, float) else str(m)
 
 
 def main(argv=None) -> dict:

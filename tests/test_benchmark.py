@@ -411,3 +411,11 @@ def test_channel_ranking_benchmark_plans_each_ranking():
                if "layerwise" not in r)
     with pytest.raises(SystemExit):
         main(["--weights", __file__, "--ratios", "0.5", "1.5"])
+
+
+def test_worthy_goal_figures_read_as_numbers():
+    from benchmarks.worthy import _measured
+
+    assert _measured([6.195168762078389, 4.973721547402157]) == "6.20 against 4.97"
+    assert _measured(87.7699) == "87.77"
+    assert _measured(None) == "-"
