@@ -115,6 +115,7 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["prune.recover_schedule=linear"], ("prune.recover_schedule=linear", "constant, cosine"), None),
     (["prune.round_to=2.5"], ("prune.round_to",), None),
     (["prune.min_channels=0"], ("prune.min_channels",), None),
+    (["prune.linears=maybe"], ("prune.linears=maybe", "true or false"), None),
     (["prune.recover_lr=0"], ("prune.recover_lr",), None),
     (["search.grid=abc"], ("search.grid=abc", "list of numbers", "search.grid=[0.2,0.5]"), None),
     (["search.grid=[]"], ("search.grid",), None),

@@ -245,3 +245,68 @@ def test_save_load_roundtrip(tmp_path, arch):
     assert loaded.classifier[0].in_features == pruned.classifier[0].in_features < 512 * 49
     with pytest.raises(FileNotFoundError, match="pruned_channels.json"):
         load_channel_pruned(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_linears_remove_hidden_units_exactly_and_leave_the_classes(scope):
+    model = tiny_vgg()
+    without = channel_plan(model, 0.5, normalize="none", round_to=1, scope=scope)
+    assert not any(n.startswith("classifier") for n in without)
+    plan = channel_plan(model, 0.5, normalize="mean", round_to=1, scope=scope, linears=True)
+    assert {"classifier.0", "classifier.3"} <= set(plan) and "classifier.6" not in plan
+    if scope == "layerwise":  # the same share of each hidden layer, its own weakest rows
+        for name in ("classifier.0", "classifier.3"):
+            rows = filter_importance(model.get_submodule(name))
+            assert plan[name] == sorted(torch.argsort(rows, stable=True)[:32].tolist())
+    pruned = prune_channels(model, plan, X[:1])
+    kept = {n: 64 - len(plan[n]) for n in ("classifier.0", "classifier.3")}
+    assert pruned.classifier[0].out_features == kept["classifier.0"] == pruned.classifier[3].in_features
+    assert pruned.classifier[6].in_features == kept["classifier.3"] and pruned.classifier[6].out_features == 10
+    with torch.no_grad():  # a zeroed row and bias feed ReLU a zero: removing the unit is exact
+        assert torch.allclose(pruned(X), masked_dense(model, plan)(X), atol=1e-5)
+    with pytest.raises(ValueError, match="classification head"):
+        prune_channels(model, {"classifier.6": [0]}, X[:1])
+
+
+def test_linears_count_in_the_stats_and_the_iterative_steps():
+    from prunelab.pruning.channel import WidthSteps
+
+    model = tiny_vgg()
+    pruner = ChannelPruner(model, X[:1], round_to=1, scope="layerwise", linears=True)
+    pruner.finish(0.25)
+    stats = pruner.stats()
+    assert stats["channels"]["classifier.0"] == stats["channels"]["classifier.3"] == 48
+    assert "classifier.6" not in stats["channels"]
+    assert stats["channels_removed"] == pytest.approx(0.25, abs=0.01)  # of 104 conv channels and 128 units
+    from prunelab.pruning.channel import channel_stats  # as the report measures the saved model: the same
+    assert channel_stats(pruner.current, model)["channels_removed"] == stats["channels_removed"]
+    convs_only = ChannelPruner(model, X[:1], round_to=1, scope="layerwise").finish(0.25)
+    assert channel_stats(convs_only, model)["channels_removed"] == 26 / 104
+    rule = WidthSteps(linears=True)
+    start = rule.start(model)
+    assert start == {**{n: c.out_channels for n, c in convs(model).items()}, "classifier.0": 64, "classifier.3": 64}
+    # a quarter of 232 gone: half of the original needs 58 more of the 174 left
+    assert rule.ratio(pruner.current, 0.5, start) == pytest.approx((116 - 58) / 174)
+    assert WidthSteps().start(model) == {n: c.out_channels for n, c in convs(model).items()}
+
+
+def test_resnet18_has_no_hidden_linear_to_prune():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert list(prunable_convs(model, x, linears=True)) == list(prunable_convs(model, x))
+
+
+def test_save_load_roundtrip_with_hidden_units_removed(tmp_path):
+    model = tiny_vgg()
+    pruned = ChannelPruner(model, X[:1], round_to=8, scope="layerwise", linears=True).finish(0.5)
+    assert pruned.classifier[3].out_features == 32
+    import torchvision.models.vgg as vgg
+
+    real = torchvision.models.vgg16(num_classes=10).eval()  # the loader rebuilds torchvision's vgg16
+    small = ChannelPruner(real, torch.zeros(1, 3, 32, 32), round_to=16, scope="layerwise", linears=True).finish(0.5)
+    assert isinstance(small, vgg.VGG) and small.classifier[0].out_features == small.classifier[3].out_features == 2048
+    save_channel_pruned(small, tmp_path, arch="vgg16", num_classes=10)
+    loaded = load_channel_pruned(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))

@@ -25,6 +25,16 @@ def test_channel_steps_count_removed_channels_against_the_original():
     assert net(X).shape == (4, 10)
 
 
+def test_channel_steps_with_linears_prune_the_hidden_units_through_the_registry():
+    model = tiny_vgg()  # 104 prunable channels and 2 x 64 hidden units
+    opts = {"round_to": 1, "normalize": "mean", "scope": "layerwise", "linears": True}
+    net, steps = iterative(model, "channel", [0.25, 0.5], no_recovery, fixed_accuracy(50), opts)
+    assert [s.extra["channels_removed"] for s in steps] == [58 / 232, 116 / 232]
+    assert net.classifier[0].out_features == net.classifier[3].out_features == 32
+    assert sum(c.out_channels for c in convs(net).values()) == 104 - 52
+    assert net(X).shape == (4, 10)
+
+
 def test_iterative_search_stops_at_the_first_recovered_failure():
     model = tiny_vgg()
     # each step is evaluated right after pruning, then after recovery: 0.2 and 0.4 recover above

@@ -78,7 +78,7 @@ def test_code_defaults_are_the_configs():
     conf = OmegaConf.load(CONF_DIR / "prune" / "options" / "channel.yaml")
     for fn in (registry._channel, ChannelPruner.__init__):
         params = inspect.signature(fn).parameters
-        for key in ("importance", "normalize", "min_channels", "round_to"):
+        for key in ("importance", "normalize", "min_channels", "round_to", "linears"):
             assert params[key].default == conf[key], (fn.__qualname__, key)
 
 
@@ -103,7 +103,7 @@ def test_every_prune_option_carries_the_channel_options(tmp_path, group):
     spec = prune_spec(compose_cfg(tmp_path, [f"prune={group}", "prune.round_to=8"]))
     assert spec.method == group and spec.options["round_to"] == 8
     assert spec.pruner_options() == {"scope": "global", "importance": "l1", "normalize": "mean", "min_channels": 1,
-                                     "round_to": 8, "calibration_batches": 8}
+                                     "round_to": 8, "calibration_batches": 8, "linears": False}
 
 
 def test_what_the_pipeline_search_and_deploy_read_off_the_entries():

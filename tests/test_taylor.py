@@ -203,3 +203,27 @@ def test_macs_normalisation_ranks_importance_per_multiply_add():
     assert macs["macs"] < macs["none"]  # ...buying fewer multiply-adds per image when weighed by their cost
     with pytest.raises(ValueError, match="prune.normalize must be one of"):
         channel_plan(model, 0.3, normalize="flops")
+
+
+def test_hidden_linears_get_taylor_scores_and_costs():
+    from prunelab.pruning.channel import build_graph, default_example
+    from prunelab.pruning.costs import channel_costs
+
+    model = tiny_vgg()
+    layers = prunable_convs(model, linears=True)
+    assert list(layers)[-2:] == ["classifier.0", "classifier.3"]
+    with torch.no_grad():
+        model.classifier[3].weight[5] = 0
+        model.classifier[3].bias[5] = 0
+    scores = taylor_scores(model, layers, [(X, Y)])
+    assert scores["classifier.3"].shape == (64,) and scores["classifier.3"][5] == 0
+    m = copy.deepcopy(model)
+    loss = nn.functional.cross_entropy(m(X), Y)
+    fc = m.classifier[0]
+    gw, gb = torch.autograd.grad(loss, [fc.weight, fc.bias])
+    assert torch.allclose(scores["classifier.0"], ((gw * fc.weight).sum(1) + gb * fc.bias).detach().pow(2),
+                          rtol=1e-4, atol=1e-12)
+    graph = build_graph(model, default_example(model))
+    costs = channel_costs(model, graph, layers, default_example(model))
+    assert costs["classifier.0"] == 32 + 64  # its row, served folded (one input per channel), and a column of classifier.3
+    assert costs["classifier.3"] == 64 + 10  # its row and a column of the head

@@ -13,7 +13,10 @@ the last conv of a VGG, the 49 input features per channel of ``classifier[0]``.
 A conv is prunable only when its output channels are its own: if removing them would also remove
 output channels of another Conv2d/Linear (residual adds, depthwise convs) or touch the
 classification head, it is left whole. On VGG that is every conv; on ResNet-18 it is the first
-conv of each block. Removing a channel is exact, not approximate: a filter whose weights and bias
+conv of each block. With ``linears=True`` the hidden units of the classifier's Linear layers are
+ranked and removed by the same rule (every Linear but the head, whose outputs are the classes;
+the head loses the matching inputs): VGG16's two 4,096-wide layers are about a tenth of a
+channel-pruned model's multiply-adds at 32x32. Removing a channel is exact, not approximate: a filter whose weights and bias
 are zero feeds ReLU a zero, so the pruned network computes what the masked dense one computes.
 
 Pruned models are saved as plain tensors plus a JSON of the layer shapes (``channel_files``).
@@ -26,11 +29,19 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from prunelab.models.factory import last_linear_name
 from prunelab.models.modes import eval_mode
+from prunelab.pruning.channel_graph import (
+    Layer,
+    build_graph,
+    coupling,
+    default_example,
+    out_fn,
+    prunable_convs,
+    width,
+)
 from prunelab.pruning.costs import channel_costs
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
@@ -41,46 +52,9 @@ DEFAULT_NORMALIZE = "mean"
 DEFAULT_ROUND_TO = 16
 
 
-def default_example(model: nn.Module, size: int = 32) -> torch.Tensor:
-    """A one-image input for tracing: the first conv's input channels at ``size`` x ``size``."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return torch.zeros(1, first.in_channels if first else 3, size, size)
-
-
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced in eval mode (BatchNorm statistics
-    untouched by the example) and leaving its train/eval flags as they were."""
-    # Tracing needs autograd, which a caller's inference_mode/no_grad would silently disable.
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input.clone(), verbose=False)
-
-
-def _coupling(graph: tp.DependencyGraph, conv: nn.Conv2d, head: nn.Module) -> str | None:
-    """Why ``conv``'s output channels cannot be removed on their own, or None when they can."""
-    if conv.groups != 1:
-        return "grouped convolution"
-    for dep, _ in graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0]):
-        target = dep.target.module
-        if target is head:
-            return "its channels feed the classification head"
-        if target is not conv and isinstance(target, nn.Conv2d | nn.Linear) and graph.is_out_channel_pruning_fn(dep.handler):
-            return "its channels are tied to another layer's outputs (residual add or depthwise conv)"
-    return None
-
-
-def prunable_convs(model: nn.Module, example_input: torch.Tensor | None = None,
-                   graph: tp.DependencyGraph | None = None) -> dict[str, nn.Conv2d]:
-    """Convs whose output channels can be removed alone, by name, in module order."""
-    if graph is None:
-        graph = build_graph(model, default_example(model) if example_input is None else example_input)
-    head = model.get_submodule(last_linear_name(model))
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and _coupling(graph, m, head) is None}
-
-
-def filter_importance(conv: nn.Conv2d, importance: str = "l1") -> torch.Tensor:
-    """One score per output filter: the L1 or L2 norm of its weights (Taylor needs data:
-    ``rank_channels``)."""
+def filter_importance(conv: nn.Module, importance: str = "l1") -> torch.Tensor:
+    """One score per output filter (a Linear's: per unit, its row): the L1 or L2 norm of its
+    weights (Taylor needs data: ``rank_channels``)."""
     if importance not in ("l1", "l2"):
         raise ValueError(f"a filter's norm is l1 or l2, got {importance!r}")
     w = conv.weight.detach().flatten(1).float()
@@ -158,14 +132,16 @@ def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -
 
 
 def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
-                  normalize: str = DEFAULT_NORMALIZE, calibration: Calibration | None = None) -> ChannelRanking:
+                  normalize: str = DEFAULT_NORMALIZE, calibration: Calibration | None = None,
+                  linears: bool = False) -> ChannelRanking:
     """Rank every prunable filter; ``normalize="mean"`` divides each layer's scores by their mean,
     ``"macs"`` each score by the multiply-adds its channel costs (``pruning.costs``).
 
     Raw norms grow with a filter's fan-in (27 weights in VGG's first conv, 4,608 in its last), so
     a global ranking of raw norms empties the early layers first; dividing by the layer mean
     compares filters by how weak they are within their own layer. ``importance="taylor"`` scores
-    filters on ``calibration``'s training images (``pruning.taylor``).
+    filters on ``calibration``'s training images (``pruning.taylor``). ``linears``: the hidden
+    Linear layers' units are ranked too (``prunable_convs``).
     """
     if importance not in IMPORTANCES:
         raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -173,7 +149,7 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
         raise ValueError(f"prune.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     example = default_example(model) if example_input is None else example_input
     graph = build_graph(model, example)
-    convs = prunable_convs(model, graph=graph)
+    convs = prunable_convs(model, graph=graph, linears=linears)
     if importance == "taylor":
         if calibration is None:
             raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
@@ -194,13 +170,13 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
                  example_input: torch.Tensor | None = None, normalize: str = DEFAULT_NORMALIZE,
                  round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
-                 calibration: Calibration | None = None) -> dict[str, list[int]]:
+                 calibration: Calibration | None = None, linears: bool = False) -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
     ``scope="layerwise"``: every prunable conv loses the same share (``ChannelRanking.plan``).
     """
-    return rank_channels(model, importance, example_input, normalize, calibration).plan(
+    return rank_channels(model, importance, example_input, normalize, calibration, linears).plan(
         ratio, min_channels, round_to, layerwise=_layerwise(scope))
 
 
@@ -220,18 +196,19 @@ def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_
         idxs = sorted({int(i) for i in idxs})
         if not idxs:
             continue
-        conv = modules.get(name)
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"plan names {name!r}, which is not a Conv2d of this model")
-        if idxs[0] < 0 or idxs[-1] >= conv.out_channels or len(idxs) >= conv.out_channels:
-            raise ValueError(f"plan for {name} removes {len(idxs)} of {conv.out_channels} channels "
+        layer = modules.get(name)
+        if not isinstance(layer, Layer):
+            raise ValueError(f"plan names {name!r}, which is not a Conv2d or Linear of this model")
+        n = width(layer)
+        if idxs[0] < 0 or idxs[-1] >= n or len(idxs) >= n:
+            raise ValueError(f"plan for {name} removes {len(idxs)} of {n} channels "
                              f"(indices {idxs[0]}..{idxs[-1]}): at least one must stay, all in range")
-        why = _coupling(graph, conv, head)
+        why = coupling(graph, layer, head)
         if why:
             raise ValueError(f"cannot prune the output channels of {name} alone: {why}")
-        # Each conv's indices are in its own original numbering: earlier groups only shrank
-        # other layers' inputs, never this conv's outputs.
-        graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs).prune()
+        # Each layer's indices are in its own original numbering: earlier groups only shrank
+        # other layers' inputs, never this layer's outputs.
+        graph.get_pruning_group(layer, out_fn(layer), idxs).prune()
     return pruned
 
 
@@ -263,20 +240,30 @@ def conv_channels(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
+def layer_widths(model: nn.Module, names: Iterable[str] = ()) -> dict[str, int]:
+    """Every conv's output channels, and the units of the Linear layers in ``names``."""
+    names = set(names)
+    return {name: width(m) for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) or (name in names and isinstance(m, nn.Linear))}
+
+
 def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tensor | None = None,
                   dense_macs: int | None = None, prunable: Mapping[str, int] | None = None) -> dict:
     """Sizes of a channel-pruned ``model`` against the ``dense`` network it was cut from.
 
     ``params`` counts all parameters; ``nonzero``/``sparsity``/``layers`` count Conv2d and Linear
     weights against the dense model, as the masking pruners do, so removed weights show as zeros.
-    ``channels_removed`` is the share of the prunable convs' channels gone (``prunable``: their
-    dense widths, found by tracing ``dense`` when not given); with ``round_to > 1`` it differs
-    slightly from the requested ratio.
+    ``channels_removed`` is the share of the prunable layers' channels gone (``prunable``: their
+    dense widths, found by tracing ``dense`` when not given: its convs, and its hidden Linear layers
+    that ``model`` has fewer units of); with ``round_to > 1`` it differs slightly from the requested ratio. ``channels`` lists every conv's width and those of
+    the prunable Linear layers.
     """
     example = example_input if example_input is not None else default_example(dense).to(
         next(dense.parameters()).device)
     if prunable is None:
-        prunable = {n: c.out_channels for n, c in prunable_convs(dense, example).items()}
+        # the hidden Linear layers count where they were pruned (prune.linears), not otherwise
+        prunable = {n: width(c) for n, c in prunable_convs(dense, example, linears=True).items()
+                    if isinstance(c, nn.Conv2d) or width(model.get_submodule(n)) != width(c)}
     dense_weights = {n: w.numel() for n, w in prunable_weights(dense).items()}
     weights = prunable_weights(model)
     layers = {}
@@ -285,7 +272,7 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
         layers[name] = {"params": dense_n, "zeros": zeros, "sparsity": zeros / dense_n if dense_n else 0.0}
     dense_total = sum(dense_weights.values())
     nonzero = dense_total - sum(v["zeros"] for v in layers.values())
-    channels = conv_channels(model)
+    channels = layer_widths(model, prunable)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "dense_params": sum(p.numel() for p in dense.parameters()),
@@ -302,23 +289,26 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
 
 class WidthSteps:
     """How the iterative schedule asks channel pruning for a total ratio: each step removes what is
-    still missing of the target share of the prunable convs' original widths (the pruner ranks the
-    surviving channels of the current network)."""
+    still missing of the target share of the prunable layers' original widths (the pruner ranks the
+    surviving channels of the current network). ``linears``: as the pruner's option."""
+
+    def __init__(self, linears: bool = False):
+        self.linears = linears
 
     def start(self, net: nn.Module) -> dict[str, int]:
-        """The prunable convs' widths before the first step."""
-        return {n: c.out_channels for n, c in prunable_convs(net).items()}
+        """The prunable layers' widths before the first step."""
+        return {n: width(c) for n, c in prunable_convs(net, linears=self.linears).items()}
 
     def ratio(self, net: nn.Module, target: float, original: Mapping[str, int]) -> float:
         original_total = sum(original.values())
-        current = conv_channels(net)
+        current = layer_widths(net, original)
         remaining = sum(current[n] for n in original)
         missing = round(target * original_total) - (original_total - remaining)
         return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
 
     def stats(self, pruned: nn.Module, stats: dict, original: Mapping[str, int]) -> dict:
         """A step's stats, its channel share counted against the original widths."""
-        stats["channels_removed"] = removed_fraction(conv_channels(pruned), original)
+        stats["channels_removed"] = removed_fraction(layer_widths(pruned, original), original)
         return stats
 
 
@@ -333,7 +323,7 @@ class ChannelPruner:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
                  normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, linears: bool = False):
         if importance not in IMPORTANCES:
             raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
         if importance == "taylor" and calibration is None:
@@ -352,6 +342,7 @@ class ChannelPruner:
         self.min_channels = min_channels
         self.round_to = round_to
         self.layerwise = _layerwise(scope)
+        self.linears = bool(linears)
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None
@@ -362,7 +353,7 @@ class ChannelPruner:
     def prepare(self, ratios: Iterable[float]) -> None:
         if self.ranking is None:
             self.ranking = rank_channels(self.model, self.importance, self.example_input, self.normalize,
-                                         self.calibration)
+                                         self.calibration, self.linears)
             self._prunable = dict(self.ranking.sizes)
         for r in ratios:
             r = round(float(r), 6)

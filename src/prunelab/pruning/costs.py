@@ -37,9 +37,10 @@ def _spatial(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
     return sizes
 
 
-def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[str, nn.Conv2d],
+def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[str, nn.Module],
                   example: torch.Tensor) -> dict[str, float]:
-    """Per conv in ``convs``, the multiply-adds per image one of its output channels costs: the
+    """Per conv in ``convs`` (or hidden Linear: its row and the next layer's column), the multiply-adds
+    per image one of its output channels costs: the
     filter's own (output positions x input channels / groups x kernel area) plus, for every layer
     that reads the channel (``graph``'s pruning group: the next conv's input channel, or the
     classifier inputs it feeds: 49 for VGG's pooled features, one where the served form folds the
@@ -48,15 +49,19 @@ def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[st
     # Where the served form folds VGG's pool (features ending at 1x1: prunelab.models.rewrite), the 49
     # classifier inputs a channel is copied to are one input there: count what is served.
     try:
-        folded_view(model, tuple(example.shape[-2:]))
-        folds = True
+        folded_in = folded_view(model, tuple(example.shape[-2:]))[2].in_features
+        first_fc, folds = model.classifier[0], True
     except (ValueError, AttributeError, TypeError, IndexError):
-        folds = False
+        first_fc, folds = None, False
     costs = {}
     for name, conv in convs.items():
-        kh, kw = conv.kernel_size
-        cost = spatial[conv] * (conv.in_channels // conv.groups) * kh * kw
-        for dep, idxs in graph.get_pruning_group(conv, tp.prune_conv_out_channels, [0]):
+        if isinstance(conv, nn.Linear):  # a hidden unit (prune.linears): its row, read by the next Linear
+            cost = folded_in if conv is first_fc else conv.in_features  # served folded: one input per channel
+            fn = tp.prune_linear_out_channels
+        else:
+            kh, kw = conv.kernel_size
+            cost, fn = spatial[conv] * (conv.in_channels // conv.groups) * kh * kw, tp.prune_conv_out_channels
+        for dep, idxs in graph.get_pruning_group(conv, fn, [0]):
             m = dep.target.module
             if m is conv or graph.is_out_channel_pruning_fn(dep.handler):
                 continue

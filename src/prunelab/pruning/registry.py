@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.value_specs import Spec, choice, integer
+from prunelab.value_specs import BOOL, Spec, choice, integer
 
 # What a method's models run on: the dense kernels (zeros in dense tensors: never faster than the
 # dense model), a smaller dense network (faster wherever it runs), 2:4 sparse kernels (CUDA only;
@@ -54,7 +54,7 @@ class Method:
     stats: Callable[[nn.Module, nn.Module], dict] | None = None
     save: Callable[[nn.Module, Path, str, int], dict] | None = None
     load: Callable[[Path], nn.Module | None] | None = None
-    steps: Callable[[], object] | None = None  # makes the iterative step rule (see ``steps()``)
+    steps: Callable[..., object] | None = None  # makes the iterative step rule from prune.* (see ``steps()``)
     shapes_fix_network: bool = False
 
     def __post_init__(self):
@@ -83,13 +83,14 @@ NORMALIZATIONS = ("mean", "none", "macs")
 
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
              round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global",
-             calibration=None, **_):
+             calibration=None, linears: bool = False, **_):
     from prunelab.pruning.channel import ChannelPruner, default_example
 
     example = example_input if example_input is not None else default_example(model)
     device = next(model.parameters()).device
     return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
-                         normalize=normalize, round_to=round_to, scope=scope, calibration=calibration)
+                         normalize=normalize, round_to=round_to, scope=scope, calibration=calibration,
+                         linears=linears)
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
@@ -110,10 +111,10 @@ def _channel_load(models_dir: Path) -> nn.Module | None:
     return load_compact(models_dir)
 
 
-def _channel_steps():
+def _channel_steps(linears: bool = False, **_):
     from prunelab.pruning.channel import WidthSteps
 
-    return WidthSteps()
+    return WidthSteps(linears)
 
 
 def _semi_structured(model: nn.Module, **_):
@@ -129,7 +130,7 @@ METHODS: dict[str, Method] = {
     "channel": Method(_channel, kernels="smaller", in_place=False,
                       options={"importance": choice(*IMPORTANCES), "normalize": choice(*NORMALIZATIONS),
                                "min_channels": integer(1), "round_to": integer(1),
-                               "calibration_batches": integer(1)},
+                               "calibration_batches": integer(1), "linears": BOOL},
                       report_keys=("params", "macs", "channels", "channels_removed"), stats=_channel_stats,
                       save=_channel_save, load=_channel_load, steps=_channel_steps, shapes_fix_network=True),
     "semi_structured": Method(_semi_structured, kernels="two_four", report_keys=("two_four_layers",)),
@@ -261,12 +262,13 @@ def load_pruned(models_dir: Path) -> nn.Module | None:
     return None
 
 
-def steps(method: str):
+def steps(method: str, options: Mapping | None = None):
     """How the iterative schedule asks ``method`` for a total ratio: an object with ``start(net)``,
-    ``ratio(net, target, start)`` and ``stats(pruned, stats, start)``; None: ask the target itself
-    (a masking pruner ranks the current weights, zeros first). Chains: None."""
+    ``ratio(net, target, start)`` and ``stats(pruned, stats, start)``, built from the ``prune.*``
+    ``options``; None: ask the target itself (a masking pruner ranks the current weights, zeros
+    first). Chains: None."""
     m = METHODS.get(method)
-    return m.steps() if m is not None and m.steps is not None else None
+    return m.steps(**(options or {})) if m is not None and m.steps is not None else None
 
 
 def architecture_key(method: str, candidate: nn.Module) -> str | None:

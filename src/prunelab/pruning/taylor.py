@@ -117,16 +117,16 @@ def agree_across_ranks(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def taylor_scores(model: nn.Module, convs: Mapping[str, nn.Conv2d],
+def taylor_scores(model: nn.Module, convs: Mapping[str, nn.Module],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per conv in ``convs`` (modules of ``model``), each output filter's squared first-order
+    """Per conv in ``convs`` (modules of ``model``; a Linear's units count as filters), each output filter's squared first-order
     Taylor term summed over ``batches``: ``sum_b (sum_f w * dL_b/dw)^2``, bias included.
 
     Measured in eval mode (no dropout: the scores are the pruned network's), in fp32, with the
     network's ``requires_grad`` flags and gradients left as they were.
     """
     device = next(model.parameters()).device
-    scores = {n: torch.zeros(c.out_channels, dtype=torch.float64) for n, c in convs.items()}
+    scores = {n: torch.zeros(c.weight.shape[0], dtype=torch.float64) for n, c in convs.items()}
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -139,7 +139,7 @@ def taylor_scores(model: nn.Module, convs: Mapping[str, nn.Conv2d],
                 out = model(x.to(device))
                 nn.functional.cross_entropy(out.float(), y.to(device)).backward()
                 for n, c in convs.items():
-                    g = (c.weight.grad * c.weight).sum((1, 2, 3))
+                    g = (c.weight.grad * c.weight).flatten(1).sum(1)  # per filter, or per Linear unit
                     if c.bias is not None:
                         g = g + c.bias.grad * c.bias
                     scores[n] += g.detach().double().pow(2).cpu()

@@ -61,7 +61,7 @@ def prune_step(method: str, net: nn.Module, target: float, start, options: dict)
     zeros first, so the target applies directly."""
     if registry.in_place(method):  # keep the caller's network intact
         net = copy.deepcopy(net)
-    rule = registry.steps(method)
+    rule = registry.steps(method, options)
     pruner = make_pruner(method, net, **options)
     pruned = pruner.finish(rule.ratio(net, target, start) if rule else target)
     stats = pruner.stats()
@@ -78,7 +78,7 @@ def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Re
 
     Returns the network of the last step that did not stop the walk, and every step taken.
     """
-    rule = registry.steps(method)
+    rule = registry.steps(method, options)
     start = rule.start(net) if rule else None
     steps: list[Step] = []
     kept = net
