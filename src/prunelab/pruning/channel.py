@@ -16,8 +16,9 @@ classification head, it is left whole. On VGG that is every conv; on ResNet-18 i
 conv of each block. With ``linears=True`` the hidden units of the classifier's Linear layers are
 ranked and removed by the same rule (every Linear but the head, whose outputs are the classes;
 the head loses the matching inputs): VGG16's two 4,096-wide layers are about a tenth of a
-channel-pruned model's multiply-adds at 32x32. Removing a channel is exact, not approximate: a filter whose weights and bias
-are zero feeds ReLU a zero, so the pruned network computes what the masked dense one computes.
+channel-pruned model's multiply-adds at 32x32. Removing a channel is exact, not approximate: a
+filter whose weights and bias are zero feeds ReLU a zero, so the pruned network computes what the
+masked dense one computes.
 
 Pruned models are saved as plain tensors plus a JSON of the layer shapes (``channel_files``).
 """
@@ -255,8 +256,8 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
     weights against the dense model, as the masking pruners do, so removed weights show as zeros.
     ``channels_removed`` is the share of the prunable layers' channels gone (``prunable``: their
     dense widths, found by tracing ``dense`` when not given: its convs, and its hidden Linear layers
-    that ``model`` has fewer units of); with ``round_to > 1`` it differs slightly from the requested ratio. ``channels`` lists every conv's width and those of
-    the prunable Linear layers.
+    that ``model`` has fewer units of); with ``round_to > 1`` it differs slightly from the requested
+    ratio. ``channels`` lists every conv's width and those of the prunable Linear layers.
     """
     example = example_input if example_input is not None else default_example(dense).to(
         next(dense.parameters()).device)

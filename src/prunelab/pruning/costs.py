@@ -39,12 +39,11 @@ def _spatial(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, int]:
 
 def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[str, nn.Module],
                   example: torch.Tensor) -> dict[str, float]:
-    """Per conv in ``convs`` (or hidden Linear: its row and the next layer's column), the multiply-adds
-    per image one of its output channels costs: the
-    filter's own (output positions x input channels / groups x kernel area) plus, for every layer
-    that reads the channel (``graph``'s pruning group: the next conv's input channel, or the
-    classifier inputs it feeds: 49 for VGG's pooled features, one where the served form folds the
-    pool), what that input costs there."""
+    """Per conv in ``convs`` (or hidden Linear: its row and the next layer's column), the
+    multiply-adds per image one of its output channels costs: the filter's own (output positions x
+    input channels / groups x kernel area) plus, for every layer that reads the channel (``graph``'s
+    pruning group: the next conv's input channel, or the classifier inputs it feeds: 49 for VGG's
+    pooled features, one where the served form folds the pool), what that input costs there."""
     spatial = _spatial(model, example)
     # Where the served form folds VGG's pool (features ending at 1x1: prunelab.models.rewrite), the 49
     # classifier inputs a channel is copied to are one input there: count what is served.
