@@ -238,7 +238,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 
 
 def conv_channels(model: nn.Module) -> dict[str, int]:
-    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return layer_widths(model)
 
 
 def layer_widths(model: nn.Module, names: Iterable[str] = ()) -> dict[str, int]:

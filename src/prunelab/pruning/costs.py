@@ -49,9 +49,9 @@ def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[st
     # classifier inputs a channel is copied to are one input there: count what is served.
     try:
         folded_in = folded_view(model, tuple(example.shape[-2:]))[2].in_features
-        first_fc, folds = model.classifier[0], True
+        first_fc = model.classifier[0]
     except (ValueError, AttributeError, TypeError, IndexError):
-        first_fc, folds = None, False
+        first_fc = None  # nothing folds: the pool's copies are separate inputs
     costs = {}
     for name, conv in convs.items():
         if isinstance(conv, nn.Linear):  # a hidden unit (prune.linears): its row, read by the next Linear
@@ -68,6 +68,6 @@ def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[st
                 mh, mw = m.kernel_size
                 cost += len(idxs) * spatial[m] * (m.out_channels // m.groups) * mh * mw
             elif isinstance(m, nn.Linear):
-                cost += (1 if folds else len(idxs)) * m.out_features
+                cost += (1 if first_fc is not None else len(idxs)) * m.out_features
         costs[name] = float(cost)
     return costs
