@@ -11,12 +11,12 @@ from prunelab.pruning.channel import (
     ChannelPruner,
     ChannelRanking,
     channel_plan,
-    count_macs,
     filter_importance,
     prunable_convs,
     prune_channels,
 )
 from prunelab.pruning.channel_files import load_channel_pruned, save_channel_pruned
+from prunelab.pruning.costs import count_macs
 
 
 def tiny_vgg(batch_norm=False, seed=0):
@@ -266,6 +266,25 @@ def test_linears_remove_hidden_units_exactly_and_leave_the_classes(scope):
         assert torch.allclose(pruned(X), masked_dense(model, plan)(X), atol=1e-5)
     with pytest.raises(ValueError, match="classification head"):
         prune_channels(model, {"classifier.6": [0]}, X[:1])
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_linears_exponent_gives_the_hidden_units_their_own_share(scope):
+    model = tiny_vgg()  # 104 prunable conv channels, two hidden layers of 64 units
+    without = channel_plan(model, 0.5, normalize="mean", round_to=1, scope=scope)
+    plan = channel_plan(model, 0.5, normalize="mean", round_to=1, scope=scope, linears=2)
+    # the convs are cut as if the hidden units were not there: the ratio counts them alone
+    assert {n: plan[n] for n in without} == without
+    assert sum(map(len, without.values())) == 52
+    for name in ("classifier.0", "classifier.3"):  # each keeps (1 - 0.5) ** 2 of its own units
+        rows = filter_importance(model.get_submodule(name))
+        assert plan[name] == sorted(torch.argsort(rows, stable=True)[:48].tolist())
+    assert "classifier.6" not in plan
+    spared = channel_plan(model, 0.5, normalize="mean", round_to=1, scope=scope, linears=0.5)
+    assert len(spared["classifier.0"]) == round((1 - 0.5**0.5) * 64) == 19  # p < 1 spares them
+    for bad in (0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="prune.linears must be true, false or a number > 0"):
+            ChannelPruner(model, X[:1], linears=bad)
 
 
 def test_linears_count_in_the_stats_and_the_iterative_steps():

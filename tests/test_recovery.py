@@ -35,6 +35,22 @@ def test_channel_steps_with_linears_prune_the_hidden_units_through_the_registry(
     assert net(X).shape == (4, 10)
 
 
+def test_channel_steps_with_a_linears_exponent_compose_to_the_one_shot_widths():
+    from prunelab.pruning.channel import ChannelPruner
+
+    model = tiny_vgg()  # 104 prunable channels and 2 x 64 hidden units
+    opts = {"round_to": 1, "normalize": "mean", "scope": "layerwise", "linears": 2}
+    net, steps = iterative(model, "channel", [0.25, 0.5], no_recovery, fixed_accuracy(50), opts)
+    # step 1: convs lose 26, each hidden layer 1 - 0.75^2 of 64 = 28; step 2: the convs' ratio is
+    # 26 of the 78 left, so the hidden units keep (2/3)^2 of their 36: 16, as one shot at 0.5 keeps
+    assert sum(c.out_channels for c in convs(net).values()) == 104 - 52
+    assert net.classifier[0].out_features == net.classifier[3].out_features == 16
+    one_shot = ChannelPruner(model, X[:1], round_to=1, scope="layerwise", linears=2).finish(0.5)
+    assert one_shot.classifier[0].out_features == one_shot.classifier[3].out_features == 16
+    assert [s.extra["channels_removed"] for s in steps] == [(26 + 56) / 232, (52 + 96) / 232]
+    assert net(X).shape == (4, 10)
+
+
 def test_iterative_search_stops_at_the_first_recovered_failure():
     model = tiny_vgg()
     # each step is evaluated right after pruning, then after recovery: 0.2 and 0.4 recover above

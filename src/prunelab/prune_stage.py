@@ -26,7 +26,8 @@ from prunelab.io import compressed_bytes
 from prunelab.models import ImageClassifier
 from prunelab.models.rewrite import folded_copy
 from prunelab.pruning import registry
-from prunelab.pruning.channel import count_macs, default_example
+from prunelab.pruning.channel import default_example
+from prunelab.pruning.costs import count_macs
 from prunelab.pruning.masks import prunable_weights, sparsity
 from prunelab.pruning.registry import make_pruner
 from prunelab.pruning.spec import PruneSpec, prune_spec

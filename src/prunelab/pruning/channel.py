@@ -16,7 +16,9 @@ classification head, it is left whole. On VGG that is every conv; on ResNet-18 i
 conv of each block. With ``linears=True`` the hidden units of the classifier's Linear layers are
 ranked and removed by the same rule (every Linear but the head, whose outputs are the classes;
 the head loses the matching inputs): VGG16's two 4,096-wide layers are about a tenth of a
-channel-pruned model's multiply-adds at 32x32. Removing a channel is exact, not approximate: a
+channel-pruned model's multiply-adds at 32x32. With ``linears=p`` (a number) each hidden layer
+instead keeps ``(1 - ratio) ** p`` of its units, its own weakest rows going: the convs' kept share
+to the power p, which composes across iterative steps as the share itself does. Removing a channel is exact, not approximate: a
 filter whose weights and bias are zero feeds ReLU a zero, so the pruned network computes what the
 masked dense one computes.
 
@@ -33,7 +35,6 @@ import torch
 from torch import nn
 
 from prunelab.models.factory import last_linear_name
-from prunelab.models.modes import eval_mode
 from prunelab.pruning.channel_graph import (
     Layer,
     build_graph,
@@ -43,7 +44,7 @@ from prunelab.pruning.channel_graph import (
     prunable_convs,
     width,
 )
-from prunelab.pruning.costs import channel_costs
+from prunelab.pruning.costs import channel_costs, count_macs
 from prunelab.pruning.masks import count_to_prune, prunable_weights
 from prunelab.pruning.registry import IMPORTANCES, NORMALIZATIONS
 from prunelab.pruning.taylor import Calibration
@@ -68,8 +69,10 @@ class ChannelRanking:
     Ties are broken by layer order then channel index (a stable sort), so a plan is reproducible.
     """
 
-    def __init__(self, scores: Mapping[str, torch.Tensor]):
+    def __init__(self, scores: Mapping[str, torch.Tensor], apart: Mapping[str, float] | None = None):
         self.sizes = {name: int(s.numel()) for name, s in scores.items()}
+        # layers outside the ratio's count, each keeping (1 - ratio) ** exponent of itself (linears=p)
+        self.apart = dict(apart or {})
         names = list(scores)
         if not names:
             self.order: list[tuple[str, int]] = []
@@ -90,7 +93,8 @@ class ChannelRanking:
 
         Global (the default): the ``round(ratio * total)`` lowest across the network. ``layerwise``:
         ``round(ratio * n)`` of each n-wide conv, its own lowest-ranked (every layer loses the
-        same share; how the layers compare does not matter). When the floors leave fewer removable
+        same share; how the layers compare does not matter). A layer in ``apart`` loses its own
+        share, ``1 - (1 - ratio) ** exponent``, and is left out of the global count. When the floors leave fewer removable
         channels than that, every removable one goes (the floors win over the ratio). With ``round_to > 1`` each layer
         then keeps the multiple of ``round_to`` nearest to what the global ranking left it
         (never fewer than ``round_to`` nor ``min_channels``), dropping its own lowest-ranked
@@ -102,18 +106,20 @@ class ChannelRanking:
             raise ValueError(f"min_channels must be >= 1 (a conv with no channels cuts the network), got {min_channels}")
         if round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {round_to}")
-        k = count_to_prune(self.total, ratio)
+        own = {name: 1.0 - (1.0 - ratio) ** p for name, p in self.apart.items()}
+        k = count_to_prune(sum(n for name, n in self.sizes.items() if name not in own), ratio)
         room = {name: max(0, n - min_channels) for name, n in self.sizes.items()}
         removed: dict[str, list[int]] = {name: [] for name in self.sizes}
         by_layer: dict[str, list[int]] = {name: [] for name in self.sizes}
-        quota = {name: min(room[name], count_to_prune(n, ratio)) if layerwise else room[name]
-                 for name, n in self.sizes.items()}
+        quota = {name: min(room[name], count_to_prune(n, own.get(name, ratio))) if layerwise or name in own
+                 else room[name] for name, n in self.sizes.items()}
         taken = 0
         for name, ch in self.order:
             by_layer[name].append(ch)  # each layer's channels, lowest-ranked first
-            if (layerwise or taken < k) and len(removed[name]) < quota[name]:
+            alone = layerwise or name in own
+            if (alone or taken < k) and len(removed[name]) < quota[name]:
                 removed[name].append(ch)
-                taken += 1
+                taken += name not in own
         if round_to > 1:
             for name, n in self.sizes.items():
                 # A layer the ranking left whole stays whole: rounding only settles how many go.
@@ -134,7 +140,7 @@ def removed_fraction(channels: Mapping[str, int], original: Mapping[str, int]) -
 
 def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch.Tensor | None = None,
                   normalize: str = DEFAULT_NORMALIZE, calibration: Calibration | None = None,
-                  linears: bool = False) -> ChannelRanking:
+                  linears: bool | float = False) -> ChannelRanking:
     """Rank every prunable filter; ``normalize="mean"`` divides each layer's scores by their mean,
     ``"macs"`` each score by the multiply-adds its channel costs (``pruning.costs``).
 
@@ -142,15 +148,17 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
     a global ranking of raw norms empties the early layers first; dividing by the layer mean
     compares filters by how weak they are within their own layer. ``importance="taylor"`` scores
     filters on ``calibration``'s training images (``pruning.taylor``). ``linears``: the hidden
-    Linear layers' units are ranked too (``prunable_convs``).
+    Linear layers' units are ranked too (``prunable_convs``); a number p: each keeps
+    ``(1 - ratio) ** p`` of its own (``ChannelRanking.apart``).
     """
+    exponent = linears_exponent(linears)
     if importance not in IMPORTANCES:
         raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"prune.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     example = default_example(model) if example_input is None else example_input
     graph = build_graph(model, example)
-    convs = prunable_convs(model, graph=graph, linears=linears)
+    convs = prunable_convs(model, graph=graph, linears=bool(linears))
     if importance == "taylor":
         if calibration is None:
             raise ValueError("prune.importance=taylor scores filters on training images, and none were given: "
@@ -165,13 +173,24 @@ def rank_channels(model: nn.Module, importance: str = "l1", example_input: torch
     elif normalize == "macs":  # importance per multiply-add saved: cut where the time goes
         costs = channel_costs(model, graph, convs, example.to(next(model.parameters()).device))
         scores = {name: s / costs[name] for name, s in scores.items()}
-    return ChannelRanking(scores)
+    apart = {} if exponent is None else {n: exponent for n, c in convs.items() if isinstance(c, nn.Linear)}
+    return ChannelRanking(scores, apart)
+
+
+def linears_exponent(linears: bool | float) -> float | None:
+    """The hidden units' own exponent (``linears=p``), or None where they go with the convs
+    (``True``) or stay whole (``False``)."""
+    if isinstance(linears, bool):
+        return None
+    if not isinstance(linears, int | float) or not math.isfinite(linears) or linears <= 0:
+        raise ValueError(f"prune.linears must be true, false or a number > 0, got {linears!r}")
+    return float(linears)
 
 
 def channel_plan(model: nn.Module, ratio: float, importance: str = "l1", min_channels: int = 1,
                  example_input: torch.Tensor | None = None, normalize: str = DEFAULT_NORMALIZE,
                  round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
-                 calibration: Calibration | None = None, linears: bool = False) -> dict[str, list[int]]:
+                 calibration: Calibration | None = None, linears: bool | float = False) -> dict[str, list[int]]:
     """Which output channels of each prunable conv go at ``ratio`` (sorted indices; model untouched).
 
     ``example_input`` is only traced to find the prunable convs; by default one 32x32 image.
@@ -211,30 +230,6 @@ def prune_channels(model: nn.Module, plan: Mapping[str, Iterable[int]], example_
         # other layers' inputs, never this layer's outputs.
         graph.get_pruning_group(layer, out_fn(layer), idxs).prune()
     return pruned
-
-
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of Conv2d and Linear layers for ONE example, counted by forward hooks.
-
-    Our own counter (not ``tp.utils.count_ops_and_params``, which deep-copies the model): conv
-    MACs = output elements x in_channels/groups x kernel area, Linear = output elements x
-    in_features; pooling, activations and BatchNorm are not counted.
-    """
-    total = 0
-
-    def hook(m: nn.Module, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
-        total += out.numel() * per_out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return total // max(1, example_input.shape[0])
 
 
 def conv_channels(model: nn.Module) -> dict[str, int]:
@@ -291,16 +286,21 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
 class WidthSteps:
     """How the iterative schedule asks channel pruning for a total ratio: each step removes what is
     still missing of the target share of the prunable layers' original widths (the pruner ranks the
-    surviving channels of the current network). ``linears``: as the pruner's option."""
+    surviving channels of the current network). ``linears``: as the pruner's option; with a number
+    the target counts the convs alone, and each step's ratio gives the hidden units their own
+    share of what they have left, so the steps compound to ``(1 - target) ** p`` kept."""
 
-    def __init__(self, linears: bool = False):
+    def __init__(self, linears: bool | float = False):
         self.linears = linears
+        self.exponent = linears_exponent(linears)
 
     def start(self, net: nn.Module) -> dict[str, int]:
         """The prunable layers' widths before the first step."""
-        return {n: width(c) for n, c in prunable_convs(net, linears=self.linears).items()}
+        return {n: width(c) for n, c in prunable_convs(net, linears=bool(self.linears)).items()}
 
     def ratio(self, net: nn.Module, target: float, original: Mapping[str, int]) -> float:
+        if self.exponent is not None:
+            original = {n: w for n, w in original.items() if isinstance(net.get_submodule(n), nn.Conv2d)}
         original_total = sum(original.values())
         current = layer_widths(net, original)
         remaining = sum(current[n] for n in original)
@@ -324,7 +324,8 @@ class ChannelPruner:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
                  normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
-                 calibration: Calibration | None = None, linears: bool = False):
+                 calibration: Calibration | None = None, linears: bool | float = False):
+        linears_exponent(linears)  # a bad value fails here, not at the first ranking
         if importance not in IMPORTANCES:
             raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
         if importance == "taylor" and calibration is None:
@@ -343,7 +344,7 @@ class ChannelPruner:
         self.min_channels = min_channels
         self.round_to = round_to
         self.layerwise = _layerwise(scope)
-        self.linears = bool(linears)
+        self.linears = linears
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None

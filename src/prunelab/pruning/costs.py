@@ -5,7 +5,8 @@ the layers that read it, so a ranking can weigh a filter's importance against wh
 At 32x32 inputs VGG16's first convolutions run at full resolution and its last ones at 2x2: a
 channel of ``features.2`` costs about 35 times the multiply-adds of one of ``features.28``. A
 ranking by importance alone, across layers, cuts the late, cheap channels first and buys little
-speed for its accuracy; per multiply-add saved it cuts where the time goes.
+speed for its accuracy; per multiply-add saved it cuts where the time goes. ``count_macs`` counts
+a whole network's, as the report gives them.
 """
 
 from __future__ import annotations
@@ -71,3 +72,27 @@ def channel_costs(model: nn.Module, graph: tp.DependencyGraph, convs: Mapping[st
                 cost += (1 if first_fc is not None else len(idxs)) * m.out_features
         costs[name] = float(cost)
     return costs
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for ONE example, counted by forward hooks.
+
+    Our own counter (not ``tp.utils.count_ops_and_params``, which deep-copies the model): conv
+    MACs = output elements x in_channels/groups x kernel area, Linear = output elements x
+    in_features; pooling, activations and BatchNorm are not counted.
+    """
+    total = 0
+
+    def hook(m: nn.Module, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+        total += out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // max(1, example_input.shape[0])

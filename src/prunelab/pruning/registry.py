@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.value_specs import BOOL, Spec, choice, integer
+from prunelab.value_specs import BOOL, Spec, choice, either, integer, number
 
 # What a method's models run on: the dense kernels (zeros in dense tensors: never faster than the
 # dense model), a smaller dense network (faster wherever it runs), 2:4 sparse kernels (CUDA only;
@@ -81,9 +81,13 @@ IMPORTANCES = ("l1", "l2", "taylor")
 NORMALIZATIONS = ("mean", "none", "macs")
 
 
+# prune.linears: the hidden units go with the convs (true), stay (false), or keep (1 - ratio) ** p
+LINEARS = either(BOOL, number(0, lo_open=True), words="true, false or a number > 0")
+
+
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
              round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global",
-             calibration=None, linears: bool = False, **_):
+             calibration=None, linears: bool | float = False, **_):
     from prunelab.pruning.channel import ChannelPruner, default_example
 
     example = example_input if example_input is not None else default_example(model)
@@ -111,7 +115,7 @@ def _channel_load(models_dir: Path) -> nn.Module | None:
     return load_compact(models_dir)
 
 
-def _channel_steps(linears: bool = False, **_):
+def _channel_steps(linears: bool | float = False, **_):
     from prunelab.pruning.channel import WidthSteps
 
     return WidthSteps(linears)
@@ -130,7 +134,7 @@ METHODS: dict[str, Method] = {
     "channel": Method(_channel, kernels="smaller", in_place=False,
                       options={"importance": choice(*IMPORTANCES), "normalize": choice(*NORMALIZATIONS),
                                "min_channels": integer(1), "round_to": integer(1),
-                               "calibration_batches": integer(1), "linears": BOOL},
+                               "calibration_batches": integer(1), "linears": LINEARS},
                       report_keys=("params", "macs", "channels", "channels_removed"), stats=_channel_stats,
                       save=_channel_save, load=_channel_load, steps=_channel_steps, shapes_fix_network=True),
     "semi_structured": Method(_semi_structured, kernels="two_four", report_keys=("two_four_layers",)),
