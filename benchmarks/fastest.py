@@ -87,7 +87,7 @@ def measure(args) -> dict:
         search = fastest["search"]
         dense_sd = load_state_dict(trained["weights"])
     device = torch.device(args.device)
-    timed = time_answers(dense_sd, search, device, args.iters, arch=arch)
+    timed = time_answers(dense_sd, search, device, args.iters, rebuild_options(fastest), arch=arch)
     resolved, hw, dtype, layout = timed["resolved"], timed["hw"], timed["dtype"], timed["layout"]
     answers, samples, vs_notebook, speedups = (timed[k] for k in ("answers", "samples", "vs_notebook", "speedups"))
     chosen = search.get("chosen")
@@ -119,11 +119,32 @@ def measure(args) -> dict:
     }
 
 
-def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int, arch: str = "vgg16",
-                 batch_size: int = 128, runtime: str = "deploy", built: dict | None = None) -> dict:
+def rebuild_options(report: dict) -> dict:
+    """The pruner options a run searched with (scope, importance, linears, round_to, ...), from its
+    report: an answer rebuilt from the dense weights is the model the search judged only when it is
+    cut by the same rule (a default, global ranking cuts other channels at the same ratio)."""
+    from omegaconf import OmegaConf
+
+    from prunelab.pruning.spec import prune_spec
+
+    options = prune_spec(OmegaConf.create(report["config"])).pruner_options()
+    if options.get("importance") == "taylor":
+        raise ValueError("this benchmark rebuilds answers from the dense weights, and a taylor ranking needs the "
+                         "run's calibration images: search with prune.importance=l1 or l2")
+    return options
+
+
+def rebuild(dense: torch.nn.Module, method: str, ratio: float, options: dict) -> torch.nn.Module:
+    """``dense`` (copied) cut at ``ratio`` by ``method`` under the run's ``options`` (``rebuild_options``)."""
+    return make_pruner(method, copy.deepcopy(dense), **options).finish(ratio).eval()
+
+
+def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int, options: dict,
+                 arch: str = "vgg16", batch_size: int = 128, runtime: str = "deploy", built: dict | None = None) -> dict:
     """In one process, every model taking turns each iteration at ``batch_size``: the dense model as the
     notebook runs it (eager fp32, NCHW), the dense model, the latency search's answer and each
-    method's own sparsity answer (its highest ratio within the tolerance) served in ``runtime`` (the
+    method's own sparsity answer (its highest ratio within the tolerance; both rebuilt from the dense
+    weights under the run's ``options``, ``rebuild_options``) served in ``runtime`` (the
     one the search timed them in: prunelab's deploy form by default), as the product's ``auto``
     rules resolve it on this machine. The ``*_deploy`` names mean "as served". ``built`` adds answers
     that cannot be rebuilt from a ranking ({tag: (network, method, ratio)}: an iterative search's
@@ -158,8 +179,7 @@ def time_answers(dense_sd: dict, search: dict, device: torch.device, iters: int,
         if ratio > 0:
             answers[f"sparsity_{method}"] = (method, ratio)
     for tag, (method, ratio) in answers.items():
-        models[f"{tag}_deploy"] = deploy(make_pruner(method, copy.deepcopy(dense), round_to=16).finish(ratio).eval(),
-                                         method)
+        models[f"{tag}_deploy"] = deploy(rebuild(dense, method, ratio, options), method)
     for tag, (net, method, ratio) in (built or {}).items():
         answers[tag] = (method, ratio)
         models[f"{tag}_deploy"] = deploy(net.eval(), method)

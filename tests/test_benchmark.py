@@ -419,3 +419,37 @@ def test_worthy_goal_figures_read_as_numbers():
     assert _measured([6.195168762078389, 4.973721547402157]) == "6.20 against 4.97"
     assert _measured(87.7699) == "87.77"
     assert _measured(None) == "-"
+
+
+def test_answers_are_rebuilt_by_the_ranking_their_run_searched_with(tmp_path):
+    """A one-shot answer timed from the dense weights is the model the search judged only when it is
+    cut by the run's own rule: here layerwise with the hidden units, not the default global ranking."""
+    from omegaconf import OmegaConf
+    from test_channel import X, tiny_vgg
+
+    from benchmarks.fastest import rebuild, rebuild_options
+    from benchmarks.worthy import rebuilt_answers
+    from prunelab.compose import compose
+    from prunelab.pruning.channel import ChannelPruner
+    from prunelab.pruning.registry import make_pruner
+
+    cfg = compose(["prune.scope=layerwise", "prune.linears=true"], tmp_path)
+    search = {"chosen": {"method": "channel", "ratio": 0.3}, "best_ratio_by_method": {"channel": 0.3}}
+    report = {"config": OmegaConf.to_container(cfg, resolve=True), "search": search}
+    options = rebuild_options(report)
+    assert options["scope"] == "layerwise" and options["linears"] is True
+    model = tiny_vgg()
+    net = rebuild(model, "channel", 0.3, options)
+    searched = ChannelPruner(model, X[:1], scope="layerwise", linears=True).finish(0.3)
+    widths = lambda m: [getattr(c, "out_channels", None) or c.out_features  # noqa: E731
+                        for c in m.modules() if isinstance(c, nn.Conv2d | nn.Linear)]
+    assert widths(net) == widths(searched)
+    assert widths(make_pruner("channel", model).finish(0.3)) != widths(net)  # what the default rule cuts
+    with torch.no_grad():
+        assert torch.equal(net(X), searched(X))
+    assert rebuilt_answers({"oneshot": {"report": report}, "iterative": {}}) == (search, options)
+    # an iterative job's ratios are recovered models': nothing is rebuilt from the dense weights
+    assert rebuilt_answers({"iterative": {"report": report}}) == ({"chosen": None, "best_ratio_by_method": {}}, {})
+    taylor = compose(["prune.importance=taylor"], tmp_path)
+    with pytest.raises(ValueError, match="calibration images"):
+        rebuild_options({"config": OmegaConf.to_container(taylor, resolve=True)})
