@@ -288,7 +288,7 @@ def test_linears_exponent_gives_the_hidden_units_their_own_share(scope):
 
 
 def test_linears_count_in_the_stats_and_the_iterative_steps():
-    from prunelab.pruning.channel import WidthSteps
+    from prunelab.pruning.width_steps import WidthSteps
 
     model = tiny_vgg()
     pruner = ChannelPruner(model, X[:1], round_to=1, scope="layerwise", linears=True)

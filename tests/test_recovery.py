@@ -1,5 +1,6 @@
 """The iterative schedule's bookkeeping, with recovery and evaluation as stand-ins (no training)."""
 
+import pytest
 from test_channel import X, convs, tiny_vgg
 
 from prunelab.search.iterative import iterative, iterative_search
@@ -49,6 +50,20 @@ def test_channel_steps_with_a_linears_exponent_compose_to_the_one_shot_widths():
     assert one_shot.classifier[0].out_features == one_shot.classifier[3].out_features == 16
     assert [s.extra["channels_removed"] for s in steps] == [(26 + 56) / 232, (52 + 96) / 232]
     assert net(X).shape == (4, 10)
+
+
+@pytest.mark.parametrize("grid,p", [([0.2, 0.4], 2), ([0.2, 0.4], 3), ([0.15, 0.35, 0.55], 3)])
+def test_linears_exponent_steps_reach_the_one_shot_widths_through_the_rounding(grid, p):
+    from prunelab.pruning.channel import ChannelPruner
+
+    # round_to=4: each step's conv widths round away from the ratio asked, and a share of what each
+    # step left would carry that into the hidden layers (these grids came out 4 units narrower)
+    model = tiny_vgg()
+    opts = {"round_to": 4, "normalize": "mean", "scope": "layerwise", "linears": p}
+    net, _ = iterative(model, "channel", grid, no_recovery, fixed_accuracy(50), opts)
+    one_shot = ChannelPruner(model, X[:1], round_to=4, scope="layerwise", linears=p).finish(grid[-1])
+    hidden = lambda m: (m.classifier[0].out_features, m.classifier[3].out_features)  # noqa: E731
+    assert hidden(net) == hidden(one_shot)
 
 
 def test_iterative_search_stops_at_the_first_recovered_failure():

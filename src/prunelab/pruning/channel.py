@@ -88,13 +88,14 @@ class ChannelRanking:
         return sum(self.sizes.values())
 
     def plan(self, ratio: float, min_channels: int = 1, round_to: int = 1,
-             layerwise: bool = False) -> dict[str, list[int]]:
+             layerwise: bool = False, kept: Mapping[str, int] | None = None) -> dict[str, list[int]]:
         """Removed channel indices per conv at ``ratio``: the lowest-ranked ones the floors allow.
 
         Global (the default): the ``round(ratio * total)`` lowest across the network. ``layerwise``:
         ``round(ratio * n)`` of each n-wide conv, its own lowest-ranked (every layer loses the
         same share; how the layers compare does not matter). A layer in ``apart`` loses its own
-        share, ``1 - (1 - ratio) ** exponent``, and is left out of the global count. When the floors leave fewer removable
+        share, ``1 - (1 - ratio) ** exponent`` (or down to ``kept[name]`` units where ``kept`` names
+        it: an iterative step's target), and is left out of the global count. When the floors leave fewer removable
         channels than that, every removable one goes (the floors win over the ratio). With ``round_to > 1`` each layer
         then keeps the multiple of ``round_to`` nearest to what the global ranking left it
         (never fewer than ``round_to`` nor ``min_channels``), dropping its own lowest-ranked
@@ -113,6 +114,8 @@ class ChannelRanking:
         by_layer: dict[str, list[int]] = {name: [] for name in self.sizes}
         quota = {name: min(room[name], count_to_prune(n, own.get(name, ratio))) if layerwise or name in own
                  else room[name] for name, n in self.sizes.items()}
+        for name, k_kept in (kept or {}).items():
+            quota[name] = min(room[name], max(0, self.sizes[name] - k_kept))
         taken = 0
         for name, ch in self.order:
             by_layer[name].append(ch)  # each layer's channels, lowest-ranked first
@@ -283,36 +286,6 @@ def channel_stats(model: nn.Module, dense: nn.Module, example_input: torch.Tenso
     }
 
 
-class WidthSteps:
-    """How the iterative schedule asks channel pruning for a total ratio: each step removes what is
-    still missing of the target share of the prunable layers' original widths (the pruner ranks the
-    surviving channels of the current network). ``linears``: as the pruner's option; with a number
-    the target counts the convs alone, and each step's ratio gives the hidden units their own
-    share of what they have left, so the steps compound to ``(1 - target) ** p`` kept."""
-
-    def __init__(self, linears: bool | float = False):
-        self.linears = linears
-        self.exponent = linears_exponent(linears)
-
-    def start(self, net: nn.Module) -> dict[str, int]:
-        """The prunable layers' widths before the first step."""
-        return {n: width(c) for n, c in prunable_convs(net, linears=bool(self.linears)).items()}
-
-    def ratio(self, net: nn.Module, target: float, original: Mapping[str, int]) -> float:
-        if self.exponent is not None:
-            original = {n: w for n, w in original.items() if isinstance(net.get_submodule(n), nn.Conv2d)}
-        original_total = sum(original.values())
-        current = layer_widths(net, original)
-        remaining = sum(current[n] for n in original)
-        missing = round(target * original_total) - (original_total - remaining)
-        return max(0.0, min(0.999999, missing / remaining)) if remaining else 0.0
-
-    def stats(self, pruned: nn.Module, stats: dict, original: Mapping[str, int]) -> dict:
-        """A step's stats, its channel share counted against the original widths."""
-        stats["channels_removed"] = removed_fraction(layer_widths(pruned, original), original)
-        return stats
-
-
 class ChannelPruner:
     """Filter pruning bound to one model: rank once, build a smaller copy per candidate ratio.
 
@@ -324,7 +297,8 @@ class ChannelPruner:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, importance: str = "l1", min_channels: int = 1,
                  normalize: str = DEFAULT_NORMALIZE, round_to: int = DEFAULT_ROUND_TO, scope: str = "global",
-                 calibration: Calibration | None = None, linears: bool | float = False):
+                 calibration: Calibration | None = None, linears: bool | float = False,
+                 linears_kept: Mapping[str, int] | None = None):
         linears_exponent(linears)  # a bad value fails here, not at the first ranking
         if importance not in IMPORTANCES:
             raise ValueError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
@@ -345,6 +319,7 @@ class ChannelPruner:
         self.round_to = round_to
         self.layerwise = _layerwise(scope)
         self.linears = linears
+        self.linears_kept = dict(linears_kept or {})  # an iterative step's hidden widths (WidthSteps.options)
         self.ranking: ChannelRanking | None = None
         self.plans: dict[float, dict[str, list[int]]] = {}
         self.current: nn.Module | None = None
@@ -360,7 +335,8 @@ class ChannelPruner:
         for r in ratios:
             r = round(float(r), 6)
             if r not in self.plans:
-                self.plans[r] = self.ranking.plan(r, self.min_channels, self.round_to, self.layerwise)
+                self.plans[r] = self.ranking.plan(r, self.min_channels, self.round_to, self.layerwise,
+                                                  self.linears_kept)
 
     def plan(self, ratio: float) -> dict[str, list[int]]:
         ratio = round(float(ratio), 6)

@@ -87,14 +87,14 @@ LINEARS = either(BOOL, number(0, lo_open=True), words="true, false or a number >
 
 def _channel(model: nn.Module, importance: str = "l1", normalize: str = "mean", min_channels: int = 1,
              round_to: int = 16, example_input: torch.Tensor | None = None, scope: str = "global",
-             calibration=None, linears: bool | float = False, **_):
+             calibration=None, linears: bool | float = False, linears_kept=None, **_):
     from prunelab.pruning.channel import ChannelPruner, default_example
 
     example = example_input if example_input is not None else default_example(model)
     device = next(model.parameters()).device
     return ChannelPruner(model, example.to(device), importance=importance, min_channels=min_channels,
                          normalize=normalize, round_to=round_to, scope=scope, calibration=calibration,
-                         linears=linears)
+                         linears=linears, linears_kept=linears_kept)
 
 
 def _channel_stats(pruned: nn.Module, dense: nn.Module) -> dict:
@@ -116,7 +116,7 @@ def _channel_load(models_dir: Path) -> nn.Module | None:
 
 
 def _channel_steps(linears: bool | float = False, **_):
-    from prunelab.pruning.channel import WidthSteps
+    from prunelab.pruning.width_steps import WidthSteps
 
     return WidthSteps(linears)
 
@@ -268,7 +268,8 @@ def load_pruned(models_dir: Path) -> nn.Module | None:
 
 def steps(method: str, options: Mapping | None = None):
     """How the iterative schedule asks ``method`` for a total ratio: an object with ``start(net)``,
-    ``ratio(net, target, start)`` and ``stats(pruned, stats, start)``, built from the ``prune.*``
+    ``ratio(net, target, start)``, ``options(net, target, start)`` (more pruner options for the
+    step) and ``stats(pruned, stats, start)``, built from the ``prune.*``
     ``options``; None: ask the target itself (a masking pruner ranks the current weights, zeros
     first). Chains: None."""
     m = METHODS.get(method)

@@ -153,7 +153,7 @@ def files_section(files: dict, p: dict) -> list[str]:
     if "macs" in p:
         rows.append(("MACs per image", _int(p.get("dense_macs")), _int(p.get("macs"))))
     if p.get("channels_removed") is not None:
-        rows.append(("share of conv channels removed", "0", f"{p['channels_removed']:.3f}"))
+        rows.append(("share of channels removed (hidden units too, with prune.linears)", "0", f"{p['channels_removed']:.3f}"))
     lines += [table(["", "dense", "pruned"], rows), ""]
     return lines
 

@@ -62,7 +62,7 @@ def prune_step(method: str, net: nn.Module, target: float, start, options: dict)
     if registry.in_place(method):  # keep the caller's network intact
         net = copy.deepcopy(net)
     rule = registry.steps(method, options)
-    pruner = make_pruner(method, net, **options)
+    pruner = make_pruner(method, net, **options, **(rule.options(net, target, start) if rule else {}))
     pruned = pruner.finish(rule.ratio(net, target, start) if rule else target)
     stats = pruner.stats()
     if rule:
