@@ -279,6 +279,11 @@ def render(res: dict) -> str:
     goals = [(k, _measured(v["measured"]), ("met" if v["met"] else "NOT met") + (f": {v['why']}" if v.get("why") else ""))
              for k, v in res["goals"].items()]
     lines += ["## Goals", "", table(["goal", "measured", ""], goals), "", f"Whole job: {res['job_s']:.0f} s.", ""]
+    # A result corrected after it was measured keeps its rows and says what in them is void; notes
+    # say what its figures mean beside earlier runs. Both live in the json, so a re-render keeps them.
+    notes = ([f"Correction: {res['correction']}"] if res.get("correction") else []) + list(res.get("notes", []))
+    if notes:
+        lines += ["## Notes", ""] + [line for n in notes for line in (n, "")]
     return "\n".join(lines)
 
 

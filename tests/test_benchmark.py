@@ -421,6 +421,25 @@ def test_worthy_goal_figures_read_as_numbers():
     assert _measured(None) == "-"
 
 
+def test_a_corrected_worthy_result_re_renders_with_its_notes(tmp_path):
+    """A correction and the notes live in the json: rendering it again (a rerun of the md) keeps them,
+    and the committed md of every corrected result is exactly that render."""
+    from benchmarks.worthy import render
+
+    corrected = [p for p in sorted((REPO / "benchmarks" / "results").glob("*-worthy-*.json"))
+                 if "correction" in json.loads(p.read_text())]
+    assert corrected
+    for p in corrected:
+        res = json.loads(p.read_text())
+        md = render(res)
+        assert f"## Notes\n\nCorrection: {res['correction']}\n" in md
+        assert all(f"\n{n}\n" in md for n in res.get("notes", []))
+        assert md.strip() == p.with_suffix(".md").read_text().strip(), p.name
+    res = json.loads(corrected[0].read_text())
+    res.pop("correction"), res.pop("notes", None)
+    assert "## Notes" not in render(res)
+
+
 def test_answers_are_rebuilt_by_the_ranking_their_run_searched_with(tmp_path):
     """A one-shot answer timed from the dense weights is the model the search judged only when it is
     cut by the run's own rule: here layerwise with the hidden units, not the default global ranking."""
