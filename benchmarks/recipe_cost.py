@@ -3,7 +3,9 @@
 1. Training speed: a number of the recipe's optimiser steps on real batches of the class-folder data,
    with the recipe's ``auto`` settings resolved for this machine (bf16 autocast where native, the
    classifier folded at 32x32), the same steps unfolded (``model.fold_classifier=false``) and in
-   float32 NCHW (``trainer.precision=32-true model.channels_last=false``), in one process, in turns
+   float32 NCHW (``trainer.precision=32-true model.channels_last=false``) and compiled
+   (``model.compile=true``, which ``auto`` turns on for CUDA alone; its compile falls in the skipped
+   steps), in one process, in turns
    (``--rounds`` rounds, each a short fit of every variant); steady images/s (the first ``--skip``
    steps of each fit left out), then the seconds a 40,000-image epoch and the 10- and 30-epoch
    budgets take at that rate.
@@ -39,7 +41,9 @@ from prunelab.report.markdown import table
 
 EPOCH_IMAGES = 40_000
 VARIANTS = {"recipe (auto)": [], "unfolded": ["model.fold_classifier=false"],
-            "float32 NCHW": ["trainer.precision=32-true", "model.channels_last=false"]}
+            "float32 NCHW": ["trainer.precision=32-true", "model.channels_last=false"],
+            # What model.compile=auto leaves out on a CPU: does a compiled step repay its compile?
+            "compiled": ["model.compile=true", "model.compile_mode=default"]}
 
 
 def timed_fit(overrides: list[str], steps: int, skip: int, work: Path) -> dict:
@@ -69,7 +73,7 @@ def timed_fit(overrides: list[str], steps: int, skip: int, work: Path) -> dict:
     trainer.fit(module, datamodule=dm)
     gaps = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1:], strict=False)]
     return {"precision": str(cfg.trainer.precision), "channels_last": bool(cfg.model.channels_last),
-            "fold_classifier": bool(cfg.model.get("fold_classifier", False)),
+            "fold_classifier": bool(cfg.model.get("fold_classifier", False)), "compile": bool(cfg.model.compile),
             "batch_size": int(cfg.data.batch_size), "gaps": gaps,
             "resolved": {k: v.get("reason") for k, v in resolved.items() if k.startswith(("trainer", "model"))}}
 
@@ -139,6 +143,7 @@ def measure(args) -> dict:
             "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
             "speeds": speeds, "bf16_vs_fp32": rate / speeds["float32 NCHW"]["images_per_s"],
             "folded_vs_unfolded": rate / speeds["unfolded"]["images_per_s"],
+            "compiled_vs_eager": speeds["compiled"]["images_per_s"] / rate,
             "epoch_s": EPOCH_IMAGES / rate,
             "budget_h": {str(e): e * EPOCH_IMAGES / rate / 3600 for e in (10, 30)},
         })
@@ -157,19 +162,22 @@ def render(res: dict) -> str:
     if "speeds" not in res:
         return "\n".join([f"# The from-scratch recipe's run ({res['date']})", "", flags + ".", "", *_run_lines(res)])
     loaded = max(res["loadavg_start"][0], res["loadavg_end"][0]) > m["threads"] + 0.5
-    rows = [(k, v["precision"], str(v["channels_last"]), str(v.get("fold_classifier", "-")), f"{v['images_per_s']:.1f}",
-             f"{v['median_step_s']:.3f}") for k, v in res["speeds"].items()]
+    rows = [(k, v["precision"], str(v["channels_last"]), str(v.get("fold_classifier", "-")), str(v.get("compile", "-")),
+             f"{v['images_per_s']:.1f}", f"{v['median_step_s']:.3f}") for k, v in res["speeds"].items()]
     lines = [f"# The from-scratch recipe's cost ({res['date']})", "",
              f"{flags}; 1-minute load average "
              f"{res['loadavg_start'][0]:.2f} at start, {res['loadavg_end'][0]:.2f} at end"
              + (" (**other work shared the CPU: the rates are lower bounds**)." if loaded else "."), "",
-             table(["variant", "precision", "channels_last", "fold_classifier", "images/s", "median step s"], rows), "",
+             table(["variant", "precision", "channels_last", "fold_classifier", "compile", "images/s", "median step s"], rows),
+             "",
              f"Variants timed in turns: {res['speeds']['recipe (auto)'].get('rounds', 1)} rounds of short fits, the "
              "median gap between optimiser steps.", "",
              f"The recipe at this rate: {res['epoch_s'] / 60:.1f} min per 40,000-image epoch, "
              f"{res['budget_h']['10']:.1f} h for 10 epochs, {res['budget_h']['30']:.1f} h for 30 "
              f"(validation adds about a quarter of an epoch's forward passes). bf16 vs float32: {res['bf16_vs_fp32']:.2f}x; "
-             + (f"folded vs unfolded classifier: {res['folded_vs_unfolded']:.2f}x." if "folded_vs_unfolded" in res else ""), ""]
+             + (f"folded vs unfolded classifier: {res['folded_vs_unfolded']:.2f}x." if "folded_vs_unfolded" in res else "")
+             + (f" Compiled vs eager steps: {res['compiled_vs_eager']:.2f}x (compile time not counted)."
+                if "compiled_vs_eager" in res else ""), ""]
     return "\n".join(lines + _run_lines(res))
 
 

@@ -365,6 +365,27 @@ def test_recipe_cost_joins_a_resumed_runs_folders_and_takes_its_reports_test_acc
     assert res["test_acc"] == pytest.approx(68.25)
 
 
+def test_recipe_cost_sets_each_variant_against_the_recipe(tmp_path, monkeypatch):
+    """The ratios and the table come from the timed variants: the recipe's rate over each other's
+    (compiled over eager, so a slower compiled step reads below 1)."""
+    from benchmarks import recipe_cost
+
+    rates = {"recipe (auto)": 120.0, "unfolded": 60.0, "float32 NCHW": 40.0, "compiled": 96.0}
+    assert set(rates) == set(recipe_cost.VARIANTS)
+    assert recipe_cost.VARIANTS["compiled"] == ["model.compile=true", "model.compile_mode=default"]
+    fake = {k: {"precision": "bf16-mixed", "channels_last": True, "fold_classifier": k != "unfolded",
+                "compile": k == "compiled", "images_per_s": r, "median_step_s": 128 / r, "rounds": 2}
+            for k, r in rates.items()}
+    monkeypatch.setattr(recipe_cost, "speeds_in_turns", lambda *a, **k: fake)
+    res = recipe_cost.main(["--rounds", "2", "--out", str(tmp_path)])
+    assert res["bf16_vs_fp32"] == pytest.approx(3.0) and res["folded_vs_unfolded"] == pytest.approx(2.0)
+    assert res["compiled_vs_eager"] == pytest.approx(0.8)
+    assert res["epoch_s"] == pytest.approx(40_000 / 120)
+    md = next(tmp_path.glob("*-recipe-cost-cpu.md")).read_text()
+    assert "Compiled vs eager steps: 0.80x" in md
+    assert "| compiled      | bf16-mixed | True          | True            | True    | 96.0" in md
+
+
 def test_the_results_index_in_benchmarks_readme_is_what_the_result_files_give():
     from benchmarks import results_table
 
