@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.compare import DEFAULT_OUT, result_tag, write_result
+from benchmarks.common import DEFAULT_OUT, result_tag, write_result
 from prunelab import hardware
 from prunelab.data import ImageFolderDataModule
 from prunelab.evaluation import count_correct

@@ -1,8 +1,9 @@
 """``python -m benchmarks.compare``: the notebook's procedure against prunelab's, in one run.
 
-Same data, same device, same fine-tuned weights. Each measurement runs in its own fresh
-process (``multiprocessing`` spawn), so peak memory is that procedure's alone and no allocator,
-thread pool or autocast state leaks from one to the next. Results go to
+Same data, same device, same fine-tuned weights. Each measurement (a ``child_*`` step of
+``benchmarks.procedures``) runs in its own fresh process (``benchmarks.isolated.run_child``), so peak
+memory is that procedure's alone and no allocator, thread pool or autocast state leaks from one to
+the next; this module sets them side by side, in ratios and goals. Results go to
 ``benchmarks/results/<date>-<device>.json`` and ``.md`` (atomic writes).
 
     python -m benchmarks.compare                    # the shared CIFAR-10 subset, vgg16
@@ -16,24 +17,18 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
-import multiprocessing as mp
 import os
 import platform
-import re
-import resource
-import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = "../shared/data/cifar10-subset"
-DEFAULT_OUT = REPO / "benchmarks" / "results"
-DEFAULT_CACHE = REPO / "benchmarks" / ".cache" / "finetune"
+from benchmarks.common import DEFAULT_CACHE, DEFAULT_OUT, DEFAULT_ROOT, REPO, device_slug
+from benchmarks.isolated import run_child
+from benchmarks.procedures import fast_resolution
+
 GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 QUICK_GRID = (0.3, 0.6, 0.9)
 
@@ -48,35 +43,6 @@ RSS_GOAL_DEFINITION = (
     "holds the interpreter, torch, Lightning, Hydra and the loaded data; the peak is VmHWM after resetting "
     "the high-water mark at the baseline (Linux), else the process's ru_maxrss, which can only overstate it. "
     "DataLoader worker processes are not included.")
-
-
-# -- small pure helpers ---------------------------------------------------------------------------
-def device_slug(device: torch.device, threads: int) -> str:
-    """``cpu-2threads`` or the CUDA device's name, lower-case, non-alphanumerics as dashes."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"{device.type}-{threads}threads"
-
-
-def result_tag(what: str, device: str, quick: bool = False) -> str:
-    """``<date>-<what>-<where>[-quick]``, the stem of a benchmark's result files: ``where`` is the
-    GPU's name on CUDA (``nvidia-h200``), else the device type."""
-    dev = torch.device(device)
-    where = device_slug(dev, 0) if dev.type == "cuda" else dev.type
-    return f"{_dt.date.today().isoformat()}-{what}-{where}{'-quick' if quick else ''}"
-
-
-def write_result(out: str | Path, tag: str, res: dict, render: Callable[[dict], str]) -> str:
-    """A benchmark's result as ``<out>/<tag>.json`` and ``.md`` (each written atomically), the
-    markdown printed as well; returns the markdown."""
-    from prunelab.io import write_json, write_text
-
-    md = render(res)
-    write_json(Path(out) / f"{tag}.json", res)
-    write_text(Path(out) / f"{tag}.md", md)
-    print(md)
-    return md
 
 
 def ratios(notebook: dict, prunelab: dict, keys=METRICS) -> dict:
@@ -117,352 +83,6 @@ def best(runs: list[dict]) -> dict:
     else:
         pick, key = min(runs, key=lambda r: r["p50_ms"]), "p50_ms"
     return dict(pick, repeats=[r[key] for r in runs])
-
-
-def _rss_now() -> int:
-    """Resident bytes of this process now (Linux /proc; else the high-water mark)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _rss_peak()
-
-
-def _rss_peak() -> int:
-    """The process's lifetime peak RSS, ``ru_maxrss`` in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def start_peak_window() -> tuple[int, bool]:
-    """The RSS now (the baseline), and whether the peak since now can be read on its own: on
-    Linux, writing 5 to clear_refs resets the high-water mark (VmHWM) to the current RSS, so the
-    data loading before the baseline cannot count as the search's peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        reset = True
-    except OSError:
-        reset = False
-    return _rss_now(), reset
-
-
-def peak_since(baseline: int, reset: bool) -> dict:
-    """Absolute ``ru_maxrss``, and the peak above ``baseline`` (from VmHWM when it was reset)."""
-    absolute = _rss_peak()
-    hwm = _status_bytes("VmHWM") if reset else None
-    peak = hwm if hwm is not None else absolute
-    return {"search_peak_rss": absolute, "search_rss_baseline": baseline,
-            "search_peak_rss_above_baseline": max(0, peak - baseline),
-            "search_peak_rss_above_baseline_source": "VmHWM reset at the baseline" if hwm is not None
-            else "ru_maxrss (lifetime peak; may overstate)"}
-
-
-# -- running one measurement in a fresh process ---------------------------------------------------
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its reaped children (loader workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _child_entry(conn, target: str, spec: dict) -> None:
-    try:
-        # A spawned child inherits "spawn" as its default start method, so its DataLoader workers
-        # would re-import this module at every loader iteration. Give it the platform's default
-        # (fork on Linux, as the notebook's kernel had) so loaders behave as they do in a script.
-        if sys.platform.startswith("linux"):
-            mp.set_start_method("fork", force=True)
-        torch.set_num_threads(spec["threads"])
-        load = os.getloadavg()[0]
-        module, name = target.split(":")
-        result = getattr(importlib.import_module(module), name)(spec)
-        result["process_peak_rss"] = _rss_peak()
-        result["process_cpu_s"] = cpu_seconds()
-        result["loadavg_1min"] = [load, os.getloadavg()[0]]
-        conn.send({"ok": True, "result": result})
-    except BaseException:
-        conn.send({"ok": False, "error": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run_child(target: str, spec: dict) -> dict:
-    """Run ``module:function(spec)`` in a freshly spawned interpreter and return its dict."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_entry, args=(send, target, spec), daemon=False)
-    t0 = time.perf_counter()
-    proc.start()
-    send.close()
-    try:
-        msg = recv.recv()
-    except EOFError:
-        msg = {"ok": False, "error": "the child process died without a result"}
-    proc.join()
-    if not msg["ok"]:
-        raise RuntimeError(f"{target} failed (exit code {proc.exitcode}):\n{msg['error']}")
-    result = msg["result"]
-    result["child_wall_s"] = time.perf_counter() - t0
-    print(f"  {target.split(':')[1]}: {result['child_wall_s']:.1f} s", flush=True)
-    return result
-
-
-# -- prunelab through its own config tree ---------------------------------------------------------
-def compose(spec: dict, extra: list[str]):
-    """Compose prunelab's ``train.yaml`` as the app does, with this run's data and paths."""
-    from prunelab.compose import compose as prunelab_compose
-    from prunelab.resolve import resolve_auto
-
-    work = spec["work_dir"]
-    if spec["data"] == "synthetic":
-        data = ["data=synthetic", f"data.train_size={spec['train_size']}", f"data.test_size={spec['test_size']}"]
-    else:
-        data = [f"data.root={spec['data_root']}", "data.download=false"]
-    overrides = [*data, f"model.arch={spec['arch']}", "model.weights=null", "callbacks=none", "logger=none",
-                 f"trainer.accelerator={'gpu' if spec['device'].startswith('cuda') else 'cpu'}",
-                 "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false",
-                 "+trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0",
-                 "trainer.limit_val_batches=0", *extra]
-    cfg = prunelab_compose(overrides, work)
-    resolve_auto(cfg)  # +experiment=fast's "auto" settings become what this machine runs fastest
-    return cfg
-
-
-def _datamodule(cfg):
-    from hydra.utils import instantiate
-
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
-def _trainer(cfg, callbacks):
-    from lightning import Trainer
-    from omegaconf import OmegaConf
-
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("_target_")
-    return Trainer(**kwargs, callbacks=callbacks, logger=False)
-
-
-def _classifier(cfg, weights_path: str | None):
-    from hydra.utils import instantiate
-
-    from prunelab.io import load_state_dict
-
-    module = instantiate(cfg.model)
-    if weights_path:
-        state = load_state_dict(weights_path)
-        module.net.load_state_dict(state, strict=True)
-        del state
-    return module
-
-
-def fast_resolution(spec: dict) -> dict:
-    """What +experiment=fast's "auto" settings resolve to on this machine (for the results)."""
-    from prunelab.compose import compose as prunelab_compose
-    from prunelab.resolve import resolve_auto
-
-    return resolve_auto(prunelab_compose(["+experiment=fast", "data=synthetic"], spec["work_dir"]))
-
-
-def child_train(spec: dict) -> dict:
-    """Fine-tune with prunelab (or reuse its cache) and return the dense.pt path."""
-    import lightning as L
-
-    from prunelab.finetune import finetune
-
-    cfg = compose(spec, [*spec["train_overrides"], f"trainer.max_epochs={spec['epochs']}",
-                         f"finetune.cache={'true' if spec['cache_dir'] else 'false'}",
-                         f"finetune.cache_dir={spec['cache_dir'] or Path(spec['work_dir']) / 'cache'}"])
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = _datamodule(cfg)
-    module = _classifier(cfg, None)
-    trainer = _trainer(cfg, [])
-    ft = finetune(cfg, trainer, module, dm)
-    path = Path(ft.source) if ft.reused else None
-    if path is None:
-        from prunelab.io import save_state_dict
-
-        path = Path(cfg.finetune.cache_dir) / ft.key / "dense.pt" if spec["cache_dir"] else \
-            save_state_dict(Path(spec["work_dir"]) / "dense.pt", module.net.state_dict())
-    return {"weights": str(path), "reused": ft.reused, "seconds": ft.seconds, "key": ft.key,
-            "overrides": spec["train_overrides"] + [f"trainer.max_epochs={spec['epochs']}"]}
-
-
-def _timers() -> dict:
-    """Wrap the search's phases with timers (instrumentation only; nothing else changes)."""
-    import prunelab.search.oneshot as cb
-    from prunelab.pruning.magnitude import MagnitudePruner
-
-    timer: dict = {"evaluate": 0.0, "rank_and_copy": 0.0, "mask": 0.0, "stats": 0.0, "evaluate_calls_s": []}
-
-    def wrap(fn, key):
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timer[key] += time.perf_counter() - t0
-                if key == "evaluate":
-                    timer["evaluate_calls_s"].append(time.perf_counter() - t0)
-        return timed
-
-    cb.count_correct = wrap(cb.count_correct, "evaluate")
-    MagnitudePruner.prepare = wrap(MagnitudePruner.prepare, "rank_and_copy")
-    MagnitudePruner.apply = wrap(MagnitudePruner.apply, "mask")
-    MagnitudePruner.stats = wrap(MagnitudePruner.stats, "stats")
-    return timer
-
-
-def child_prunelab_search(spec: dict) -> dict:
-    """prunelab's search, layerwise like the notebook, rule contiguous, default early stop."""
-    from prunelab.callbacks import RatioSearch
-
-    cfg = compose(spec, [])
-    dm = _datamodule(cfg)
-    device = torch.device(spec["device"])
-    timer = _timers()
-    baseline, reset = start_peak_window()  # right before the search's model is built
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0, cpu0 = time.perf_counter(), cpu_seconds()
-    module = _classifier(cfg, spec["weights"])
-    net = module.net.to(device)
-    timer["build_and_load"] = time.perf_counter() - t0
-    # full_curve=False: each phase stops at its first failure, which cannot change the contiguous
-    # answer (the notebook's side evaluates its whole curve; same_answer compares contiguous answers).
-    searcher = RatioSearch(tolerance=spec["tolerance"], rule="contiguous", grid=spec["grid"],
-                           refine_step=spec["step"], scope="layerwise", exact=False,
-                           batch_size=dm.eval_batch_size, precision=str(cfg.trainer.precision), full_curve=False,
-                           fast_eval=True)  # NHWC, and VGG's pool folded at 32x32: same function, faster
-    result = searcher.run(net, dm.val_set, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-    memory = peak_since(baseline, reset)
-    d = result.to_dict()
-    curve = [{k: c[k] for k in ("ratio", "val_acc", "acc_is_bound", "seen", "passed")} for c in d["curve"]]
-    return {
-        "search_wall_s": wall,
-        "search_cpu_s": cpu,
-        "search_images": len(dm.val_set) + sum(c["seen"] for c in curve),
-        **memory,
-        "search_peak_device_mem": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "model_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
-        "params": sum(p.numel() for p in net.parameters()),
-        "dense_acc": d["dense_val_acc"],
-        "best_ratio": d["best_ratio"],
-        "best_ratio_highest": d["best_ratio_highest"],  # None: the curve stopped at the first failure
-        "full_curve": d["full_curve"],
-        "candidates": len(curve),
-        "curve": curve,
-        "breakdown_s": {k: v for k, v in timer.items() if k != "evaluate_calls_s"},
-        "evaluate_calls_s": timer["evaluate_calls_s"],
-        "val_images": len(dm.val_set),
-    }
-
-
-def child_notebook_search(spec: dict) -> dict:
-    from benchmarks import notebook_procedure as nb
-
-    cfg = compose(spec, [])
-    dm = _datamodule(cfg)
-    device = torch.device(spec["device"])
-    baseline, reset = start_peak_window()  # nb.search builds its model first
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0, cpu0 = time.perf_counter(), cpu_seconds()
-    out = nb.search(spec["arch"], spec["weights"], dm.val_set, device, spec["grid"], spec["step"],
-                    spec["tolerance"], spec["rule"], num_workers=spec["num_workers"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-    out.update(search_wall_s=wall, search_cpu_s=cpu, search_images=out.pop("images"), **peak_since(baseline, reset),
-               search_peak_device_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-    return out
-
-
-def child_notebook_latency(spec: dict) -> dict:
-    from benchmarks import notebook_procedure as nb
-
-    dm = _datamodule(compose(spec, []))
-    return nb.latency(spec["arch"], spec["weights"], dm.val_set, torch.device(spec["device"]),
-                      num_workers=spec["num_workers"])
-
-
-def child_prunelab_latency(spec: dict) -> dict:
-    from prunelab.latency import sample_batch, summarize, time_forward
-
-    cfg = compose(spec, [])
-    dm = _datamodule(cfg)
-    device = torch.device(spec["device"])
-    net = _classifier(cfg, spec["weights"]).net.to(device)
-    batch = sample_batch(dm.val_set, cfg.latency.batch_size)
-    samples = time_forward(net, batch, device, warmup=spec["latency_warmup"], iters=spec["latency_iters"],
-                           include_transfer=bool(cfg.latency.include_transfer))
-    stats = summarize(samples, batch.shape[0])
-    return {"p50_ms": stats["p50"], "p90_ms": stats["p90"], "p99_ms": stats["p99"], "iters": stats["iters"],
-            "warmup": spec["latency_warmup"], "batch_size": stats["batch_size"],
-            "method": "prunelab.latency.time_forward: batch on device, warm-up, device sync"}
-
-
-def child_notebook_finetune(spec: dict) -> dict:
-    from benchmarks import notebook_procedure as nb
-
-    dm = _datamodule(compose(spec, []))
-    return nb.finetune_throughput(spec["arch"], spec["weights"], dm.train_set, torch.device(spec["device"]),
-                                  spec["ft_warmup"], spec["ft_batches"], num_workers=spec["num_workers"])
-
-
-def child_prunelab_finetune(spec: dict) -> dict:
-    """Lightning Trainer + ImageClassifier + the datamodule, prunelab's config (``spec['fast']``
-    adds ``+experiment=fast``), for warm-up + timed batches; startup is not timed."""
-    from lightning import Callback
-
-    warm, n = spec["ft_warmup"], spec["ft_batches"]
-    device = torch.device(spec["device"])
-
-    class BatchClock(Callback):
-        def __init__(self):
-            self.ends: list[float] = []
-            self.sizes: list[int] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.ends.append(time.perf_counter())
-            self.sizes.append(int(batch[1].shape[0]))
-
-    extra = ["+experiment=fast"] if spec["fast"] else []
-    cfg = compose(spec, [*extra, "trainer.max_epochs=1", f"trainer.limit_train_batches={warm + n}"])
-    dm = _datamodule(cfg)
-    module = _classifier(cfg, spec["weights"])
-    clock = BatchClock()
-    trainer = _trainer(cfg, [clock])
-    trainer.fit(module, datamodule=dm)
-    if len(clock.ends) < warm + n:
-        raise RuntimeError(f"only {len(clock.ends)} training batches ran, wanted {warm + n}")
-    seconds = clock.ends[warm + n - 1] - (clock.ends[warm - 1] if warm else clock.ends[0])
-    seen = sum(clock.sizes[warm:warm + n]) if warm else sum(clock.sizes[1:n])
-    return {"images_per_s": seen / seconds, "images": seen, "seconds": seconds, "warmup_batches": warm,
-            "precision": str(cfg.trainer.precision), "channels_last": bool(cfg.model.channels_last),
-            "on_device": bool(cfg.data.on_device), "num_workers": int(cfg.data.num_workers)}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -612,7 +232,7 @@ def main(argv=None) -> dict:
             weights = {"path": str(Path(args.weights).resolve()), "source": "--weights", "epochs": None,
                        "description": f"given: {args.weights}"}
         else:
-            t = train = run_child("benchmarks.compare:child_train", spec)
+            t = train = run_child("benchmarks.procedures:child_train", spec)
             how = "reused from the fine-tune cache" if t["reused"] else f"trained in {t['seconds']:.0f} s"
             weights = {"path": t["weights"], "source": "cache" if t["reused"] else "trained",
                        "epochs": spec["epochs"], "train_overrides": t["overrides"], "cache_key": t["key"],
@@ -621,15 +241,15 @@ def main(argv=None) -> dict:
                                       f"(+experiment=fast, SGD lr 0.01, batch 128), {how}"}
         spec["weights"] = weights["path"]
 
-        nb_search = run_child("benchmarks.compare:child_notebook_search", spec)
-        pl_search = run_child("benchmarks.compare:child_prunelab_search", spec)
+        nb_search = run_child("benchmarks.procedures:child_notebook_search", spec)
+        pl_search = run_child("benchmarks.procedures:child_prunelab_search", spec)
         runs: dict[str, list[dict]] = {k: [] for k in ("nb_lat", "pl_lat", "nb_ft", "pl_ft", "pl_ft_fast")}
         for _ in range(max(1, args.repeats)):
-            runs["nb_lat"].append(run_child("benchmarks.compare:child_notebook_latency", spec))
-            runs["pl_lat"].append(run_child("benchmarks.compare:child_prunelab_latency", spec))
-            runs["nb_ft"].append(run_child("benchmarks.compare:child_notebook_finetune", spec))
-            runs["pl_ft"].append(run_child("benchmarks.compare:child_prunelab_finetune", dict(spec, fast=False)))
-            runs["pl_ft_fast"].append(run_child("benchmarks.compare:child_prunelab_finetune", dict(spec, fast=True)))
+            runs["nb_lat"].append(run_child("benchmarks.procedures:child_notebook_latency", spec))
+            runs["pl_lat"].append(run_child("benchmarks.procedures:child_prunelab_latency", spec))
+            runs["nb_ft"].append(run_child("benchmarks.procedures:child_notebook_finetune", spec))
+            runs["pl_ft"].append(run_child("benchmarks.procedures:child_prunelab_finetune", dict(spec, fast=False)))
+            runs["pl_ft_fast"].append(run_child("benchmarks.procedures:child_prunelab_finetune", dict(spec, fast=True)))
         nb_lat, pl_lat, nb_ft, pl_ft, pl_ft_fast = (best(runs[k]) for k in runs)
 
     children = dict(notebook_search=nb_search, prunelab_search=pl_search, notebook_latency=nb_lat,

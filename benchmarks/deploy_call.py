@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.compare import DEFAULT_OUT, result_tag
+from benchmarks.common import DEFAULT_OUT, result_tag
 from benchmarks.deploy_speed import build_models
 from prunelab.deploy.checks import agreement
 from prunelab.deploy.native import deploy_form

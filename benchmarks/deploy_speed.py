@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import device_slug
+from benchmarks.common import device_slug
 from prunelab.deploy.checks import agreement
 from prunelab.deploy.eager import eager_form
 from prunelab.deploy.native import deploy_form

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_prunelab_finetune, fast_resolution
+from benchmarks.common import DEFAULT_OUT, DEFAULT_ROOT, REPO
+from benchmarks.procedures import child_prunelab_finetune, fast_resolution
 from prunelab import hardware
 from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table

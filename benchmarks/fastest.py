@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, DEFAULT_ROOT, REPO, child_train, result_tag
+from benchmarks.common import DEFAULT_OUT, DEFAULT_ROOT, REPO, result_tag
+from benchmarks.procedures import child_train
 from prunelab import hardware
 from prunelab.compose import compose
 from prunelab.deploy import registry

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, result_tag, run_child
+from benchmarks.common import DEFAULT_OUT, result_tag
+from benchmarks.isolated import run_child
 from prunelab import hardware
 from prunelab.io import write_json, write_text
 from prunelab.report.markdown import table

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compare import DEFAULT_OUT, REPO, result_tag, write_result
+from benchmarks.common import DEFAULT_OUT, REPO, result_tag, write_result
 from prunelab import hardware
 from prunelab.report.markdown import table
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.compare import DEFAULT_OUT, result_tag, write_result
+from benchmarks.common import DEFAULT_OUT, result_tag, write_result
 from prunelab import hardware
 from prunelab.report.markdown import table
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.compare import DEFAULT_OUT, REPO, result_tag, write_result
+from benchmarks.common import DEFAULT_OUT, REPO, result_tag, write_result
 from benchmarks.fastest import beats_sparsity, rebuild_options, time_answers
 from prunelab import hardware
 from prunelab.compose import compose

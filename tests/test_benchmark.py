@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a top-level package of the checkout, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks import compare  # noqa: E402
+from benchmarks import common, compare, isolated  # noqa: E402
 from benchmarks import notebook_procedure as nb  # noqa: E402
 
 
@@ -97,16 +97,16 @@ def test_memory_goal_is_the_peak_above_the_pre_model_baseline_in_models():
 
 
 def test_peak_window_sees_an_allocation_after_the_baseline():
-    baseline, reset = compare.start_peak_window()
+    baseline, reset = isolated.start_peak_window()
     x = torch.ones(25_000_000)  # 100 MB, touched
     del x
-    m = compare.peak_since(baseline, reset)
+    m = isolated.peak_since(baseline, reset)
     assert m["search_peak_rss"] >= m["search_rss_baseline"] + m["search_peak_rss_above_baseline"] - 2**20
     assert m["search_peak_rss_above_baseline"] >= 90e6
 
 
 def test_device_slug_cpu():
-    assert compare.device_slug(torch.device("cpu"), 2) == "cpu-2threads"
+    assert common.device_slug(torch.device("cpu"), 2) == "cpu-2threads"
 
 
 # -- end to end --------------------------------------------------------------------------------------
