@@ -112,6 +112,8 @@ CASES: list[tuple[list[str], tuple[str, ...], Callable | None]] = [
     (["prune.steps=0"], ("prune.steps",), None),
     (["prune.recover_epochs=-1"], ("prune.recover_epochs",), None),
     (["prune.recover_epochs=1.5"], ("prune.recover_epochs=1.5", "fraction of one in (0, 1)"), None),
+    (["prune.recover_epochs=[1,1.5]"], ("prune.recover_epochs=[1,1.5]", "one per pruning step"), None),
+    (["prune.recover_epochs=[]"], ("prune.recover_epochs=[]", "non-empty list"), None),
     (["prune.recover_schedule=linear"], ("prune.recover_schedule=linear", "constant, cosine"), None),
     (["prune.round_to=2.5"], ("prune.round_to",), None),
     (["prune.min_channels=0"], ("prune.min_channels",), None),

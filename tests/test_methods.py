@@ -169,6 +169,31 @@ def test_fractional_recovery_trains_on_that_share(tmp_path):
     assert steps.n == 3  # a quarter of the 12 batches the quick trainer allows (16 in the data)
 
 
+def test_each_recovery_step_trains_its_own_share(tmp_path):
+    from lightning import Callback
+
+    from prunelab.data import SyntheticDataModule
+    from prunelab.prune_stage import recover_fn
+    from prunelab.pruning.spec import prune_spec
+
+    class Steps(Callback):
+        n = 0
+
+        def on_train_batch_start(self, *args):
+            self.n += 1
+
+    cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=[0,0.25,1]"])
+    dm = SyntheticDataModule(train_size=256, test_size=20, batch_size=16, num_workers=0)
+    dm.setup()
+    recover = recover_fn(cfg, dm, torch.device("cpu"), prune_spec(cfg), callbacks=[steps := Steps()])
+    trained = []
+    for step in range(4):  # the fourth step takes the list's last budget
+        steps.n = 0
+        recover(build_classifier("resnet18", None, 10), None, step)
+        trained.append(steps.n)
+    assert trained == [0, 3, 12, 12]  # none, a quarter of the quick trainer's 12 batches, then whole epochs
+
+
 @pytest.mark.parametrize("method, scope", [("magnitude", "global"), ("magnitude", "layerwise"), ("semi_structured", "global"),
                                            ("channel", "global"), ("channel+semi_structured", "global"),
                                            ("magnitude+semi_structured", "global")])

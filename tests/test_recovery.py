@@ -7,7 +7,7 @@ from prunelab.search.iterative import iterative, iterative_search
 from prunelab.search.rules import Evaluation
 
 
-def no_recovery(net, masks):
+def no_recovery(net, masks, step=0):
     return net
 
 
@@ -81,3 +81,26 @@ def test_iterative_search_stops_at_the_first_recovered_failure():
     total = sum(p.numel() for n, p in kept.named_parameters() if n.endswith("weight") and p.dim() > 1)
     assert abs(zeros / total - 0.4) < 0.01  # the network handed back is the last passing step's
     assert [s.after.correct for s in steps] == [60, 58, 20]
+
+
+def test_each_recovery_is_told_its_step_so_each_can_have_its_own_budget():
+    seen = []
+
+    def recover(net, masks, step):
+        seen.append(step)
+        return net
+
+    opts = {"round_to": 1, "normalize": "mean"}
+    iterative(tiny_vgg(), "channel", [0.2, 0.4, 0.6], recover, fixed_accuracy(50), opts)
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("given, per_step", [
+    (2, [2, 2, 2]), (0.25, [0.25, 0.25, 0.25]), ([1, 4], [1, 4, 4]), ([0.5, 0, 3], [0.5, 0, 3]), ([6], [6, 6, 6])])
+def test_recover_epochs_is_one_budget_or_one_per_step_with_the_last_repeated(given, per_step):
+    from omegaconf import OmegaConf
+
+    from prunelab.pruning.spec import prune_spec
+
+    p = prune_spec(OmegaConf.create({"prune": {"recover_epochs": given}, "model": {"lr": 0.1}}))
+    assert [p.recover_epochs_at(i) for i in range(3)] == per_step

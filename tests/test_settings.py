@@ -32,7 +32,7 @@ def test_keys_a_partial_config_leaves_out_take_the_option_files_defaults():
     p, s = prune_spec(cfg), search_spec(cfg)
     magnitude = OmegaConf.load(CONF_DIR / "prune" / "magnitude.yaml")
     assert p == PruneSpec(method="channel", ratio=None, scope=magnitude.scope, schedule=magnitude.schedule,
-                          steps=magnitude.steps, recover_epochs=magnitude.recover_epochs, recover_lr=0.07,
+                          steps=magnitude.steps, recover_epochs=(magnitude.recover_epochs,), recover_lr=0.07,
                           recover_schedule=magnitude.recover_schedule, options=p.options)
     assert dict(p.options) == dict(OmegaConf.load(CONF_DIR / "prune" / "options" / "channel.yaml"))
     search = OmegaConf.load(CONF_DIR / "search" / "default.yaml")

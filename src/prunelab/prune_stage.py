@@ -9,6 +9,7 @@ but sparsity), the iterative schedule, the one-shot ratio search, or a fixed rat
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from prunelab.search.oneshot import OneShotSearch, pair_with_dense
 from prunelab.search.rules import Evaluation, SearchResult, pass_threshold
 from prunelab.search.spec import SearchSpec
 from prunelab.trainer import build_trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,21 +137,22 @@ def recovery_batches(epochs: float, configured):
 
 def recover_fn(cfg: DictConfig, dm: LightningDataModule, device, p: PruneSpec | None = None, callbacks=(),
                dense: nn.Module | None = None):
-    """Recovery fine-tuning after a pruning step: ``prune.recover_epochs`` on the training split
+    """Recovery fine-tuning after pruning step ``step``: its ``prune.recover_epochs`` on the training split
     (``recovery_module``), with the run's trainer settings, pruned weights held at zero by
     ``MaskKeeper``; ``dense`` teaches it where ``prune.recover_distill`` > 0 (a copy, its pool
     folded where exact: the teacher's forward is the cheapest form of the same function)."""
     p = p or prune_spec(cfg)
     teacher = folded_copy(dense)[0] if dense is not None and p.recover_distill > 0 else None
 
-    def recover(net: nn.Module, masks: dict | None) -> nn.Module:
-        if p.recover_epochs <= 0:
+    def recover(net: nn.Module, masks: dict | None, step: int = 0) -> nn.Module:
+        epochs = p.recover_epochs_at(step)
+        if epochs <= 0:
             return net
+        log.info("recovering pruning step %d for %s epoch(s)", step + 1, epochs)
         module = recovery_module(cfg, net, p, masks, teacher)
         trainer = build_trainer(cfg, callbacks=[MaskKeeper(masks), *callbacks], with_config_callbacks=False,
-                                logger=False, devices=1, max_epochs=max(1, int(p.recover_epochs)),
-                                limit_train_batches=recovery_batches(p.recover_epochs,
-                                                                     cfg.trainer.get("limit_train_batches")),
+                                logger=False, devices=1, max_epochs=max(1, int(epochs)),
+                                limit_train_batches=recovery_batches(epochs, cfg.trainer.get("limit_train_batches")),
                                 limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                                 enable_model_summary=False)
         trainer.fit(module, datamodule=dm)

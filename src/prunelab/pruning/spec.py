@@ -26,9 +26,11 @@ from prunelab.value_specs import (
     Spec,
     check_rules,
     choice,
+    either,
     group_values,
     integer,
     is_number,
+    list_of,
     number,
     optional,
 )
@@ -36,8 +38,13 @@ from prunelab.value_specs import (
 SCHEDULES = ("oneshot", "iterative")
 GROUP = "prune"
 # a whole number of epochs, or a fraction of one below 1 (a CPU's recovery on a share of the data)
-RECOVER_EPOCHS: Spec = ("a whole number of epochs >= 0 or a fraction of one in (0, 1), like 0.25",
-                        lambda v: is_number(v) and v >= 0 and (float(v).is_integer() or v < 1))
+RECOVER_EPOCH: Spec = ("a whole number of epochs >= 0 or a fraction of one in (0, 1), like 0.25",
+                       lambda v: is_number(v) and v >= 0 and (float(v).is_integer() or v < 1))
+# or one per pruning step, the last repeated: a search's first steps cut little and recover fast, the
+# last ones cut most, so that is where a CPU's recovery budget buys accuracy
+RECOVER_EPOCHS: Spec = either(RECOVER_EPOCH, list_of(RECOVER_EPOCH, "[1, 4]"),
+                              words=f"{RECOVER_EPOCH[0]}, or a non-empty list of them, one per pruning step "
+                                    "(the last one repeats), like [1, 4]")
 
 
 def rules() -> list[tuple[str, Spec]]:
@@ -79,7 +86,7 @@ class PruneSpec:
     scope: str
     schedule: str
     steps: int
-    recover_epochs: float  # whole epochs, or a fraction of one (< 1)
+    recover_epochs: tuple[float, ...]  # per step (the last repeats): whole epochs, or a fraction of one (< 1)
     recover_lr: float  # the recovery's peak learning rate
     recover_schedule: str  # cosine: from recover_lr to zero over the recovery; constant
     recover_distill: float = 0.0  # the distillation loss's share of the recovery loss (the dense model teaches)
@@ -94,13 +101,17 @@ class PruneSpec:
     def iterative(self) -> bool:
         return self.schedule == "iterative"
 
+    def recover_epochs_at(self, step: int) -> float:
+        """The recovery after pruning step ``step`` (0-based): its own entry, or the list's last."""
+        return self.recover_epochs[min(step, len(self.recover_epochs) - 1)]
+
     def pruner_options(self) -> dict[str, Any]:
         """What ``registry.make_pruner`` takes besides the method and model (each method reads its own)."""
         return {"scope": self.scope, **self.options}
 
 
-def _epochs(v) -> float:
-    return int(v) if float(v).is_integer() else float(v)
+def _epochs(v) -> tuple[float, ...]:
+    return tuple(int(e) if float(e).is_integer() else float(e) for e in (v if isinstance(v, list | tuple) else [v]))
 
 
 def _root(cfg) -> DictConfig:

@@ -1,8 +1,9 @@
 """Pruning schedules with recovery: prune in steps and fine-tune between them.
 
 ``iterative`` prunes towards a target in ``steps`` increments, fine-tuning ``recover_epochs``
-after each, with the pruned weights held at zero (``MaskKeeper``) or, for a method that builds a
-smaller network (channel pruning), that network trained as it is. ``iterative_search`` walks a
+after each (``recover`` is told which step it recovers: each step may have its own budget), with the
+pruned weights held at zero (``MaskKeeper``) or, for a method that builds a smaller network (channel
+pruning), that network trained as it is. ``iterative_search`` walks a
 ratio grid upwards from the dense model, each step starting from the previous step's recovered
 weights, until a recovered model falls out of the tolerance. Both take the training and evaluation
 as callables, so the schedule logic does not depend on Lightning.
@@ -23,7 +24,7 @@ from prunelab.search.rules import RULES, Evaluation, SearchResult, pass_threshol
 
 log = logging.getLogger(__name__)
 
-Recover = Callable[[nn.Module, dict | None], nn.Module]
+Recover = Callable[[nn.Module, dict | None, int], nn.Module]  # (pruned net, masks to keep, step index)
 Evaluate = Callable[[nn.Module], Evaluation]
 
 
@@ -82,11 +83,11 @@ def iterative(net: nn.Module, method: str, targets: Iterable[float], recover: Re
     start = rule.start(net) if rule else None
     steps: list[Step] = []
     kept = net
-    for target in targets:
+    for i, target in enumerate(targets):
         target = round(float(target), 6)
         pruned, masks, stats = prune_step(method, kept, target, start, options)
         before = evaluate(pruned)
-        recovered = recover(pruned, masks)
+        recovered = recover(pruned, masks, i)
         after = evaluate(recovered)
         after.nonzero = before.nonzero = stats["nonzero"]
         step = Step(target, before, after, candidate_extra(method, stats))
