@@ -178,6 +178,7 @@ def check_values(cfg: DictConfig) -> None:
                           "set the other to null")
     _check_model(cfg.get("model") or {})
     _check_fold(cfg)
+    _check_recover_steps(cfg)
 
 
 def _several_processes(trainer: DictConfig) -> bool:
@@ -198,6 +199,21 @@ def _check_processes(cfg: DictConfig) -> None:
         # ranks could not agree on the fastest model.
         raise ConfigError("search.objective=latency times candidates in one process; use trainer.devices=1 "
                           "(no DDP) for it, or an objective every rank computes alike (macs, params, bytes)")
+
+
+def _check_recover_steps(cfg: DictConfig) -> None:
+    """A list of recovery budgets no longer than the iterative schedule's steps: an entry past them
+    would never be used, so the list does not say what the run does."""
+    if "prune" not in cfg:
+        return
+    prune = prune_group.prune_spec(cfg)
+    if not prune.iterative or len(prune.recover_epochs) == 1:
+        return
+    steps, where = (prune.steps, f"prune.steps={prune.steps}") if not prune.searches else \
+        (len(search_group.search_spec(cfg).grid), "one per search.grid value")
+    if len(prune.recover_epochs) > steps:
+        raise ConfigError(f"prune.recover_epochs lists {len(prune.recover_epochs)} recovery budgets, but the "
+                          f"iterative schedule takes {steps} steps ({where}); give at most {steps}")
 
 
 def _check_fold(cfg: DictConfig) -> None:

@@ -42,9 +42,10 @@ RECOVER_EPOCH: Spec = ("a whole number of epochs >= 0 or a fraction of one in (0
                        lambda v: is_number(v) and v >= 0 and (float(v).is_integer() or v < 1))
 # or one per pruning step, the last repeated: a search's first steps cut little and recover fast, the
 # last ones cut most, so that is where a CPU's recovery budget buys accuracy
-RECOVER_EPOCHS: Spec = either(RECOVER_EPOCH, list_of(RECOVER_EPOCH, "[1, 4]"),
-                              words=f"{RECOVER_EPOCH[0]}, or a non-empty list of them, one per pruning step "
-                                    "(the last one repeats), like [1, 4]")
+RECOVER_EPOCHS: Spec = either(RECOVER_EPOCH, list_of(RECOVER_EPOCH, "prune.recover_epochs=[1,4]"),
+                              words="a whole number of epochs >= 0 or a fraction of one in (0, 1) (like 0.25), "
+                                    "or a non-empty list of them, one per pruning step, the last repeating, "
+                                    "like prune.recover_epochs=[1,4]")
 
 
 def rules() -> list[tuple[str, Spec]]:
