@@ -147,45 +147,42 @@ def test_a_fraction_of_a_recovery_epoch_is_that_share_of_the_training_batches(ep
     assert recovery_batches(epochs, configured) == expected
 
 
-def test_fractional_recovery_trains_on_that_share(tmp_path):
+def batch_count():
+    """A callback counting the training batches a fit runs."""
     from lightning import Callback
 
-    from prunelab.data import SyntheticDataModule
-    from prunelab.prune_stage import recover_fn
-    from prunelab.pruning.spec import prune_spec
-
-    class Steps(Callback):
+    class Count(Callback):
         n = 0
 
         def on_train_batch_start(self, *args):
             self.n += 1
 
+    return Count()
+
+
+def test_fractional_recovery_trains_on_that_share(tmp_path):
+    from prunelab.data import SyntheticDataModule
+    from prunelab.prune_stage import recover_fn
+    from prunelab.pruning.spec import prune_spec
+
     cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=0.25"])
     dm = SyntheticDataModule(train_size=256, test_size=20, batch_size=16, num_workers=0)
     dm.setup()
-    steps = Steps()
+    steps = batch_count()
     recover_fn(cfg, dm, torch.device("cpu"), prune_spec(cfg), callbacks=[steps])(build_classifier("resnet18", None, 10),
                                                                                  None)
     assert steps.n == 3  # a quarter of the 12 batches the quick trainer allows (16 in the data)
 
 
 def test_each_recovery_step_trains_its_own_share(tmp_path):
-    from lightning import Callback
-
     from prunelab.data import SyntheticDataModule
     from prunelab.prune_stage import recover_fn
     from prunelab.pruning.spec import prune_spec
 
-    class Steps(Callback):
-        n = 0
-
-        def on_train_batch_start(self, *args):
-            self.n += 1
-
     cfg = compose_cfg(tmp_path, QUICK + ["prune.recover_epochs=[0,0.25,1]"])
     dm = SyntheticDataModule(train_size=256, test_size=20, batch_size=16, num_workers=0)
     dm.setup()
-    recover = recover_fn(cfg, dm, torch.device("cpu"), prune_spec(cfg), callbacks=[steps := Steps()])
+    recover = recover_fn(cfg, dm, torch.device("cpu"), prune_spec(cfg), callbacks=[steps := batch_count()])
     trained = []
     for step in range(4):  # the fourth step takes the list's last budget
         steps.n = 0
