@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import compose_cfg
 from prunelab.pruning.masks import magnitude_masks, prunable_weights
 from prunelab.search.rules import pick
 
@@ -381,7 +382,12 @@ def test_recipe_cost_sets_each_variant_against_the_recipe(tmp_path, monkeypatch)
     assert res["bf16_vs_fp32"] == pytest.approx(3.0) and res["folded_vs_unfolded"] == pytest.approx(2.0)
     assert res["compiled_vs_eager"] == pytest.approx(0.8)
     assert res["epoch_s"] == pytest.approx(40_000 / 120)
+    # the budgets: 10 epochs, and however long the recipe's own config says it trains
+    epochs = recipe_cost.recipe_epochs()
+    assert epochs == compose_cfg(tmp_path, ["+experiment=scratch"]).trainer.max_epochs
+    assert res["budget_h"][str(epochs)] == pytest.approx(epochs * 40_000 / 120 / 3600)
     md = next(tmp_path.glob("*-recipe-cost-cpu.md")).read_text()
+    assert f"{epochs * 40_000 / 120 / 3600:.1f} h for {epochs} epochs" in md
     assert "Compiled vs eager steps: 0.80x" in md
     assert "| compiled      | bf16-mixed | True          | True            | True    | 96.0" in md
 
