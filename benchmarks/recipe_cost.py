@@ -181,7 +181,7 @@ def render(res: dict) -> str:
              f"Variants timed in turns: {res['speeds']['recipe (auto)'].get('rounds', 1)} rounds of short fits, the "
              "median gap between optimiser steps.", "",
              f"The recipe at this rate: {res['epoch_s'] / 60:.1f} min per 40,000-image epoch, "
-             + ", ".join(f"{h:.1f} h for {e} epochs" for e, h in sorted(res["budget_h"].items(), key=lambda kv: int(kv[0])))
+             + ", ".join(f"{h:.1f} h for {e} epochs" for e, h in res["budget_h"].items())
              + f" (validation adds about a quarter of an epoch's forward passes). bf16 vs float32: {res['bf16_vs_fp32']:.2f}x; "
              + (f"folded vs unfolded classifier: {res['folded_vs_unfolded']:.2f}x." if "folded_vs_unfolded" in res else "")
              + (f" Compiled vs eager steps: {res['compiled_vs_eager']:.2f}x (compile time not counted)."
